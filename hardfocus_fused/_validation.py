@@ -1,0 +1,94 @@
+"""Checks at the Python boundary: bad input raises ``ValueError``/``TypeError`` naming the
+argument, before any kernel runs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .weighting import METHODS, SEQ_REDUCTIONS
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+IMPLS = ("auto", "triton", "torch")
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def check_tensor(name: str, value, ndim: int | tuple[int, ...]) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    ndims = (ndim,) if isinstance(ndim, int) else ndim
+    if value.dim() not in ndims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, ndims))} dimensions, got shape {tuple(value.shape)}")
+
+
+def check_float(name: str, value: torch.Tensor) -> None:
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {value.dtype}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``hidden`` (..., H) against ``weight`` (V, H) and ``bias`` (V,): dtypes, sizes, devices."""
+    check_float("hidden", hidden)
+    check_tensor("weight", weight, 2)
+    check_float("weight", weight)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight has hidden size {weight.shape[1]} but hidden has {hidden.shape[-1]} "
+                         f"(weight must be (V, H), hidden (..., H))")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row (vocabulary size V >= 1)")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        check_tensor("bias", bias, 1)
+        check_float("bias", bias)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias has {bias.shape[0]} entries but weight has {weight.shape[0]} rows")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+
+
+def check_labels(name: str, labels, expected_shape: tuple[int, ...], n_vocab: int, ignore_index: int,
+                 device: torch.device) -> None:
+    """Integer labels of the expected shape whose values are in ``[0, V)`` or ``ignore_index``."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (int64), got {labels.dtype}")
+    if tuple(labels.shape) != tuple(expected_shape):
+        raise ValueError(f"{name} must have shape {tuple(expected_shape)} to match hidden, got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but hidden is on {device}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if 0 <= ignore_index < n_vocab:
+        raise ValueError(f"ignore_index={ignore_index} is a valid vocabulary id (V={n_vocab}); use a negative value")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= n_vocab))
+    if labels.numel() and bool(bad.any()):
+        first = labels[bad].flatten()[0].item()
+        raise ValueError(f"{name} contains {first}, outside [0, {n_vocab}) and not ignore_index={ignore_index}")
+
+
+def check_softcap(softcap) -> None:
+    if softcap is None:
+        return
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+
+
+def check_weighting(method: str, r: float, n1: float, n2: float, seq_reduction: str) -> None:
+    check_choice("method", method, METHODS)
+    check_choice("seq_reduction", seq_reduction, SEQ_REDUCTIONS)
+    for name, value in (("r", r), ("n1", n1), ("n2", n2)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if r <= 0:
+        raise ValueError(f"r must be > 0, got {r}")
+    for name, value in (("n1", n1), ("n2", n2)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")

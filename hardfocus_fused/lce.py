@@ -1,0 +1,106 @@
+"""The low-level fused op: per-token cross-entropy of ``hidden @ weight.T`` without logits."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validation as check
+from ._tokens import shift_targets
+from .torch_op import TorchLinearCrossEntropy
+from .triton_op import TritonLinearCrossEntropy
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package imports."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``"triton"`` or ``"torch"`` for ``impl`` in ``("auto", "triton", "torch")``."""
+    check.check_choice("impl", impl, check.IMPLS)
+    if impl == "torch":
+        return "torch"
+    if impl == "auto":
+        usable = device.type == "cuda" and dtype != torch.float64 and triton_available()
+        return "triton" if usable else "torch"
+    from .kernels.config import interpreter_active
+
+    if not triton_available():
+        raise ValueError("impl='triton' needs the triton package; install it or use impl='torch'")
+    if device.type != "cuda" and not interpreter_active():
+        raise ValueError(f"impl='triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 before "
+                         f"importing triton to run the kernels on the CPU, or use impl='torch'")
+    if dtype == torch.float64:
+        raise TypeError("impl='triton' supports float32, bfloat16 and float16 inputs, not float64; use impl='torch'")
+    return "triton"
+
+
+def token_nll(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    softcap: float | None,
+    impl: str,
+    kernel_config=None,
+) -> torch.Tensor:
+    """Per-token NLL (N,) for 2-D ``hidden`` and 1-D ``targets`` of already-checked inputs."""
+    which = resolve_impl(impl, hidden.device, hidden.dtype)
+    targets = targets.to(torch.int64).contiguous()
+    if which == "triton":
+        return TritonLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, softcap, kernel_config)
+    return TorchLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, softcap, None)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    shift: bool = False,
+    reduction: str = "none",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``targets``, fused.
+
+    Args:
+        hidden: (..., H) float32/bfloat16/float16 (float64 on ``impl="torch"``).
+        weight: (V, H) classifier (lm_head) weight.
+        targets: (...) integer class ids, ``ignore_index`` for positions to skip.
+        bias: optional (V,) bias.
+        ignore_index: target value that is skipped (NLL 0, no gradient).
+        softcap: if set, logits are ``softcap * tanh(logits / softcap)`` (Gemma-2).
+        shift: if True, position t is scored against ``targets[..., t + 1]`` (causal-LM
+            labels) and the last position has no target.
+        reduction: ``"none"`` returns the fp32 per-token NLL with the shape of ``targets``
+            (0 at ignored positions); ``"sum"``; ``"mean"`` over non-ignored positions
+            (0.0, not NaN, when there are none).
+        impl: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton for CUDA tensors).
+
+    The backward accepts an arbitrary upstream gradient for each token, so any weighting
+    can be built on the ``"none"`` output.  The (tokens x V) logits are never allocated.
+    """
+    check.check_tensor("hidden", hidden, tuple(range(1, 9)))
+    check.check_head(hidden, weight, bias)
+    check.check_softcap(softcap)
+    check.check_choice("reduction", reduction, check.REDUCTIONS)
+    check.check_labels("targets", targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device)
+    if shift:
+        if targets.dim() == 0:
+            raise ValueError("shift=True needs targets with a sequence dimension")
+        targets = shift_targets(targets, ignore_index)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    nll = token_nll(flat, weight, targets.reshape(-1), bias, ignore_index, softcap, impl)
+    if reduction == "none":
+        return nll.view(targets.shape)
+    if reduction == "sum":
+        return nll.sum()
+    return nll.sum() / (targets != ignore_index).sum().clamp_min(1)

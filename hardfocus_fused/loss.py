@@ -1,0 +1,120 @@
+"""``hardfocus_loss``: the paper's sequence-reweighted causal-LM loss on the fused op."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import _validation as check
+from ._tokens import shift_targets
+from .lce import token_nll
+from .weighting import sequence_weights
+
+
+@dataclass(frozen=True)
+class HardFocusStats:
+    """Detached per-sequence statistics of one loss call (all shaped (B,)).
+
+    ``loss == (weights * seq_loss).sum()`` for every method.  Sequences without a target
+    token have ``n_tokens == 0``, ``seq_loss == 0`` and ``weights == 0``.
+    """
+
+    seq_loss: torch.Tensor
+    weights: torch.Tensor
+    n_tokens: torch.Tensor
+
+
+def hardfocus_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    method: str = "irdro",
+    r: float = 10.0,
+    n1: float = 0.25,
+    n2: float = 0.25,
+    seq_reduction: str = "mean",
+    ignore_index: int = -100,
+    shift: bool = True,
+    softcap: float | None = None,
+    impl: str = "auto",
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, HardFocusStats]:
+    """Sequence-reweighted language-model loss computed without materialising logits.
+
+    Args:
+        hidden: (B, T, H) final hidden states, float32/bfloat16/float16.
+        weight: (V, H) lm_head weight.
+        labels: (B, T) int64 labels in the Hugging Face convention (``ignore_index`` to skip).
+        bias: optional (V,) lm_head bias.
+        method: ``"irdro"`` (``w = softmax(L / r)``), ``"midranking"`` (skip the
+            ``floor(n1 B)`` largest losses, keep the next ``max(1, floor(n2 B))``),
+            ``"highranking"``, ``"lowranking"``, ``"uniform"`` or ``"mean"`` (token mean over
+            the batch: the standard Hugging Face causal-LM loss).
+        r: IR-DRO temperature (10 in the paper).
+        n1, n2: MidRanking fractions (0.25 in the paper).
+        seq_reduction: per-sequence loss ``L_i`` is the ``"mean"`` or ``"sum"`` of its token NLL.
+        ignore_index: label value that is not scored.
+        shift: if True position t is scored against ``labels[:, t + 1]``; else ``labels[:, t]``.
+        softcap: Gemma-2 final-logit soft-capping, applied inside the kernel.
+        impl: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton on CUDA tensors, torch otherwise).
+        return_stats: also return a :class:`HardFocusStats`.
+
+    Returns:
+        The 0-dim fp32 loss ``sum_i w_i L_i`` (weights are constants for autograd), and the
+        stats if asked.  A batch without any target token gives 0.0 and zero gradients.
+    """
+    check.check_tensor("hidden", hidden, 3)
+    check.check_head(hidden, weight, bias)
+    check.check_weighting(method, r, n1, n2, seq_reduction)
+    check.check_softcap(softcap)
+    check.check_labels("labels", labels, hidden.shape[:2], weight.shape[0], ignore_index, hidden.device)
+
+    n_seq, seq_len, n_hidden = hidden.shape
+    targets = shift_targets(labels, ignore_index) if shift else labels
+    nll = token_nll(hidden.reshape(-1, n_hidden), weight, targets.reshape(-1), bias, ignore_index, softcap, impl)
+    n_tokens = (targets != ignore_index).sum(dim=1)
+    seq_loss = nll.view(n_seq, seq_len).sum(dim=1, dtype=torch.float32)
+    if seq_reduction == "mean":
+        seq_loss = seq_loss / n_tokens.clamp_min(1)
+    weights = sequence_weights(seq_loss, n_tokens, method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction)
+    loss = (weights * seq_loss).sum()
+    if not return_stats:
+        return loss
+    return loss, HardFocusStats(seq_loss=seq_loss.detach(), weights=weights, n_tokens=n_tokens)
+
+
+class HardFocusLoss(nn.Module):
+    """Module form of :func:`hardfocus_loss`; options are fixed at construction."""
+
+    def __init__(
+        self,
+        *,
+        method: str = "irdro",
+        r: float = 10.0,
+        n1: float = 0.25,
+        n2: float = 0.25,
+        seq_reduction: str = "mean",
+        ignore_index: int = -100,
+        shift: bool = True,
+        softcap: float | None = None,
+        impl: str = "auto",
+        return_stats: bool = False,
+    ) -> None:
+        super().__init__()
+        check.check_weighting(method, r, n1, n2, seq_reduction)
+        check.check_softcap(softcap)
+        check.check_choice("impl", impl, check.IMPLS)
+        self.options = dict(method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction,
+                            ignore_index=ignore_index, shift=shift, softcap=softcap, impl=impl,
+                            return_stats=return_stats)
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                bias: torch.Tensor | None = None):
+        return hardfocus_loss(hidden, weight, labels, bias=bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,87 @@
+"""Pure-PyTorch fallback: the same per-token NLL, computed in token chunks.
+
+Each chunk materialises at most ``chunk_budget_bytes`` of logits (and as much again for
+their softmax in the backward), so memory stays bounded whatever the token count.  The
+matmuls run in fp32 (fp64 for fp64 inputs) whatever the input dtype: this path is the
+accuracy-first fallback for CPUs and machines without Triton.  Tokens whose upstream
+gradient is zero (ignored labels, sequences a ranking method dropped) are skipped in the
+backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK_BUDGET_BYTES = 16 * 2**20
+
+
+def _accumulate_dtype(hidden: torch.Tensor) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+def chunk_tokens(n_vocab: int, budget_bytes: int, itemsize: int) -> int:
+    """Tokens per chunk so that one (chunk x V) logits block fits the budget."""
+    return max(1, budget_bytes // (n_vocab * itemsize))
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softcap: float | None) -> torch.Tensor:
+    z = h @ w.T
+    if b is not None:
+        z += b
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+class TorchLinearCrossEntropy(torch.autograd.Function):
+    """Per-token NLL (N,); the backward accepts any per-token upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, softcap, budget_bytes):
+        acc = _accumulate_dtype(hidden)
+        w = weight.to(acc)
+        b = bias.to(acc) if bias is not None else None
+        valid = targets != ignore_index
+        lse = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
+        nll = torch.zeros_like(lse)
+        step = chunk_tokens(weight.shape[0], budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES, w.element_size())
+        for idx in valid.nonzero().squeeze(1).split(step):
+            z = _logits(hidden[idx].to(acc), w, b, softcap)
+            chunk_lse = torch.logsumexp(z, dim=1)
+            lse[idx] = chunk_lse
+            nll[idx] = chunk_lse - z.gather(1, targets[idx, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, valid)
+        ctx.softcap, ctx.step = softcap, step
+        return nll.float() if acc == torch.float32 else nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        hidden, weight, bias, targets, lse, valid = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = lse.dtype
+        w = weight.to(acc)
+        b = bias.to(acc) if bias is not None else None
+        coef = torch.where(valid, grad_nll.to(acc), 0.0)
+        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        for idx in (coef != 0).nonzero().squeeze(1).split(ctx.step):
+            h = hidden[idx].to(acc)
+            z = _logits(h, w, b, ctx.softcap)
+            dz = torch.exp(z - lse[idx, None])
+            dz[torch.arange(idx.numel(), device=idx.device), targets[idx]] -= 1.0
+            if ctx.softcap is not None:
+                dz *= 1.0 - (z / ctx.softcap) ** 2
+            dz *= coef[idx, None]
+            if need_h:
+                grad_h[idx] = dz @ w
+            if need_w:
+                grad_w.addmm_(dz.T, h)
+            if need_b:
+                grad_b += dz.sum(0)
+        return (
+            grad_h.to(hidden.dtype) if need_h else None,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if need_b else None,
+            None, None, None, None,
+        )

@@ -1,0 +1,59 @@
+"""Building blocks shared by the forward and backward kernels.
+
+Masks, explained once: a tile covers ``BLOCK_N`` token slots x ``BLOCK_V`` vocabulary
+columns x ``BLOCK_H`` hidden features.  ``row_mask`` is False for token slots past the
+last active token, ``col_mask`` for columns past the vocabulary, ``k_mask`` for features
+past the hidden size.  Masked loads read 0, so masked rows and columns contribute
+nothing to a dot product; callers then exclude them from reductions and stores.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    """tanh through the sigmoid, which Triton provides on every backend."""
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation.
+
+    ``DOT_UPCAST`` is set only under Triton's CPU interpreter, which multiplies bfloat16
+    operands as their raw uint16 bits: upcasting to fp32 first is exact and yields the
+    same products the tensor cores form.
+    """
+    if DOT_UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def logit_tile(
+    hidden_ptr, weight_ptr, bias_ptr, tok, cols, row_mask, col_mask,
+    n_hidden, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """fp32 tile ``softcap(hidden[tok] @ weight[cols].T + bias[cols])``.
+
+    ``tok`` and ``cols`` are int64 index vectors, so ``index * stride`` cannot overflow
+    when tokens x H or V x H exceed 2**31.
+    """
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    h_rows = hidden_ptr + tok[:, None] * stride_hn
+    w_rows = weight_ptr + cols[:, None] * stride_wv
+    for k0 in range(0, n_hidden, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_mask = ks < n_hidden
+        h = tl.load(h_rows + ks[None, :] * stride_hh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_rows + ks[None, :] * stride_wh, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = mma(h.to(COMPUTE_DTYPE), tl.trans(w.to(COMPUTE_DTYPE)), acc, DOT_PRECISION, DOT_UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        acc = softcap * tanh(acc / softcap)
+    return acc

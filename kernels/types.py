@@ -1,0 +1,29 @@
+"""Mapping of torch dtypes onto the Triton constants the kernels are specialised on."""
+
+import torch
+import triton.language as tl
+
+from .config import KernelConfig, interpreter_active
+
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def triton_dtype(dtype: torch.dtype):
+    """The ``tl`` dtype the matmuls run in for a torch compute dtype."""
+    try:
+        return _TRITON_DTYPES[dtype]
+    except KeyError:
+        raise TypeError(f"the Triton kernels support float32, bfloat16 and float16, not {dtype}") from None
+
+
+def dot_options(dtype: torch.dtype, config: KernelConfig) -> dict:
+    """Compile-time constants that fix how the kernels' matmuls run for ``dtype``.
+
+    ``DOT_PRECISION`` matters for fp32 only (see ``KernelConfig.fp32_precision``);
+    ``DOT_UPCAST`` works around the interpreter's bfloat16 matmul (see ``tiles.mma``).
+    """
+    return {
+        "COMPUTE_DTYPE": triton_dtype(dtype),
+        "DOT_PRECISION": config.fp32_precision if dtype == torch.float32 else "ieee",
+        "DOT_UPCAST": interpreter_active() and dtype == torch.bfloat16,
+    }

@@ -1,0 +1,22 @@
+from setuptools import setup
+
+setup(
+    name="hardfocus-fused",
+    version="0.1.0",
+    description="IR-DRO / MidRanking sample-reweighted LM loss on fused Triton kernels that never materialise logits",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["hardfocus_fused", "hardfocus_fused.kernels"],
+    # ``kernels/`` ships as ``hardfocus_fused.kernels``: a top-level ``kernels`` would shadow
+    # the Hugging Face ``kernels`` package that transformers probes for.
+    package_dir={"hardfocus_fused": "hardfocus_fused", "hardfocus_fused.kernels": "kernels"},
+    # No torch pin here: on CPU machines install torch==2.13.0 first (see README), so that
+    # pip never pulls a multi-GB CUDA build to satisfy this requirement.
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "test": ["pytest>=8", "hypothesis>=6", "triton>=3.2"],
+    },
+    entry_points={"console_scripts": ["hardfocus-demo=hardfocus_fused.demo:main"]},
+)

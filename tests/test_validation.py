@@ -1,0 +1,67 @@
+"""Bad input raises a clear error naming the argument, before any kernel runs."""
+
+import pytest
+import torch
+
+from hardfocus_fused import HardFocusLoss, hardfocus_loss, linear_cross_entropy
+from helpers import make_batch
+
+
+@pytest.fixture
+def batch():
+    return make_batch(2, 6, 8, 12)
+
+
+@pytest.mark.parametrize("kwargs,error,word", [
+    (dict(method="topk"), ValueError, "method"),
+    (dict(r=0.0), ValueError, "r must"),
+    (dict(r=float("nan")), ValueError, "r must"),
+    (dict(n1=1.5), ValueError, "n1"),
+    (dict(n2=-0.1), ValueError, "n2"),
+    (dict(seq_reduction="max"), ValueError, "seq_reduction"),
+    (dict(impl="cuda"), ValueError, "impl"),
+    (dict(softcap=0.0), ValueError, "softcap"),
+    (dict(ignore_index=3), ValueError, "ignore_index"),
+])
+def test_bad_options(batch, kwargs, error, word):
+    h, w, b, labels = batch
+    with pytest.raises(error, match=word):
+        hardfocus_loss(h, w, labels, bias=b, **kwargs)
+
+
+def test_bad_tensors(batch):
+    h, w, b, labels = batch
+    with pytest.raises(ValueError, match="hidden must have 3"):
+        hardfocus_loss(h[0], w, labels)
+    with pytest.raises(ValueError, match="hidden size"):
+        hardfocus_loss(h, w[:, :5], labels)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        hardfocus_loss(h, w, labels[:, :3])
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        hardfocus_loss(h, w, labels.float())
+    with pytest.raises(ValueError, match=r"labels contains 12, outside \[0, 12\)"):
+        hardfocus_loss(h, w, torch.full_like(labels, 12))
+    with pytest.raises(ValueError, match="labels contains -7"):
+        hardfocus_loss(h, w, torch.full_like(labels, -7))
+    with pytest.raises(ValueError, match="bias has 5"):
+        hardfocus_loss(h, w, labels, bias=b[:5])
+    with pytest.raises(TypeError, match="hidden must be float"):
+        hardfocus_loss(h.int(), w, labels)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        hardfocus_loss(h, None, labels)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        linear_cross_entropy(h, w, labels[0])
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(h, w, labels, reduction="avg")
+
+
+def test_module_checks_options_at_construction():
+    with pytest.raises(ValueError, match="method"):
+        HardFocusLoss(method="bottom")
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(batch, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    h, w, b, labels = batch
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
+        hardfocus_loss(h, w, labels, impl="triton")
