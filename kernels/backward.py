@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .config import KernelConfig
-from .tiles import logit_tile, mma
+from .tiles import logit_tile, token_block, mma
 from .types import dot_options
 
 
@@ -38,11 +38,9 @@ def _lce_backward_kernel(
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     n_active = tl.load(n_active_ptr)
-    if pid_n * BLOCK_N >= n_active:
+    if pid_n * BLOCK_N >= n_active:  # a block past the active tokens has nothing to do
         return
-    slots = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = slots < n_active
-    tok = tl.load(order_ptr + slots, mask=row_mask, other=0).to(tl.int64)
+    tok, row_mask = token_block(order_ptr, n_active, pid_n, BLOCK_N)
     cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     col_mask = cols < n_vocab
 

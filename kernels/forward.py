@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .config import KernelConfig, interpreter_active
-from .tiles import logit_tile
+from .tiles import logit_tile, token_block
 from .types import dot_options
 
 
@@ -31,13 +31,10 @@ def _lse_forward_kernel(
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    # Active tokens (those with a target) come first in ``order``; blocks past them idle.
     n_active = tl.load(n_active_ptr)
-    if pid_n * BLOCK_N >= n_active:
+    if pid_n * BLOCK_N >= n_active:  # a block past the active tokens has nothing to do
         return
-    slots = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = slots < n_active
-    tok = tl.load(order_ptr + slots, mask=row_mask, other=0).to(tl.int64)
+    tok, row_mask = token_block(order_ptr, n_active, pid_n, BLOCK_N)
     target = tl.load(targets_ptr + tok, mask=row_mask, other=-1)
 
     v_begin = split * tiles_per_split * BLOCK_V

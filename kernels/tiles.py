@@ -18,6 +18,18 @@ def tanh(x):
 
 
 @triton.jit
+def token_block(order_ptr, n_active, pid_n, BLOCK_N: tl.constexpr):
+    """int64 token indices of the ``pid_n``-th block of active tokens, and its row mask.
+
+    Active tokens come first in ``order``; slots at or past ``n_active`` are masked.
+    """
+    slots = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = slots < n_active
+    tok = tl.load(order_ptr + slots, mask=row_mask, other=0).to(tl.int64)
+    return tok, row_mask
+
+
+@triton.jit
 def mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation.
 
