@@ -54,7 +54,7 @@ def token_nll(
     targets = targets.to(torch.int64).contiguous()
     if which == "triton":
         return TritonLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, softcap, kernel_config)
-    return TorchLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, softcap, None)
+    return TorchLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, softcap)
 
 
 def linear_cross_entropy(

@@ -15,8 +15,9 @@ import torch
 DEFAULT_CHUNK_BUDGET_BYTES = 16 * 2**20
 
 
-def _accumulate_dtype(hidden: torch.Tensor) -> torch.dtype:
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+def _head_in(acc: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The head in the accumulation dtype (a copy only for low-precision heads)."""
+    return weight.to(acc), bias.to(acc) if bias is not None else None
 
 
 def chunk_tokens(n_vocab: int, budget_bytes: int, itemsize: int) -> int:
@@ -37,14 +38,13 @@ class TorchLinearCrossEntropy(torch.autograd.Function):
     """Per-token NLL (N,); the backward accepts any per-token upstream gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, softcap, budget_bytes):
-        acc = _accumulate_dtype(hidden)
-        w = weight.to(acc)
-        b = bias.to(acc) if bias is not None else None
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, softcap):
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        w, b = _head_in(acc, weight, bias)
         valid = targets != ignore_index
         lse = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
         nll = torch.zeros_like(lse)
-        step = chunk_tokens(weight.shape[0], budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES, w.element_size())
+        step = chunk_tokens(weight.shape[0], DEFAULT_CHUNK_BUDGET_BYTES, w.element_size())
         for idx in valid.nonzero().squeeze(1).split(step):
             z = _logits(hidden[idx].to(acc), w, b, softcap)
             chunk_lse = torch.logsumexp(z, dim=1)
@@ -52,15 +52,14 @@ class TorchLinearCrossEntropy(torch.autograd.Function):
             nll[idx] = chunk_lse - z.gather(1, targets[idx, None]).squeeze(1)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, valid)
         ctx.softcap, ctx.step = softcap, step
-        return nll.float() if acc == torch.float32 else nll
+        return nll
 
     @staticmethod
     def backward(ctx, grad_nll):
         hidden, weight, bias, targets, lse, valid = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = lse.dtype
-        w = weight.to(acc)
-        b = bias.to(acc) if bias is not None else None
+        w, b = _head_in(acc, weight, bias)
         coef = torch.where(valid, grad_nll.to(acc), 0.0)
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
@@ -83,5 +82,5 @@ class TorchLinearCrossEntropy(torch.autograd.Function):
             grad_h.to(hidden.dtype) if need_h else None,
             grad_w.to(weight.dtype) if need_w else None,
             grad_b.to(bias.dtype) if need_b else None,
-            None, None, None, None,
+            None, None, None,
         )
