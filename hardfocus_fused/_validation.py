@@ -54,8 +54,12 @@ def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def check_labels(name: str, labels, expected_shape: tuple[int, ...], n_vocab: int, ignore_index: int,
-                 device: torch.device) -> None:
-    """Integer labels of the expected shape whose values are in ``[0, V)`` or ``ignore_index``."""
+                 device: torch.device, check_values: bool = True) -> None:
+    """Integer labels of the expected shape whose values are in ``[0, V)`` or ``ignore_index``.
+
+    The value check reads one flag back from the device (a host synchronisation on GPU);
+    ``check_values=False`` skips it.
+    """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -68,8 +72,10 @@ def check_labels(name: str, labels, expected_shape: tuple[int, ...], n_vocab: in
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if 0 <= ignore_index < n_vocab:
         raise ValueError(f"ignore_index={ignore_index} is a valid vocabulary id (V={n_vocab}); use a negative value")
+    if not check_values or not labels.numel():
+        return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= n_vocab))
-    if labels.numel() and bool(bad.any()):
+    if bool(bad.any()):
         first = labels[bad].flatten()[0].item()
         raise ValueError(f"{name} contains {first}, outside [0, {n_vocab}) and not ignore_index={ignore_index}")
 

@@ -68,6 +68,7 @@ def linear_cross_entropy(
     shift: bool = False,
     reduction: str = "none",
     impl: str = "auto",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``targets``, fused.
 
@@ -84,6 +85,9 @@ def linear_cross_entropy(
             (0 at ignored positions); ``"sum"``; ``"mean"`` over non-ignored positions
             (0.0, not NaN, when there are none).
         impl: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton for CUDA tensors).
+        validate: check that every target is in ``[0, V)`` or ``ignore_index`` (one host
+            synchronisation on GPU). ``False`` skips it; an out-of-range target then gives
+            an undefined loss.
 
     The backward accepts an arbitrary upstream gradient for each token, so any weighting
     can be built on the ``"none"`` output.  The (tokens x V) logits are never allocated.
@@ -92,7 +96,8 @@ def linear_cross_entropy(
     check.check_head(hidden, weight, bias)
     check.check_softcap(softcap)
     check.check_choice("reduction", reduction, check.REDUCTIONS)
-    check.check_labels("targets", targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device)
+    check.check_labels("targets", targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device,
+                       check_values=validate)
     if shift:
         if targets.dim() == 0:
             raise ValueError("shift=True needs targets with a sequence dimension")

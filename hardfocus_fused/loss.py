@@ -42,6 +42,7 @@ def hardfocus_loss(
     softcap: float | None = None,
     impl: str = "auto",
     return_stats: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, HardFocusStats]:
     """Sequence-reweighted language-model loss computed without materialising logits.
 
@@ -62,6 +63,9 @@ def hardfocus_loss(
         softcap: Gemma-2 final-logit soft-capping, applied inside the kernel.
         impl: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton on CUDA tensors, torch otherwise).
         return_stats: also return a :class:`HardFocusStats`.
+        validate: check that every label is in ``[0, V)`` or ``ignore_index`` (always
+            cheap on CPU; one host synchronisation on GPU). ``False`` skips the check, and
+            an out-of-range label then gives an undefined loss.
 
     Returns:
         The 0-dim fp32 loss ``sum_i w_i L_i`` (weights are constants for autograd), and the
@@ -71,7 +75,8 @@ def hardfocus_loss(
     check.check_head(hidden, weight, bias)
     check.check_weighting(method, r, n1, n2, seq_reduction)
     check.check_softcap(softcap)
-    check.check_labels("labels", labels, hidden.shape[:2], weight.shape[0], ignore_index, hidden.device)
+    check.check_labels("labels", labels, hidden.shape[:2], weight.shape[0], ignore_index, hidden.device,
+                       check_values=validate)
 
     n_seq, seq_len, n_hidden = hidden.shape
     targets = shift_targets(labels, ignore_index) if shift else labels
@@ -103,6 +108,7 @@ class HardFocusLoss(nn.Module):
         softcap: float | None = None,
         impl: str = "auto",
         return_stats: bool = False,
+        validate: bool = True,
     ) -> None:
         super().__init__()
         check.check_weighting(method, r, n1, n2, seq_reduction)
@@ -110,7 +116,7 @@ class HardFocusLoss(nn.Module):
         check.check_choice("impl", impl, check.IMPLS)
         self.options = dict(method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction,
                             ignore_index=ignore_index, shift=shift, softcap=softcap, impl=impl,
-                            return_stats=return_stats)
+                            return_stats=return_stats, validate=validate)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 bias: torch.Tensor | None = None):

@@ -12,7 +12,7 @@ TOLERANCES = {
     torch.float32: (1e-5, 1e-4),
     torch.bfloat16: (2e-3, 2e-2),
     torch.float16: (2e-3, 2e-2),
-    torch.float64: (1e-10, 1e-9),
+    torch.float64: (1e-5, 1e-4),   # the loss, weights and per-token coefficients are fp32
 }
 
 

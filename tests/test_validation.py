@@ -65,3 +65,10 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(batch, monkeypatch):
     h, w, b, labels = batch
     with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
         hardfocus_loss(h, w, labels, impl="triton")
+
+
+def test_validate_false_skips_only_the_value_check(batch):
+    h, w, b, labels = batch
+    hardfocus_loss(h, w, labels, validate=False)              # valid labels: same result path
+    with pytest.raises(ValueError, match="labels must have shape"):
+        hardfocus_loss(h, w, labels[:, :2], validate=False)   # shapes are still checked
