@@ -7,14 +7,10 @@ import torch
 from hardfocus_fused import linear_cross_entropy
 from hardfocus_fused.kernels import KernelConfig
 from hardfocus_fused.lce import token_nll
-from helpers import grads_of, make_batch
+from helpers import device_for, grads_of, make_batch
 from reference import reference_token_nll, rel_err
 
 IMPLS = ["torch", "triton"]
-
-
-def device_for(impl, triton_device):
-    return triton_device if impl == "triton" else "cpu"
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -7,14 +7,10 @@ import pytest
 import torch
 
 from hardfocus_fused import HardFocusLoss, hardfocus_loss
-from helpers import assert_matches_reference, grads_of, make_batch
+from helpers import assert_matches_reference, device_for, grads_of, make_batch
 
 METHODS = ["irdro", "midranking", "highranking", "lowranking", "uniform", "mean"]
 IMPLS = ["torch", "triton"]
-
-
-def device_for(impl, triton_device):
-    return triton_device if impl == "triton" else "cpu"
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -4,13 +4,9 @@ import pytest
 import torch
 
 from hardfocus_fused import hardfocus_loss
-from helpers import assert_matches_reference, grads_of, make_batch
+from helpers import assert_matches_reference, device_for, grads_of, make_batch
 
 IMPLS = ["torch", "triton"]
-
-
-def device_for(impl, triton_device):
-    return triton_device if impl == "triton" else "cpu"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
