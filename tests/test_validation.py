@@ -69,6 +69,10 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(batch, monkeypatch):
 
 def test_validate_false_skips_only_the_value_check(batch):
     h, w, b, labels = batch
-    hardfocus_loss(h, w, labels, validate=False)              # valid labels: same result path
+    torch.testing.assert_close(hardfocus_loss(h, w, labels, validate=False), hardfocus_loss(h, w, labels))
+    # An out-of-range label is no longer caught by the check (here torch's own indexing fails).
+    with pytest.raises(Exception) as failure:
+        hardfocus_loss(h, w, torch.full_like(labels, 12), validate=False, impl="torch")
+    assert "labels contains" not in str(failure.value)
     with pytest.raises(ValueError, match="labels must have shape"):
         hardfocus_loss(h, w, labels[:, :2], validate=False)   # shapes are still checked
