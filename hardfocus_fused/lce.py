@@ -39,6 +39,15 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     return "triton"
 
 
+def resolve_deterministic(deterministic: bool | None) -> bool:
+    """``deterministic``, or when None whether ``torch.use_deterministic_algorithms`` is on."""
+    if deterministic is None:
+        return torch.are_deterministic_algorithms_enabled()
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be True, False or None, got {deterministic!r}")
+    return deterministic
+
+
 def token_nll(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -47,13 +56,16 @@ def token_nll(
     ignore_index: int,
     softcap: float | None,
     impl: str,
+    deterministic: bool | None = None,
     kernel_config=None,
 ) -> torch.Tensor:
     """Per-token NLL (N,) for 2-D ``hidden`` and 1-D ``targets`` of already-checked inputs."""
     which = resolve_impl(impl, hidden.device, hidden.dtype)
+    deterministic = resolve_deterministic(deterministic)  # the torch path always is
     targets = targets.to(torch.int64).contiguous()
     if which == "triton":
-        return TritonLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, softcap, kernel_config)
+        return TritonLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, softcap, deterministic,
+                                              kernel_config)
     return TorchLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, softcap)
 
 
@@ -69,6 +81,7 @@ def linear_cross_entropy(
     reduction: str = "none",
     impl: str = "auto",
     validate: bool = True,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``targets``, fused.
 
@@ -88,6 +101,10 @@ def linear_cross_entropy(
         validate: check that every target is in ``[0, V)`` or ``ignore_index`` (one host
             synchronisation on GPU). ``False`` skips it; an out-of-range target then gives
             an undefined loss.
+        deterministic: bitwise-reproducible gradients on the same device (the Triton
+            backward then runs without atomics, at the cost of one more logit recompute).
+            ``None`` follows ``torch.are_deterministic_algorithms_enabled()``.  The torch
+            path is always deterministic.
 
     The backward accepts an arbitrary upstream gradient for each token, so any weighting
     can be built on the ``"none"`` output.  The (tokens x V) logits are never allocated.
@@ -103,7 +120,7 @@ def linear_cross_entropy(
             raise ValueError("shift=True needs targets with a sequence dimension")
         targets = shift_targets(targets, ignore_index)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    nll = token_nll(flat, weight, targets.reshape(-1), bias, ignore_index, softcap, impl)
+    nll = token_nll(flat, weight, targets.reshape(-1), bias, ignore_index, softcap, impl, deterministic)
     if reduction == "none":
         return nll.view(targets.shape)
     if reduction == "sum":

@@ -43,6 +43,7 @@ def hardfocus_loss(
     impl: str = "auto",
     return_stats: bool = False,
     validate: bool = True,
+    deterministic: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, HardFocusStats]:
     """Sequence-reweighted language-model loss computed without materialising logits.
 
@@ -66,6 +67,9 @@ def hardfocus_loss(
         validate: check that every label is in ``[0, V)`` or ``ignore_index`` (always
             cheap on CPU; one host synchronisation on GPU). ``False`` skips the check, and
             an out-of-range label then gives an undefined loss.
+        deterministic: bitwise-reproducible gradients on the same device: the Triton
+            backward runs without atomics (one more logit recompute).  ``None`` (default)
+            follows ``torch.are_deterministic_algorithms_enabled()``.
 
     Returns:
         The 0-dim fp32 loss ``sum_i w_i L_i`` (weights are constants for autograd), and the
@@ -80,7 +84,8 @@ def hardfocus_loss(
 
     n_seq, seq_len, n_hidden = hidden.shape
     targets = shift_targets(labels, ignore_index) if shift else labels
-    nll = token_nll(hidden.reshape(-1, n_hidden), weight, targets.reshape(-1), bias, ignore_index, softcap, impl)
+    nll = token_nll(hidden.reshape(-1, n_hidden), weight, targets.reshape(-1), bias, ignore_index, softcap, impl,
+                    deterministic)
     n_tokens = (targets != ignore_index).sum(dim=1)
     seq_loss = nll.view(n_seq, seq_len).sum(dim=1, dtype=torch.float32)
     if seq_reduction == "mean":
@@ -109,6 +114,7 @@ class HardFocusLoss(nn.Module):
         impl: str = "auto",
         return_stats: bool = False,
         validate: bool = True,
+        deterministic: bool | None = None,
     ) -> None:
         super().__init__()
         check.check_weighting(method, r, n1, n2, seq_reduction)
@@ -116,7 +122,7 @@ class HardFocusLoss(nn.Module):
         check.check_choice("impl", impl, check.IMPLS)
         self.options = dict(method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction,
                             ignore_index=ignore_index, shift=shift, softcap=softcap, impl=impl,
-                            return_stats=return_stats, validate=validate)
+                            return_stats=return_stats, validate=validate, deterministic=deterministic)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 bias: torch.Tensor | None = None):

@@ -11,7 +11,7 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
     """Per-token NLL (N,) fp32; the backward accepts any per-token upstream gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, softcap, config):
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, softcap, deterministic, config):
         from .kernels import default_config, lse_forward
 
         dtype = compute_dtype(hidden, weight)
@@ -22,7 +22,7 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         lse, target_logit = lse_forward(hidden, weight, bias, targets, order, n_active, softcap, dtype, config)
         nll = torch.where(valid, lse - target_logit, 0.0)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, valid)
-        ctx.softcap, ctx.config, ctx.dtype = softcap, config, dtype
+        ctx.softcap, ctx.config, ctx.dtype, ctx.deterministic = softcap, config, dtype, deterministic
         return nll
 
     @staticmethod
@@ -35,11 +35,11 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h, grad_w, grad_b = lce_backward(
             hidden, weight, bias, targets, order, n_active, lse, coef, ctx.softcap, ctx.dtype, ctx.config,
-            need_hidden=need_h, need_weight=need_w, need_bias=need_b,
+            need_hidden=need_h, need_weight=need_w, need_bias=need_b, deterministic=ctx.deterministic,
         )
         return (
             grad_h.to(hidden.dtype) if grad_h is not None else None,
             grad_w.to(weight.dtype) if grad_w is not None else None,
             grad_b.to(bias.dtype) if grad_b is not None else None,
-            None, None, None, None,
+            None, None, None, None, None,
         )

@@ -8,7 +8,8 @@ For token t with upstream coefficient ``coef[t]`` (the per-token gradient of the
 
 One program owns a ``BLOCK_N`` x ``BLOCK_V`` tile of ``dlogits``: it recomputes the logits
 from the saved log-sum-exp, then walks the hidden dimension ``BLOCK_H`` at a time,
-adding its share of ``grad_hidden`` and ``grad_W`` into fp32 buffers with atomic adds.
+adding its share of ``grad_hidden`` and ``grad_W`` into fp32 buffers with atomic adds
+(whose order varies between runs; ``backward_deterministic`` is the reproducible variant).
 Only tokens with a non-zero coefficient are visited (they come first in ``order``), so
 sequences the weighting dropped cost no matmul work.
 """
@@ -19,45 +20,40 @@ import torch
 import triton
 import triton.language as tl
 
+from .backward_deterministic import deterministic_backward
 from .config import KernelConfig
-from .tiles import logit_tile, token_block, mma
-from .types import dot_options
+from .tiles import dlogit_tile, logit_tile, mma, token_block, vocab_block
+from .types import tile_constants
 
 
 @triton.jit
 def _lce_backward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr, order_ptr, n_active_ptr, lse_ptr, coef_ptr,
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
-    n_vocab, n_hidden,
+    n_tokens, n_vocab, n_hidden,
     stride_hn, stride_hh, stride_wv, stride_wh, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     GRAD_HIDDEN: tl.constexpr, GRAD_WEIGHT: tl.constexpr, GRAD_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # A 1-D grid (no 65535 cap on the vocabulary tiles); consecutive programs share a
+    # vocabulary tile, so its weight rows are read from L2 by all token blocks.
+    n_row_blocks = tl.cdiv(n_tokens, BLOCK_N)
+    pid_n = tl.program_id(0) % n_row_blocks
+    pid_v = tl.program_id(0) // n_row_blocks
     n_active = tl.load(n_active_ptr)
     if pid_n * BLOCK_N >= n_active:  # a block past the active tokens has nothing to do
         return
     tok, row_mask = token_block(order_ptr, n_active, pid_n, BLOCK_N)
-    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    col_mask = cols < n_vocab
+    cols, col_mask = vocab_block(pid_v * BLOCK_V, n_vocab, BLOCK_V)
 
     z = logit_tile(
         hidden_ptr, weight_ptr, bias_ptr, tok, cols, row_mask, col_mask,
         n_hidden, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
         HAS_BIAS, HAS_SOFTCAP, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
     )
-    lse = tl.load(lse_ptr + tok, mask=row_mask, other=0.0)
-    coef = tl.load(coef_ptr + tok, mask=row_mask, other=0.0)
-    target = tl.load(targets_ptr + tok, mask=row_mask, other=-1)
-    prob = tl.exp(z - lse[:, None])
-    dz = (prob - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * coef[:, None]
-    if HAS_SOFTCAP:
-        capped = z / softcap
-        dz = dz * (1.0 - capped * capped)
-    dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+    dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, lse_ptr, coef_ptr, softcap, HAS_SOFTCAP)
 
     if GRAD_BIAS:
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
@@ -83,9 +79,8 @@ def _lce_backward_kernel(
 def backward_constants(has_bias: bool, has_softcap: bool, compute_dtype: torch.dtype, config: KernelConfig,
                        need_hidden: bool, need_weight: bool, need_bias: bool) -> dict:
     """The compile-time constants ``_lce_backward_kernel`` is specialised on."""
-    return dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, **dot_options(compute_dtype, config),
-                GRAD_HIDDEN=need_hidden, GRAD_WEIGHT=need_weight, GRAD_BIAS=need_bias,
-                BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h)
+    return dict(tile_constants(has_bias, has_softcap, compute_dtype, config),
+                GRAD_HIDDEN=need_hidden, GRAD_WEIGHT=need_weight, GRAD_BIAS=need_bias)
 
 
 def lce_backward(
@@ -103,11 +98,14 @@ def lce_backward(
     need_hidden: bool = True,
     need_weight: bool = True,
     need_bias: bool = True,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """fp32 ``(grad_hidden, grad_weight, grad_bias)`` for per-token coefficients ``coef``.
 
     ``order[:n_active]`` must list every token whose ``coef`` is non-zero (others may be
     listed too).  Gradients that are not needed are returned as None and cost nothing.
+    ``deterministic=True`` runs the atomic-free kernels of ``backward_deterministic``
+    (bitwise reproducible, one more logit recompute when both gradients are needed).
     """
     n_tokens, n_hidden = hidden.shape
     n_vocab = weight.shape[0]
@@ -118,14 +116,18 @@ def lce_backward(
     grad_bias = torch.zeros(n_vocab, dtype=torch.float32, device=device) if need_bias else None
     if not (need_hidden or need_weight or need_bias):
         return grad_hidden, grad_weight, grad_bias
+    if deterministic:
+        deterministic_backward(hidden, weight, bias, targets, order, n_active, lse, coef, softcap, compute_dtype,
+                               config, grad_hidden, grad_weight, grad_bias)
+        return grad_hidden, grad_weight, grad_bias
     placeholder = lse  # any fp32 tensor; never dereferenced when its flag is off
-    grid = (triton.cdiv(n_tokens, config.block_n), triton.cdiv(n_vocab, config.block_v))
+    grid = (triton.cdiv(n_tokens, config.block_n) * triton.cdiv(n_vocab, config.block_v),)
     _lce_backward_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets, order, n_active, lse, coef,
         grad_hidden if need_hidden else placeholder,
         grad_weight if need_weight else placeholder,
         grad_bias if need_bias else placeholder,
-        n_vocab, n_hidden,
+        n_tokens, n_vocab, n_hidden,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         float(softcap) if softcap is not None else 1.0,
         **backward_constants(bias is not None, softcap is not None, compute_dtype, config,

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .config import KernelConfig, interpreter_active
-from .tiles import logit_tile, token_block
-from .types import dot_options
+from .tiles import logit_tile, token_block, vocab_block
+from .types import tile_constants
 
 
 @triton.jit
@@ -43,8 +43,7 @@ def _lse_forward_kernel(
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
-        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        col_mask = cols < v_end
+        cols, col_mask = vocab_block(v0, v_end, BLOCK_V)
         z = logit_tile(
             hidden_ptr, weight_ptr, bias_ptr, tok, cols, row_mask, col_mask,
             n_hidden, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
@@ -63,12 +62,6 @@ def _lse_forward_kernel(
     tl.store(target_logit_ptr + tok, target_logit, mask=row_mask & owns_target)
 
 
-def forward_constants(has_bias: bool, has_softcap: bool, compute_dtype: torch.dtype, config: KernelConfig) -> dict:
-    """The compile-time constants ``_lse_forward_kernel`` is specialised on."""
-    return dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, **dot_options(compute_dtype, config),
-                BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h)
-
-
 def _num_splits(n_tokens: int, n_tiles: int, config: KernelConfig, device: torch.device) -> int:
     """Vocabulary splits so that about two waves of programs cover the GPU."""
     if config.vocab_splits:
@@ -78,6 +71,9 @@ def _num_splits(n_tokens: int, n_tiles: int, config: KernelConfig, device: torch
     n_row_blocks = triton.cdiv(max(n_tokens, 1), config.block_n)
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(n_tiles, triton.cdiv(2 * sm_count, n_row_blocks)))
+
+
+MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension
 
 
 def lse_forward(
@@ -100,7 +96,7 @@ def lse_forward(
     n_tokens, n_hidden = hidden.shape
     n_vocab = weight.shape[0]
     n_tiles = triton.cdiv(n_vocab, config.block_v)
-    n_splits = _num_splits(n_tokens, n_tiles, config, hidden.device)
+    n_splits = min(_num_splits(n_tokens, n_tiles, config, hidden.device), MAX_GRID_Y)
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, tiles_per_split)  # no split may be empty
 
@@ -113,7 +109,7 @@ def lse_forward(
         n_vocab, n_hidden, tiles_per_split, n_splits,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         float(softcap) if softcap is not None else 1.0,
-        **forward_constants(bias is not None, softcap is not None, compute_dtype, config),
+        **tile_constants(bias is not None, softcap is not None, compute_dtype, config),
         **config.launch_options(),
     )
     lse = lse_part[:, 0] if n_splits == 1 else torch.logsumexp(lse_part, dim=1)

@@ -30,6 +30,13 @@ def token_block(order_ptr, n_active, pid_n, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def vocab_block(v0, v_end, BLOCK_V: tl.constexpr):
+    """int64 vocabulary columns ``v0 .. v0 + BLOCK_V - 1`` and their mask (``< v_end``)."""
+    cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+    return cols, cols < v_end
+
+
+@triton.jit
 def mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation.
 
@@ -69,3 +76,23 @@ def logit_tile(
     if HAS_SOFTCAP:
         acc = softcap * tanh(acc / softcap)
     return acc
+
+
+@triton.jit
+def dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, lse_ptr, coef_ptr, softcap,
+                HAS_SOFTCAP: tl.constexpr):
+    """fp32 tile of ``dloss/dlogits = coef * (softmax(z) - onehot(target))``.
+
+    ``z`` is the (softcapped) logit tile from :func:`logit_tile`; with a softcap the
+    derivative of ``c * tanh(x / c)``, ``1 - (z / c)^2``, is applied.  Masked rows and
+    columns are 0, so the tile can go straight into the gradient matmuls.
+    """
+    lse = tl.load(lse_ptr + tok, mask=row_mask, other=0.0)
+    coef = tl.load(coef_ptr + tok, mask=row_mask, other=0.0)
+    target = tl.load(targets_ptr + tok, mask=row_mask, other=-1)
+    prob = tl.exp(z - lse[:, None])
+    dz = (prob - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * coef[:, None]
+    if HAS_SOFTCAP:
+        capped = z / softcap
+        dz = dz * (1.0 - capped * capped)
+    return tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)

@@ -27,3 +27,9 @@ def dot_options(dtype: torch.dtype, config: KernelConfig) -> dict:
         "DOT_PRECISION": config.fp32_precision if dtype == torch.float32 else "ieee",
         "DOT_UPCAST": interpreter_active() and dtype == torch.bfloat16,
     }
+
+
+def tile_constants(has_bias: bool, has_softcap: bool, compute_dtype, config: KernelConfig) -> dict:
+    """Compile-time constants every kernel built on ``tiles.logit_tile`` is specialised on."""
+    return dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, **dot_options(compute_dtype, config),
+                BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h)

@@ -14,8 +14,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from hardfocus_fused.kernels.backward import _lce_backward_kernel, backward_constants
+from hardfocus_fused.kernels.backward_deterministic import _grad_hidden_kernel, _grad_weight_kernel
 from hardfocus_fused.kernels.config import default_config
-from hardfocus_fused.kernels.forward import _lse_forward_kernel, forward_constants
+from hardfocus_fused.kernels.forward import _lse_forward_kernel
+from hardfocus_fused.kernels.types import tile_constants
 
 POINTER_TYPES = {"targets_ptr": "*i64", "order_ptr": "*i32", "n_active_ptr": "*i32"}
 HOPPER_MAX_SHARED_BYTES = 232448  # 227 KiB of shared memory per block on sm_90
@@ -42,8 +44,11 @@ def compile_all(capability: int = 90) -> int:
     count = 0
     for dtype in DTYPE_NAMES:
         config = default_config(8192, 128256, 4096, dtype)
-        variants = [(forward_constants(True, True, dtype, config), _lse_forward_kernel),
-                    (forward_constants(False, False, dtype, config), _lse_forward_kernel)]
+        tiles = tile_constants(True, True, dtype, config)
+        variants = [(tiles, _lse_forward_kernel),
+                    (tile_constants(False, False, dtype, config), _lse_forward_kernel),
+                    (tiles, _grad_hidden_kernel),
+                    (dict(tiles, GRAD_WEIGHT=True, GRAD_BIAS=True), _grad_weight_kernel)]
         for need_weight in (True, False):
             variants.append((backward_constants(True, True, dtype, config, True, need_weight, True),
                              _lce_backward_kernel))
