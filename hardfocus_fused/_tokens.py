@@ -5,14 +5,47 @@ from __future__ import annotations
 import torch
 
 
-def shift_targets(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def shift_targets(labels: torch.Tensor, ignore_index: int, starts: torch.Tensor | None = None) -> torch.Tensor:
     """Targets for next-token prediction: position t is scored against ``labels[..., t + 1]``.
 
-    The last position of each sequence gets ``ignore_index``.  Only the (small) integer
-    labels are shifted; hidden states are used in place.
+    The last position of each sequence gets ``ignore_index``, and so does the last position
+    of each document when ``starts`` (bool, like ``labels``) marks where documents begin in a
+    packed row: a document is never scored on the next document's first token.  Only the
+    (small) integer labels are shifted; hidden states are used in place.
     """
     pad = torch.full_like(labels[..., :1], ignore_index)
-    return torch.cat([labels[..., 1:], pad], dim=-1)
+    targets = torch.cat([labels[..., 1:], pad], dim=-1)
+    if starts is not None:
+        next_starts = torch.cat([starts[..., 1:], torch.ones_like(starts[..., :1])], dim=-1)
+        targets = targets.masked_fill(next_starts, ignore_index)
+    return targets
+
+
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """Where documents begin in packed rows: every row start, and every position id 0 that
+    follows a non-zero one (``DataCollatorWithFlattening``'s resets).
+
+    A run of zeros starts one document: left padding with position ids clamped to 0 is not
+    a string of one-token documents, and a one-token document (which has no target of its
+    own) simply joins the next one.
+    """
+    zero = position_ids == 0
+    starts = zero.clone()
+    starts[..., 1:] &= ~zero[..., :-1]
+    starts[..., 0] = True
+    return starts
+
+
+def segment_sums(values: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Sums of ``values`` over the contiguous segments that begin where ``starts`` is True.
+
+    Both are flat (N,) with ``starts[0]`` True; the result is fp32 (segments,).  Computed as
+    differences of an fp64 running sum: no atomics (deterministic), and differentiable.
+    Sizing the result reads the segment count back to the host.
+    """
+    running = torch.nn.functional.pad(values.double().cumsum(0), (1, 0))
+    bounds = torch.cat([starts.nonzero().squeeze(1), torch.tensor([values.numel()], device=values.device)])
+    return (running[bounds[1:]] - running[bounds[:-1]]).float()
 
 
 def partition_active(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -98,3 +98,14 @@ def check_weighting(method: str, r: float, n1: float, n2: float, seq_reduction: 
     for name, value in (("n1", n1), ("n2", n2)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def check_position_ids(position_ids, labels: torch.Tensor) -> None:
+    """Integer ``position_ids`` shaped and placed like ``labels``."""
+    check_tensor("position_ids", position_ids, 2)
+    if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+        raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
+    if position_ids.shape != labels.shape:
+        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)} but labels has {tuple(labels.shape)}")
+    if position_ids.device != labels.device:
+        raise ValueError(f"position_ids is on {position_ids.device} but labels is on {labels.device}")

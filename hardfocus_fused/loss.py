@@ -8,14 +8,15 @@ import torch
 from torch import nn
 
 from . import _validation as check
-from ._tokens import shift_targets
+from ._tokens import document_starts, segment_sums, shift_targets
 from .lce import token_nll
 from .weighting import sequence_weights
 
 
 @dataclass(frozen=True)
 class HardFocusStats:
-    """Detached per-sequence statistics of one loss call (all shaped (B,)).
+    """Detached per-sequence statistics of one loss call (all shaped (B,), or (D,) with one
+    entry per document, in order, when ``position_ids`` marked packed documents).
 
     ``loss == (weights * seq_loss).sum()`` for every method.  Sequences without a target
     token have ``n_tokens == 0``, ``seq_loss == 0`` and ``weights == 0``.
@@ -44,6 +45,7 @@ def hardfocus_loss(
     return_stats: bool = False,
     validate: bool = True,
     deterministic: bool | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, HardFocusStats]:
     """Sequence-reweighted language-model loss computed without materialising logits.
 
@@ -70,6 +72,11 @@ def hardfocus_loss(
         deterministic: bitwise-reproducible gradients on the same device: the Triton
             backward runs without atomics (one more logit recompute).  ``None`` (default)
             follows ``torch.are_deterministic_algorithms_enabled()``.
+        position_ids: (B, T) position ids of packed rows (several documents per row, as
+            ``DataCollatorWithFlattening`` produces).  A new document starts wherever the
+            position id drops to 0 (see ``_tokens.document_starts``); each document is one "sequence" of the weighting, and with
+            ``shift=True`` no document is scored on the next one's first token.  Costs one
+            host synchronisation (the document count).
 
     Returns:
         The 0-dim fp32 loss ``sum_i w_i L_i`` (weights are constants for autograd), and the
@@ -82,12 +89,21 @@ def hardfocus_loss(
     check.check_labels("labels", labels, hidden.shape[:2], weight.shape[0], ignore_index, hidden.device,
                        check_values=validate)
 
+    starts = None
+    if position_ids is not None:
+        check.check_position_ids(position_ids, labels)
+        starts = document_starts(position_ids)
     n_seq, seq_len, n_hidden = hidden.shape
-    targets = shift_targets(labels, ignore_index) if shift else labels
+    targets = shift_targets(labels, ignore_index, starts) if shift else labels
     nll = token_nll(hidden.reshape(-1, n_hidden), weight, targets.reshape(-1), bias, ignore_index, softcap, impl,
                     deterministic)
-    n_tokens = (targets != ignore_index).sum(dim=1)
-    seq_loss = nll.view(n_seq, seq_len).sum(dim=1, dtype=torch.float32)
+    valid = targets != ignore_index
+    if starts is None:
+        n_tokens = valid.sum(dim=1)
+        seq_loss = nll.view(n_seq, seq_len).sum(dim=1, dtype=torch.float32)
+    else:
+        n_tokens = segment_sums(valid.reshape(-1), starts.reshape(-1)).round().long()
+        seq_loss = segment_sums(nll, starts.reshape(-1))
     if seq_reduction == "mean":
         seq_loss = seq_loss / n_tokens.clamp_min(1)
     weights = sequence_weights(seq_loss, n_tokens, method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction)
@@ -125,8 +141,8 @@ class HardFocusLoss(nn.Module):
                             return_stats=return_stats, validate=validate, deterministic=deterministic)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                bias: torch.Tensor | None = None):
-        return hardfocus_loss(hidden, weight, labels, bias=bias, **self.options)
+                bias: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+        return hardfocus_loss(hidden, weight, labels, bias=bias, position_ids=position_ids, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,107 @@
+"""Patch-time probe: measure how a model turns ``lm_head`` outputs into logits, and check
+that the patched loss equals the model's own.
+
+Three kinds of no-grad forward on ``_PROBE_TOKENS`` random tokens, in eval mode:
+
+1. logits driven small (``|lm_head(h)| <= 0.01``, where soft-capping is linear): fit the
+   constant ``scale`` in ``logits = scale * lm_head(h)``, then snap it to 1 or to a logit
+   scaling the config declares (``logit_scale``, ``logits_scaling`` or their reciprocals);
+2. logits driven large (three times the soft-cap, or 30): the model's logits must equal
+   ``softcap(scale * lm_head(h))`` with the config's ``final_logit_softcapping``;
+3. with ``labels``: the patched loss (``method="mean"``) must equal the model's own loss.
+
+The probe scales the hidden states inside the patched ``lm_head`` (``probe_gain``), so it
+reaches both ranges on any model without touching its weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_PROBE_TOKENS = 8
+_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}   # others (bf16, fp16): 3e-2
+
+
+def _logits_with_gain(patch, ids, gain: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model logits, raw lm_head output) in fp64 for hidden states scaled by ``gain``."""
+    patch.probe_gain = gain
+    logits = patch.model(input_ids=ids).logits
+    return logits.double(), patch.probe_raw.double()
+
+
+def _declared_scales(config) -> list[float]:
+    scales = [1.0]
+    for cfg in (config, getattr(config, "text_config", None)):
+        for name, value in (vars(cfg).items() if cfg is not None else ()):
+            if "logit" in name and "scal" in name and isinstance(value, (int, float)) and value:
+                scales += [float(value), 1.0 / float(value)]
+    return scales
+
+
+def _fit_scale(patch, ids, head_max: float, exact_dtype: bool) -> float:
+    y, z = _logits_with_gain(patch, ids, 1e-2 / head_max)
+    fitted = ((y * z).sum() / (z * z).sum()).item()
+    name = type(patch.model).__name__
+    if not math.isfinite(fitted) or fitted == 0:
+        raise ValueError(f"cannot patch {name}: its logits do not follow lm_head's output")
+    for declared in _declared_scales(getattr(patch.model, "config", None)):
+        if abs(fitted / declared - 1) < 2e-2:
+            return declared
+    if exact_dtype:
+        return fitted
+    raise ValueError(f"cannot patch {name}: its logits are lm_head's output times {fitted:.4g}, a scaling its "
+                     f"config does not declare")
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def probe(patch) -> None:
+    """Set ``patch.scale``; raise ``ValueError`` when the model's logits or loss differ."""
+    model, head = patch.model, patch.head
+    name = type(model).__name__
+    dtype = head.weight.dtype
+    tolerance = _TOLERANCE.get(dtype, 3e-2)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, head.out_features, (1, _PROBE_TOKENS), generator=gen).to(head.weight.device)
+    was_training, options = model.training, patch.options
+    model.eval()
+    try:
+        with torch.no_grad():
+            patch.mode = "probe"
+            _, raw = _logits_with_gain(patch, ids, 1.0)
+            hidden = patch.probe_hidden.double()
+            head_max = (hidden @ head.weight.double().T).abs().max().item()
+            if not head_max > 0:
+                raise ValueError(f"cannot patch {name}: lm_head's output is zero or not finite on the probe")
+            patch.scale = _fit_scale(patch, ids, head_max, exact_dtype=dtype in _TOLERANCE)
+
+            reach = 3 * patch.softcap if patch.softcap else 30.0
+            y, z = _logits_with_gain(patch, ids, reach / abs(patch.scale) / head_max)
+            expected = patch.scale * z
+            if patch.softcap:
+                expected = patch.softcap * torch.tanh(expected / patch.softcap)
+            err = _relative_error(y, expected)
+            if err > tolerance:
+                raise ValueError(f"cannot patch {name}: its logits are not softcap(scale * lm_head(h)) "
+                                 f"(relative difference {err:.2e} with softcap={patch.softcap}, "
+                                 f"scale={patch.scale}); its forward transforms the logits in a way "
+                                 f"hardfocus does not reproduce")
+
+            patch.mode = "off"
+            reference = model(input_ids=ids, labels=ids).loss
+            patch.mode = "loss"
+            patch.options = dict(options, method="mean", seq_reduction="mean")
+            ours = model(input_ids=ids, labels=ids).loss
+            err = _relative_error(ours.double().reshape(1), reference.double().reshape(1))
+            if err > tolerance:
+                raise ValueError(f"cannot patch {name}: the patched loss {ours.item():.6g} differs from the "
+                                 f"model's own {reference.item():.6g}")
+    finally:
+        model.train(was_training)
+        patch.mode, patch.options, patch.probe_gain = "loss", options, 1.0
+        patch.probe_hidden = patch.probe_raw = None
+        patch.pop_log_values()
