@@ -16,7 +16,11 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest>=8", "hypothesis>=6", "triton>=3.2"],
+        "hf": ["transformers>=5.0"],
+        "train": ["transformers>=5.0", "tqdm", "matplotlib"],
+        "test": ["pytest>=8", "hypothesis>=6", "triton>=3.2", "transformers>=5.0", "peft", "accelerate",
+                 "tqdm", "matplotlib"],
     },
-    entry_points={"console_scripts": ["hardfocus-demo=hardfocus_fused.demo:main"]},
+    entry_points={"console_scripts": ["hardfocus-demo=hardfocus_fused.demo:main",
+                                      "hardfocus-train=hardfocus_fused.train:main"]},
 )

@@ -24,6 +24,7 @@ the probe and is refused with a ``ValueError``, never trained on a wrong loss.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -149,6 +150,16 @@ class HardFocusPatch:
         options = dict(self.options, **overrides)
         return hardfocus_loss(hidden, weight, targets, bias=bias, shift=False, position_ids=position_ids,
                               softcap=self.softcap, ignore_index=ignore_index, return_stats=True, **options)
+
+    @contextlib.contextmanager
+    def options_for(self, **overrides):
+        """Temporarily change loss options, e.g. ``method="mean"`` for a held-out loss."""
+        saved = self.options
+        self.options = dict(saved, **overrides)
+        try:
+            yield self
+        finally:
+            self.options = saved
 
     # -- logging -------------------------------------------------------------------------
 

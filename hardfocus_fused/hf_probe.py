@@ -67,7 +67,7 @@ def probe(patch) -> None:
     tolerance = _TOLERANCE.get(dtype, 3e-2)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, head.out_features, (1, _PROBE_TOKENS), generator=gen).to(head.weight.device)
-    was_training, options = model.training, patch.options
+    was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
@@ -94,14 +94,14 @@ def probe(patch) -> None:
             patch.mode = "off"
             reference = model(input_ids=ids, labels=ids).loss
             patch.mode = "loss"
-            patch.options = dict(options, method="mean", seq_reduction="mean")
-            ours = model(input_ids=ids, labels=ids).loss
+            with patch.options_for(method="mean", seq_reduction="mean"):
+                ours = model(input_ids=ids, labels=ids).loss
             err = _relative_error(ours.double().reshape(1), reference.double().reshape(1))
             if err > tolerance:
                 raise ValueError(f"cannot patch {name}: the patched loss {ours.item():.6g} differs from the "
                                  f"model's own {reference.item():.6g}")
     finally:
         model.train(was_training)
-        patch.mode, patch.options, patch.probe_gain = "loss", options, 1.0
+        patch.mode, patch.probe_gain = "loss", 1.0
         patch.probe_hidden = patch.probe_raw = None
         patch.pop_log_values()

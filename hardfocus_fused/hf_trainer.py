@@ -1,0 +1,34 @@
+"""``HardFocusCallback``: the weighting's statistics in the ``transformers.Trainer`` logs."""
+
+from __future__ import annotations
+
+from transformers import Trainer, TrainerCallback
+
+from .hf import hardfocus_patch
+
+
+class HardFocusCallback(TrainerCallback):
+    """Adds ``hardfocus/*`` statistics (max weight, effective sample size ``1/sum w^2``,
+    mean / max / weighted sequence loss), averaged over the loss calls since the previous
+    log, to every training log of a model patched with :func:`apply_hardfocus`.
+
+    ``HardFocusCallback.attach(trainer)`` puts it first among the trainer's callbacks, so
+    the console, ``log_history`` and every reporting integration see the values; added with
+    ``Trainer(callbacks=[...])`` it runs after the built-in ones, and the values reach
+    ``trainer.state.log_history`` and the callbacks after it.
+    """
+
+    @classmethod
+    def attach(cls, trainer: Trainer) -> "HardFocusCallback":
+        callback = cls()
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return callback
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        patch = hardfocus_patch(model) if model is not None else None
+        if patch is None or logs is None or "loss" not in logs:   # training logs only
+            return
+        values = patch.pop_log_values()
+        logs.update(values)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)

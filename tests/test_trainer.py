@@ -1,0 +1,62 @@
+"""The stock transformers.Trainer trains a patched model, with gradient accumulation."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from hardfocus_fused import HardFocusCallback, apply_hardfocus  # noqa: E402
+from hf_models import VOCAB, tiny_model  # noqa: E402
+
+
+class Rows(torch.utils.data.Dataset):
+    """Fixed-length rows with a few padded (-100) label positions."""
+
+    def __init__(self, n=16, seq=12):
+        gen = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1, VOCAB, (n, seq), generator=gen)
+        self.labels = self.ids.clone()
+        self.labels[::3, :4] = -100
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def train(model, tmp_path, attach=False):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2,
+        learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+        dataloader_drop_last=True, disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows())
+    if attach:
+        HardFocusCallback.attach(trainer)
+    trainer.train()
+    return trainer
+
+
+def test_mean_trains_exactly_like_the_unpatched_model(tmp_path):
+    model = tiny_model("llama")
+    patched = apply_hardfocus(copy.deepcopy(model), method="mean", impl="torch")
+    stock = train(model, tmp_path / "stock")
+    ours = train(patched, tmp_path / "ours", attach=True)
+    losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h]
+    assert len(losses(ours)) == 2
+    torch.testing.assert_close(losses(ours), losses(stock), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), patched.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_weights_reach_the_logs(tmp_path):
+    model = apply_hardfocus(tiny_model("gpt2"), method="irdro", r=0.5, impl="torch")
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = train(model, tmp_path, attach=True)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(0.25 <= h["hardfocus/max_weight"] <= 1 and 1 <= h["hardfocus/ess"] <= 4 for h in logs)
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
