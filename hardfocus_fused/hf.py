@@ -177,11 +177,10 @@ class HardFocusPatch:
     # -- install / remove ----------------------------------------------------------------
 
     def install(self) -> None:
-        @functools.wraps(self._forward)   # keeps the signature the Trainer inspects
-        def forward(*args, **kwargs):
-            return self.patched_forward(*args, **kwargs)
-
-        self.model.forward = forward
+        # A partial of a bound method, not a closure: ``copy.deepcopy(model)`` then yields a
+        # copy whose forward runs the copied patch on the copied weights.  ``wraps`` keeps
+        # the model's signature, which the Trainer inspects.
+        self.model.forward = functools.wraps(self._forward)(functools.partial(self.patched_forward))
         self.head.forward = self.head_forward
         if self._loss_function is not None:
             self.model.loss_function = self.loss_function

@@ -83,3 +83,18 @@ def test_index_space_beyond_int32(n_tokens, n_hidden, n_vocab):
     upstream = torch.rand_like(got)
     for g, r in zip(grads_of((got * upstream).sum(), (h, w)), grads_of((want * upstream).sum(), (h, w))):
         assert rel_err(g, r) <= 2e-2
+
+
+def test_hf_patch_in_bf16_on_the_gpu():
+    import copy
+
+    pytest.importorskip("transformers")
+    from hardfocus_fused import apply_hardfocus
+    from hf_models import left_padded_batch, tiny_model
+
+    model = tiny_model("gemma2").to("cuda", torch.bfloat16)
+    patched = apply_hardfocus(copy.deepcopy(model), method="mean")          # impl="auto": Triton on CUDA
+    ids, mask, labels = (t.cuda() for t in left_padded_batch())
+    want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    got = patched(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert rel_err(got, want) <= 2e-2

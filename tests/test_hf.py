@@ -75,7 +75,7 @@ def test_weighted_methods_match_reference_from_logits(arch, method):
     assert_same_grads(named_grads(patched), named_grads(reference), 1e-4)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "opt", "gpt2"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_logits_never_materialised(arch, monkeypatch):
     model = apply_hardfocus(tiny_model(arch), impl="torch")
     ids, mask, labels = left_padded_batch(batch=4, seq=32)
@@ -201,3 +201,16 @@ def test_lora_on_the_head_is_refused():
     model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["lm_head"]))
     with pytest.raises(TypeError, match="lm_head"):
         apply_hardfocus(model)
+
+
+def test_deepcopy_of_a_patched_model_uses_its_own_weights():
+    model = apply_hardfocus(tiny_model("llama"), method="mean", impl="torch")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(2.0)
+    ids, mask, labels = left_padded_batch()
+    out = twin(input_ids=ids, labels=labels)
+    assert out.logits is None
+    remove_hardfocus(twin)
+    assert rel_err(out.loss, twin(input_ids=ids, labels=labels).loss) <= 1e-5
+    assert rel_err(out.loss, model(input_ids=ids, labels=labels).loss) > 1e-2

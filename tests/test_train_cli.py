@@ -33,6 +33,9 @@ def test_outputs(tmp_path):
     assert step["max_weight"] == 1.0 and step["ess"] == 1.0
     assert step["tokens_per_s"] > 0 and step["peak_memory_mb"] > 0
     assert log["heldout_after"] < log["heldout_before"]
+    # A saved run is a model directory the CLI (and transformers) can load as --model.
+    again = run(tmp_path, "again", "--model", str(out / "model"), "--num-batches", "1", "--lr", "1e-3")
+    assert again["heldout_before"] == pytest.approx(log["heldout_after"], rel=1e-4)
 
 
 def test_resume_continues_exactly(tmp_path):
