@@ -18,7 +18,7 @@ setup(
         "triton": ["triton>=3.2"],
         "hf": ["transformers>=5.0"],
         "train": ["transformers>=5.0", "tqdm", "matplotlib"],
-        "test": ["pytest>=8", "hypothesis>=6", "triton>=3.2", "transformers>=5.0", "peft", "accelerate",
+        "test": ["pytest>=8", "pytest-benchmark", "hypothesis>=6", "triton>=3.2", "transformers>=5.0", "peft", "accelerate",
                  "tqdm", "matplotlib"],
     },
     entry_points={"console_scripts": ["hardfocus-demo=hardfocus_fused.demo:main",

@@ -117,6 +117,10 @@ class HardFocusPatch:
                                f"{type(self.model).__name__}; hardfocus supports exactly one")
         loss, stats = self.compute(call.hidden[0], labels, shift_labels, call.position_ids, call.logits_to_keep,
                                    ignore_index)
+        if num_items_in_batch is not None and self.options.get("group") is not None:
+            raise ValueError("apply_hardfocus(group=...) does not combine with the Trainer's num_items_in_batch "
+                             "(the Trainer rescales the loss for data parallelism itself); use group=None under "
+                             "the Trainer, or call the model without num_items_in_batch")
         if num_items_in_batch is not None:
             # The Trainer sums micro-batch losses without dividing by the accumulation steps and
             # expects each one normalised by the whole step's target count: weight each
@@ -271,6 +275,7 @@ def apply_hardfocus(
     seq_reduction: str = "mean",
     impl: str = "auto",
     deterministic: bool | None = None,
+    group=None,
     verify: bool = True,
 ) -> nn.Module:
     """Make ``model`` (a Hugging Face causal LM, or a PEFT model around one) train on the
@@ -289,7 +294,9 @@ def apply_hardfocus(
 
     Args:
         model: the model to patch; returned, patched in place.
-        method, r, n1, n2, seq_reduction, impl, deterministic: as for :func:`hardfocus_loss`.
+        method, r, n1, n2, seq_reduction, impl, deterministic, group: as for
+            :func:`hardfocus_loss` (``group``: weights over a data-parallel group's global
+            batch, for training loops that do not pass ``num_items_in_batch``).
         verify: run the patch-time probe (a few no-grad forwards on 8 random tokens) that
             measures the logit post-processing and refuses architectures it cannot match.
 
@@ -316,7 +323,7 @@ def apply_hardfocus(
         raise ValueError(f"{type(target).__name__} has no loss_function; apply_hardfocus needs a transformers "
                          f"causal LM that computes its loss through self.loss_function")
     options = dict(method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction, impl=impl,
-                   deterministic=deterministic)
+                   deterministic=deterministic, group=group)
     patch = HardFocusPatch(target, head, options)
     patch.install()
     if verify:

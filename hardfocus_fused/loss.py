@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +19,9 @@ class HardFocusStats:
     """Detached per-sequence statistics of one loss call (all shaped (B,), or (D,) with one
     entry per document, in order, when ``position_ids`` marked packed documents).
 
-    ``loss == (weights * seq_loss).sum()`` for every method.  Sequences without a target
-    token have ``n_tokens == 0``, ``seq_loss == 0`` and ``weights == 0``.
+    ``loss == (weights * seq_loss).sum()`` for every method (times the world size with a
+    ``group``).  Sequences without a target token have ``n_tokens == 0``,
+    ``seq_loss == 0`` and ``weights == 0``.
     """
 
     seq_loss: torch.Tensor
@@ -46,6 +48,7 @@ def hardfocus_loss(
     validate: bool = True,
     deterministic: bool | None = None,
     position_ids: torch.Tensor | None = None,
+    group=None,
 ) -> torch.Tensor | tuple[torch.Tensor, HardFocusStats]:
     """Sequence-reweighted language-model loss computed without materialising logits.
 
@@ -77,6 +80,15 @@ def hardfocus_loss(
             position id drops to 0 (see ``_tokens.document_starts``); each document is one "sequence" of the weighting, and with
             ``shift=True`` no document is scored on the next one's first token.  Costs one
             host synchronisation (the document count).
+        group: a ``torch.distributed`` process group (data parallel).  ``None`` (default,
+            as in the paper's code) weighs the local batch only.  With a group, the
+            per-sequence losses of all ranks are all-gathered (B floats per rank, no
+            logits), the weights are computed over the global batch, and each rank returns
+            ``world_size * sum_{i local} w_i L_i``: DDP's (or FSDP's) gradient averaging
+            then yields exactly ``sum_i w_i grad L_i`` over the global batch.  The value
+            on one rank is therefore not the global loss; the mean of the returned values
+            over the ranks is (``dist.all_reduce(loss.detach()) / world_size``).  Stats
+            hold this rank's sequences with their global weights.
 
     Returns:
         The 0-dim fp32 loss ``sum_i w_i L_i`` (weights are constants for autograd), and the
@@ -106,8 +118,14 @@ def hardfocus_loss(
         seq_loss = segment_sums(nll, starts.reshape(-1))
     if seq_reduction == "mean":
         seq_loss = seq_loss / n_tokens.clamp_min(1)
-    weights = sequence_weights(seq_loss, n_tokens, method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction)
-    loss = (weights * seq_loss).sum()
+    weigh = functools.partial(sequence_weights, method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction)
+    if group is None:
+        weights, scale = weigh(seq_loss, n_tokens), 1
+    else:
+        from .distributed import global_weights
+
+        weights, scale = global_weights(seq_loss, n_tokens, group, weigh)
+    loss = (weights * seq_loss).sum() * scale
     if not return_stats:
         return loss
     return loss, HardFocusStats(seq_loss=seq_loss.detach(), weights=weights, n_tokens=n_tokens)
@@ -131,6 +149,7 @@ class HardFocusLoss(nn.Module):
         return_stats: bool = False,
         validate: bool = True,
         deterministic: bool | None = None,
+        group=None,
     ) -> None:
         super().__init__()
         check.check_weighting(method, r, n1, n2, seq_reduction)
@@ -138,7 +157,8 @@ class HardFocusLoss(nn.Module):
         check.check_choice("impl", impl, check.IMPLS)
         self.options = dict(method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction,
                             ignore_index=ignore_index, shift=shift, softcap=softcap, impl=impl,
-                            return_stats=return_stats, validate=validate, deterministic=deterministic)
+                            return_stats=return_stats, validate=validate, deterministic=deterministic,
+                            group=group)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 bias: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):

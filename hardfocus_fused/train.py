@@ -112,7 +112,7 @@ def heldout_loss(model, heldout: list[torch.Tensor], device: torch.device) -> fl
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    with hardfocus_patch(model).options_for(method="mean", seq_reduction="mean"):
+    with hardfocus_patch(model).options_for(method="mean", seq_reduction="mean", group=None):
         for batch in heldout:
             batch = batch.to(device)
             out = model(input_ids=batch, labels=batch)

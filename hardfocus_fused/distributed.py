@@ -1,0 +1,37 @@
+"""Weights over the global batch of a data-parallel group: only B floats per rank move.
+
+Each rank holds its own sequences.  ``global_weights`` all-gathers the detached
+per-sequence losses and token counts (ranks may hold different numbers of sequences),
+computes the weights of the whole group's batch with the same rule as a single process
+would, and hands each rank the slice for its own sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _all_gather_varlen(values: torch.Tensor, group) -> list[torch.Tensor]:
+    """Every rank's 1-D ``values`` (lengths may differ), in rank order."""
+    world = dist.get_world_size(group)
+    length = torch.tensor([values.numel()], device=values.device)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length, group=group)
+    longest = int(max(lengths).item())
+    padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    pieces = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(pieces, padded, group=group)
+    return [piece[: int(n.item())] for piece, n in zip(pieces, lengths)]
+
+
+def global_weights(seq_loss: torch.Tensor, n_tokens: torch.Tensor, group, weigh) -> tuple[torch.Tensor, int]:
+    """``(this rank's weights, world size)``: ``weigh(all_losses, all_counts)`` over the
+    group's concatenated batch (rank order), sliced to this rank's sequences."""
+    losses = _all_gather_varlen(seq_loss.detach().float(), group)
+    counts = _all_gather_varlen(n_tokens.to(torch.int64), group)
+    rank = dist.get_rank(group)
+    start = sum(piece.numel() for piece in losses[:rank])
+    weights = weigh(torch.cat(losses), torch.cat(counts))
+    return weights[start: start + seq_loss.numel()], dist.get_world_size(group)

@@ -1,0 +1,91 @@
+"""group=: weights over the global batch of two gloo ranks; DDP's averaging gives exactly the
+single-process gradient of the concatenated batch."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from hardfocus_fused import hardfocus_loss
+
+H_IN, H, V, T = 6, 8, 23, 7
+SPLIT = [3, 2]          # rank 0 holds 3 sequences, rank 1 holds 2
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(H_IN, H)
+        self.head = nn.Linear(H, V, bias=False)
+
+    def forward(self, x, labels, **options):
+        return hardfocus_loss(self.proj(x), self.head.weight, labels, impl="torch", return_stats=True, **options)
+
+
+def global_batch():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(sum(SPLIT), T, H_IN, generator=gen) * 3
+    labels = torch.randint(0, V, (sum(SPLIT), T), generator=gen)
+    labels[0, :3] = -100     # ragged: ranks hold different token counts too
+    labels[4, 4:] = -100
+    return x, labels
+
+
+def _worker(rank, world, init_file, method):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, labels = global_batch()
+        ref_model = Head()
+        ref_loss, ref_stats = ref_model(x, labels, method=method, n1=0.2, n2=0.4, r=0.7)
+        ref_loss.backward()
+
+        start = sum(SPLIT[:rank])
+        mine = slice(start, start + SPLIT[rank])
+        ddp = nn.parallel.DistributedDataParallel(Head())
+        loss, stats = ddp(x[mine], labels[mine], method=method, n1=0.2, n2=0.4, r=0.7, group=dist.group.WORLD)
+        loss.backward()          # DDP averages the gradients over the ranks
+
+        torch.testing.assert_close(stats.weights, ref_stats.weights[mine], rtol=1e-6, atol=1e-7)
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        torch.testing.assert_close(total / world, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+        for (name, p), q in zip(ddp.module.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["irdro", "midranking", "mean"])
+def test_ddp_gradients_equal_single_process_on_the_global_batch(method, tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), method), nprocs=2, join=True)
+
+
+def _hf_worker(rank, world, init_file):
+    import copy
+
+    from hardfocus_fused import apply_hardfocus
+    from hf_models import left_padded_batch, tiny_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        base = tiny_model("llama")
+        ids, mask, labels = left_padded_batch()          # 4 sequences: rank 0 gets 3, rank 1 gets 1
+        ref = apply_hardfocus(copy.deepcopy(base), method="irdro", r=0.5, impl="torch")
+        ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        mine = slice(0, 3) if rank == 0 else slice(3, 4)
+        model = apply_hardfocus(copy.deepcopy(base), method="irdro", r=0.5, impl="torch", group=dist.group.WORLD)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        ddp(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_patched_hf_model_under_ddp(tmp_path):
+    pytest.importorskip("transformers")
+    mp.spawn(_hf_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
