@@ -62,12 +62,12 @@ class HardFocusPatch:
         config = getattr(model, "config", None)
         self.softcap = _config_value(config, "final_logit_softcapping")
         self.scale = 1.0
-        self.mode = "loss"            # "loss": capture the hidden states; "probe"/"off": see _head_forward
+        self.mode = "loss"            # "loss": capture the hidden states; "probe"/"off": see head_forward
         self.probe_gain = 1.0         # probe mode: lm_head sees its input times this
         self.probe_hidden = self.probe_raw = None
         self.call: _Call | None = None
         self.last_stats: HardFocusStats | None = None
-        self._log_sums: dict[str, float] = {}
+        self._log_sums: dict[str, torch.Tensor] = {}
         self._log_count = 0
         self._forward = model.forward
         self._head_forward = head.forward
@@ -115,12 +115,12 @@ class HardFocusPatch:
         if len(call.hidden) != 1:
             raise RuntimeError(f"lm_head ran {len(call.hidden)} times in one forward of "
                                f"{type(self.model).__name__}; hardfocus supports exactly one")
-        loss, stats = self.compute(call.hidden[0], labels, shift_labels, call.position_ids, call.logits_to_keep,
-                                   ignore_index)
         if num_items_in_batch is not None and self.options.get("group") is not None:
             raise ValueError("apply_hardfocus(group=...) does not combine with the Trainer's num_items_in_batch "
                              "(the Trainer rescales the loss for data parallelism itself); use group=None under "
                              "the Trainer, or call the model without num_items_in_batch")
+        loss, stats = self.compute(call.hidden[0], labels, shift_labels, call.position_ids, call.logits_to_keep,
+                                   ignore_index)
         if num_items_in_batch is not None:
             # The Trainer sums micro-batch losses without dividing by the accumulation steps and
             # expects each one normalised by the whole step's target count: weight each
@@ -168,13 +168,15 @@ class HardFocusPatch:
     # -- logging -------------------------------------------------------------------------
 
     def _record(self, stats: HardFocusStats) -> None:
+        # Running sums of 0-dim tensors: no host sync until the values are logged.
         self.last_stats = stats
-        for key, value in log_values(stats).items():
+        for key, value in log_tensors(stats).items():
             self._log_sums[key] = self._log_sums.get(key, 0.0) + value
         self._log_count += 1
 
     def pop_log_values(self) -> dict[str, float]:
-        values = {k: v / self._log_count for k, v in self._log_sums.items()} if self._log_count else {}
+        """Averages of :func:`log_values` over the losses since the previous call."""
+        values = {k: (v / self._log_count).item() for k, v in self._log_sums.items()} if self._log_count else {}
         self._log_sums, self._log_count = {}, 0
         return values
 
@@ -200,21 +202,26 @@ class HardFocusPatch:
         vars(self.model).pop(_ATTRIBUTE, None)
 
 
-def log_values(stats: HardFocusStats) -> dict[str, float]:
-    """The statistics worth logging per step: max weight, effective sample size
-    ``1 / sum w^2``, and the mean, max and weighted per-sequence loss."""
+def log_tensors(stats: HardFocusStats) -> dict[str, torch.Tensor]:
+    """The statistics worth logging per step, as 0-dim tensors (no host sync): max weight,
+    effective sample size ``1 / sum w^2``, and the mean, max and weighted sequence loss
+    over the sequences that have targets (all 0 for a batch without any)."""
     live = stats.n_tokens > 0
     w = stats.weights.float()
-    if not bool(live.any()):
-        return {}
-    seq = stats.seq_loss[live]
+    seq = stats.seq_loss.float()
+    n_live = live.sum().clamp_min(1)
     return {
-        "hardfocus/max_weight": w.max().item(),
-        "hardfocus/ess": (1.0 / (w * w).sum()).item(),
-        "hardfocus/seq_loss_mean": seq.mean().item(),
-        "hardfocus/seq_loss_max": seq.max().item(),
-        "hardfocus/weighted_loss": (w * stats.seq_loss).sum().item(),
+        "hardfocus/max_weight": w.max(),
+        "hardfocus/ess": torch.where(live.any(), 1.0 / (w * w).sum().clamp_min(1e-30), 0.0),
+        "hardfocus/seq_loss_mean": (seq * live).sum() / n_live,
+        "hardfocus/seq_loss_max": torch.where(live, seq, 0.0).max(),
+        "hardfocus/weighted_loss": (w * seq).sum(),
     }
+
+
+def log_values(stats: HardFocusStats) -> dict[str, float]:
+    """:func:`log_tensors` as Python floats."""
+    return {key: value.item() for key, value in log_tensors(stats).items()}
 
 
 def _config_value(config, name: str):

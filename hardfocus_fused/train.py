@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .hf import apply_hardfocus, hardfocus_patch, log_values
+from .hf import apply_hardfocus, hardfocus_patch
 from .weighting import METHODS
 
 BUILTIN = "builtin"
@@ -120,6 +120,7 @@ def heldout_loss(model, heldout: list[torch.Tensor], device: torch.device) -> fl
             total += out.loss.item() * n
             count += n
     model.train(was_training)
+    hardfocus_patch(model).pop_log_values()   # held-out losses are not training statistics
     return total / max(count, 1)
 
 
@@ -198,7 +199,7 @@ def train(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         stats = out.hardfocus_stats
-        values = {k.split("/")[1]: v for k, v in log_values(stats).items()}
+        values = {k.split("/")[1]: v for k, v in hardfocus_patch(model).pop_log_values().items()}
         record = {"step": step, "loss": out.loss.item(), **values,
                   "tokens_per_s": int(stats.n_tokens.sum()) / seconds, "peak_memory_mb": peak_memory_mb(device),
                   "weights": stats.weights.tolist(), "seq_loss": stats.seq_loss.tolist()}
