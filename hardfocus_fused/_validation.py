@@ -87,8 +87,10 @@ def check_softcap(softcap) -> None:
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
 
 
-def check_weighting(method: str, r: float, n1: float, n2: float, seq_reduction: str) -> None:
-    check_choice("method", method, METHODS)
+def check_weighting(method, r: float, n1: float, n2: float, seq_reduction: str) -> None:
+    """``method`` is a name in ``METHODS`` or a weighting rule ``(seq_loss, n_tokens) -> weights``."""
+    if not callable(method):
+        check_choice("method", method, METHODS)
     check_choice("seq_reduction", seq_reduction, SEQ_REDUCTIONS)
     for name, value in (("r", r), ("n1", n1), ("n2", n2)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -121,7 +121,8 @@ class HardFocusPatch:
                              "the Trainer, or call the model without num_items_in_batch")
         loss, stats = self.compute(call.hidden[0], labels, shift_labels, call.position_ids, call.logits_to_keep,
                                    ignore_index)
-        if num_items_in_batch is not None:
+        if num_items_in_batch is not None and not callable(self.options["method"]):
+            # (A weighting rule such as AccumulatedIRDRO normalises over the whole step itself.)
             # The Trainer sums micro-batch losses without dividing by the accumulation steps and
             # expects each one normalised by the whole step's target count: weight each
             # micro-batch's loss by its share of the step's targets.

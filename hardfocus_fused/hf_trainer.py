@@ -32,3 +32,14 @@ class HardFocusCallback(TrainerCallback):
         logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
+
+
+class AccumulationCallback(TrainerCallback):
+    """Calls ``rule.reset()`` at the start of every optimizer step, for the global-batch
+    weighting rules of ``hardfocus_fused.accumulate`` (``AccumulatedIRDRO``)."""
+
+    def __init__(self, rule) -> None:
+        self.rule = rule
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.rule.reset()

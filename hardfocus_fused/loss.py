@@ -60,7 +60,9 @@ def hardfocus_loss(
         method: ``"irdro"`` (``w = softmax(L / r)``), ``"midranking"`` (skip the
             ``floor(n1 B)`` largest losses, keep the next ``max(1, floor(n2 B))``),
             ``"highranking"``, ``"lowranking"``, ``"uniform"`` or ``"mean"`` (token mean over
-            the batch: the standard Hugging Face causal-LM loss).
+            the batch: the standard Hugging Face causal-LM loss); or a weighting rule, a
+            callable ``(seq_loss, n_tokens) -> weights`` of (B,) tensors, such as the
+            global-batch helpers in ``hardfocus_fused.accumulate``.
         r: IR-DRO temperature (10 in the paper).
         n1, n2: MidRanking fractions (0.25 in the paper).
         seq_reduction: per-sequence loss ``L_i`` is the ``"mean"`` or ``"sum"`` of its token NLL.
@@ -118,7 +120,10 @@ def hardfocus_loss(
         seq_loss = segment_sums(nll, starts.reshape(-1))
     if seq_reduction == "mean":
         seq_loss = seq_loss / n_tokens.clamp_min(1)
-    weigh = functools.partial(sequence_weights, method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction)
+    if callable(method):
+        weigh = method
+    else:
+        weigh = functools.partial(sequence_weights, method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction)
     if group is None:
         weights, scale = weigh(seq_loss, n_tokens), 1
     else:
