@@ -149,6 +149,10 @@ class HardFocusPatch:
             raise ValueError(f"labels give targets of shape {tuple(targets.shape)} but lm_head saw hidden states "
                              f"of shape {tuple(hidden.shape[:2])}")
         weight, bias = self.head.weight, self.head.bias
+        if _is_dtensor(weight):
+            raise ValueError(f"{type(self.model).__name__}.lm_head is sharded as its own FSDP unit, so its weight is "
+                             f"not gathered when the loss is computed; shard lm_head together with the enclosing "
+                             f"module (no separate fully_shard(model.lm_head))")
         if self.scale != 1.0:
             hidden = hidden * self.scale
             bias = bias * self.scale if bias is not None else None
@@ -223,6 +227,15 @@ def log_tensors(stats: HardFocusStats) -> dict[str, torch.Tensor]:
 def log_values(stats: HardFocusStats) -> dict[str, float]:
     """:func:`log_tensors` as Python floats."""
     return {key: value.item() for key, value in log_tensors(stats).items()}
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """True for a sharded ``DTensor`` (FSDP2 parameters outside their unit's forward)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(tensor, DTensor)
 
 
 def _config_value(config, name: str):

@@ -89,3 +89,47 @@ def _hf_worker(rank, world, init_file):
 def test_patched_hf_model_under_ddp(tmp_path):
     pytest.importorskip("transformers")
     mp.spawn(_hf_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+def _fsdp_worker(rank, world, init_file):
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from hardfocus_fused import apply_hardfocus
+    from hf_models import left_padded_batch, tiny_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        base = tiny_model("llama")
+        ids, mask, labels = left_padded_batch()
+        ref = apply_hardfocus(copy.deepcopy(base), method="irdro", r=0.5, impl="torch")
+        ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        mine = slice(0, 3) if rank == 0 else slice(3, 4)
+        mesh = init_device_mesh("cpu", (world,))
+
+        model = apply_hardfocus(copy.deepcopy(base), method="irdro", r=0.5, impl="torch", group=dist.group.WORLD)
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)          # lm_head shares the root unit: gathered during forward
+        model(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+        separate = apply_hardfocus(copy.deepcopy(base), impl="torch", group=dist.group.WORLD)
+        fully_shard(separate.lm_head, mesh=mesh)
+        fully_shard(separate, mesh=mesh)
+        with pytest.raises(ValueError, match="own FSDP unit"):
+            separate(input_ids=ids[mine], labels=labels[mine])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_on_cpu(tmp_path):
+    pytest.importorskip("transformers")
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pytest.skip("this torch has no FSDP2 (fully_shard)")
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
