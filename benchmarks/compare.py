@@ -84,12 +84,10 @@ def cuda_peak_mb(fn, tensors, kind: str) -> float:
         t.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
-    loss = fn() if kind == "bwd" else None
-    if kind != "bwd":
-        torch.cuda.reset_peak_memory_stats()
+    loss = fn() if kind == "bwd" else None   # bwd: what the forward keeps counts, its own peak does not
+    torch.cuda.reset_peak_memory_stats()
+    if loss is None:
         loss = fn()
-    else:
-        torch.cuda.reset_peak_memory_stats()
     if kind != "fwd":
         loss.backward()
     torch.cuda.synchronize()

@@ -36,15 +36,21 @@ def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
     return starts
 
 
-def segment_sums(values: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """Sums of ``values`` over the contiguous segments that begin where ``starts`` is True.
+def segment_bounds(starts: torch.Tensor) -> torch.Tensor:
+    """``[start_0, start_1, ..., N]`` for flat (N,) ``starts`` with ``starts[0]`` True.
 
-    Both are flat (N,) with ``starts[0]`` True; the result is fp32 (segments,).  Computed as
-    differences of an fp64 running sum: no atomics (deterministic), and differentiable.
-    Sizing the result reads the segment count back to the host.
+    Sizing the result reads the segment count back to the host (one synchronisation).
+    """
+    end = torch.tensor([starts.numel()], device=starts.device)
+    return torch.cat([starts.nonzero().squeeze(1), end])
+
+
+def segment_sums(values: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """fp32 sums of flat ``values`` over the segments ``bounds[i] .. bounds[i + 1]``.
+
+    Differences of an fp64 running sum: no atomics (deterministic), and differentiable.
     """
     running = torch.nn.functional.pad(values.double().cumsum(0), (1, 0))
-    bounds = torch.cat([starts.nonzero().squeeze(1), torch.tensor([values.numel()], device=values.device)])
     return (running[bounds[1:]] - running[bounds[:-1]]).float()
 
 

@@ -72,7 +72,7 @@ def probe(patch) -> None:
     try:
         with torch.no_grad():
             patch.mode = "probe"
-            _, raw = _logits_with_gain(patch, ids, 1.0)
+            _logits_with_gain(patch, ids, 1.0)   # records the hidden states lm_head sees
             hidden = patch.probe_hidden.double()
             head_max = (hidden @ head.weight.double().T).abs().max().item()
             if not head_max > 0:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import _validation as check
-from ._tokens import document_starts, segment_sums, shift_targets
+from ._tokens import document_starts, segment_bounds, segment_sums, shift_targets
 from .lce import token_nll
 from .weighting import sequence_weights
 
@@ -79,9 +79,10 @@ def hardfocus_loss(
             follows ``torch.are_deterministic_algorithms_enabled()``.
         position_ids: (B, T) position ids of packed rows (several documents per row, as
             ``DataCollatorWithFlattening`` produces).  A new document starts wherever the
-            position id drops to 0 (see ``_tokens.document_starts``); each document is one "sequence" of the weighting, and with
-            ``shift=True`` no document is scored on the next one's first token.  Costs one
-            host synchronisation (the document count).
+            position id drops to 0 (see ``_tokens.document_starts``); each document is one
+            "sequence" of the weighting, and with ``shift=True`` no document is scored on
+            the next one's first token.  Costs one host synchronisation (the document
+            count).
         group: a ``torch.distributed`` process group (data parallel).  ``None`` (default,
             as in the paper's code) weighs the local batch only.  With a group, the
             per-sequence losses of all ranks are all-gathered (B floats per rank, no
@@ -116,8 +117,9 @@ def hardfocus_loss(
         n_tokens = valid.sum(dim=1)
         seq_loss = nll.view(n_seq, seq_len).sum(dim=1, dtype=torch.float32)
     else:
-        n_tokens = segment_sums(valid.reshape(-1), starts.reshape(-1)).round().long()
-        seq_loss = segment_sums(nll, starts.reshape(-1))
+        bounds = segment_bounds(starts.reshape(-1))
+        n_tokens = segment_sums(valid.reshape(-1), bounds).round().long()
+        seq_loss = segment_sums(nll, bounds)
     if seq_reduction == "mean":
         seq_loss = seq_loss / n_tokens.clamp_min(1)
     if callable(method):

@@ -23,7 +23,7 @@ import triton.language as tl
 from .backward_deterministic import deterministic_backward
 from .config import KernelConfig
 from .tiles import dlogit_tile, logit_tile, mma, token_block, vocab_block
-from .types import tile_constants
+from .types import layout_args, tile_constants
 
 
 @triton.jit
@@ -128,8 +128,7 @@ def lce_backward(
         grad_weight if need_weight else placeholder,
         grad_bias if need_bias else placeholder,
         n_tokens, n_vocab, n_hidden,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        float(softcap) if softcap is not None else 1.0,
+        *layout_args(hidden, weight, softcap),
         **backward_constants(bias is not None, softcap is not None, compute_dtype, config,
                              need_hidden, need_weight, need_bias),
         **config.launch_options(),

@@ -28,7 +28,27 @@ import triton.language as tl
 
 from .config import KernelConfig
 from .tiles import dlogit_tile, logit_tile, mma, token_block, vocab_block
-from .types import tile_constants
+from .types import layout_args, tile_constants
+
+
+@triton.jit
+def add_product(out_rows, out_mask, a, b_rows, stride_bh, b_mask, n_hidden,
+                COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                BLOCK_H: tl.constexpr):
+    """``out[rows, :H] += a @ b[rows, :H]``, ``BLOCK_H`` features at a time, read-modify-write.
+
+    ``out_rows`` are row pointers into a contiguous fp32 (rows, H) buffer owned by this
+    program (``out_mask`` its valid rows); ``b_rows`` row pointers of the right operand,
+    read through ``stride_bh`` (``b_mask`` its valid rows).
+    """
+    for k0 in range(0, n_hidden, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_mask = ks < n_hidden
+        b = tl.load(b_rows + ks[None, :] * stride_bh, mask=b_mask[:, None] & k_mask[None, :], other=0.0)
+        out_tile = out_mask[:, None] & k_mask[None, :]
+        acc = tl.load(out_rows + ks[None, :], mask=out_tile, other=0.0)
+        acc = mma(a, b.to(COMPUTE_DTYPE), acc, DOT_PRECISION, DOT_UPCAST)
+        tl.store(out_rows + ks[None, :], acc, mask=out_tile)
 
 
 @triton.jit
@@ -56,15 +76,8 @@ def _grad_hidden_kernel(
         )
         dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, lse_ptr, coef_ptr, softcap,
                          HAS_SOFTCAP).to(COMPUTE_DTYPE)
-        w_rows = weight_ptr + cols[:, None] * stride_wv
-        for k0 in range(0, n_hidden, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
-            k_mask = ks < n_hidden
-            w = tl.load(w_rows + ks[None, :] * stride_wh, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            out_mask = row_mask[:, None] & k_mask[None, :]
-            acc = tl.load(gh_rows + ks[None, :], mask=out_mask, other=0.0)
-            acc = mma(dz, w.to(COMPUTE_DTYPE), acc, DOT_PRECISION, DOT_UPCAST)
-            tl.store(gh_rows + ks[None, :], acc, mask=out_mask)
+        add_product(gh_rows, row_mask, dz, weight_ptr + cols[:, None] * stride_wv, stride_wh, col_mask,
+                    n_hidden, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_H)
         tl.debug_barrier()  # this pass's stores land before the next pass reloads the rows
 
 
@@ -95,16 +108,8 @@ def _grad_weight_kernel(
         if GRAD_BIAS:
             grad_bias += tl.sum(dz, axis=0)
         if GRAD_WEIGHT:
-            dz_t = tl.trans(dz.to(COMPUTE_DTYPE))
-            h_rows = hidden_ptr + tok[:, None] * stride_hn
-            for k0 in range(0, n_hidden, BLOCK_H):
-                ks = k0 + tl.arange(0, BLOCK_H)
-                k_mask = ks < n_hidden
-                h = tl.load(h_rows + ks[None, :] * stride_hh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                out_mask = col_mask[:, None] & k_mask[None, :]
-                acc = tl.load(gw_rows + ks[None, :], mask=out_mask, other=0.0)
-                acc = mma(dz_t, h.to(COMPUTE_DTYPE), acc, DOT_PRECISION, DOT_UPCAST)
-                tl.store(gw_rows + ks[None, :], acc, mask=out_mask)
+            add_product(gw_rows, col_mask, tl.trans(dz.to(COMPUTE_DTYPE)), hidden_ptr + tok[:, None] * stride_hn,
+                        stride_hh, row_mask, n_hidden, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_H)
             tl.debug_barrier()  # as in _grad_hidden_kernel
     if GRAD_BIAS:
         tl.store(grad_bias_ptr + cols, grad_bias, mask=col_mask)
@@ -130,8 +135,7 @@ def deterministic_backward(
     n_tokens, n_hidden = hidden.shape
     n_vocab = weight.shape[0]
     inputs = (hidden, weight, bias if bias is not None else hidden, targets, order, n_active, lse, coef)
-    sizes = (n_vocab, n_hidden, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-             float(softcap) if softcap is not None else 1.0)
+    sizes = (n_vocab, n_hidden, *layout_args(hidden, weight, softcap))
     constants = tile_constants(bias is not None, softcap is not None, compute_dtype, config)
     if grad_hidden is not None:
         _grad_hidden_kernel[(triton.cdiv(n_tokens, config.block_n),)](

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .config import KernelConfig, interpreter_active
 from .tiles import logit_tile, token_block, vocab_block
-from .types import tile_constants
+from .types import layout_args, tile_constants
 
 
 @triton.jit
@@ -107,8 +107,7 @@ def lse_forward(
         hidden, weight, bias if bias is not None else hidden, targets, order, n_active,
         lse_part, target_logit,
         n_vocab, n_hidden, tiles_per_split, n_splits,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        float(softcap) if softcap is not None else 1.0,
+        *layout_args(hidden, weight, softcap),
         **tile_constants(bias is not None, softcap is not None, compute_dtype, config),
         **config.launch_options(),
     )

@@ -1,4 +1,5 @@
-"""Mapping of torch dtypes onto the Triton constants the kernels are specialised on."""
+"""What every launcher passes its kernel: the compile-time constants the kernels are
+specialised on (dtypes, flags, block sizes) and the head's layout arguments."""
 
 import torch
 import triton.language as tl
@@ -33,3 +34,10 @@ def tile_constants(has_bias: bool, has_softcap: bool, compute_dtype, config: Ker
     """Compile-time constants every kernel built on ``tiles.logit_tile`` is specialised on."""
     return dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, **dot_options(compute_dtype, config),
                 BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h)
+
+
+def layout_args(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> tuple:
+    """``(stride_hn, stride_hh, stride_wv, stride_wh, softcap)``, the arguments every kernel
+    built on ``tiles.logit_tile`` takes after its sizes (softcap 1.0 when unused)."""
+    return (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            float(softcap) if softcap is not None else 1.0)
