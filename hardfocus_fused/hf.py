@@ -7,11 +7,20 @@ post-processing follows (Gemma-2's soft-capping, Cohere's or Granite's logit sca
 ``forward`` (so every kwarg, cache, gradient-checkpointing and MoE auxiliary-loss path is
 the model's) and intercepts the two ends on the model *instance*:
 
-- when ``labels`` are passed, ``lm_head`` records the hidden states it is given and
-  returns an empty ``(..., 0)`` tensor instead of the logits, so the post-processing costs
-  nothing and no ``[tokens x vocab]`` tensor exists;
-- ``loss_function`` computes :func:`hardfocus_loss` from the recorded hidden states, the
-  head's weight and bias, and the post-processing, which the patch measured at patch time.
+- when ``labels`` are passed, ``lm_head`` computes :func:`hardfocus_loss` from the hidden
+  states it is given, its weight and bias, the labels and the post-processing (which the
+  patch measured at patch time), and returns an empty ``(..., 0)`` tensor instead of the
+  logits, so the post-processing costs nothing and no ``[tokens x vocab]`` tensor exists;
+- ``loss_function`` checks that it was given the same labels and returns that loss.
+
+The loss is computed inside ``lm_head``'s own call because that is where the head's weight
+is guaranteed to be whole: FSDP (1 and 2) gathers a sharded ``lm_head`` in the module's
+pre-forward hook and frees it after the forward (DeepSpeed ZeRO-3 uses the same kind of
+hooks; not tested here).  The empty tensor depends on the
+loss and ``loss_function`` adds its (zero) sum, so the backward passes through ``lm_head``'s
+output and the wrapper's pre-backward hook gathers the weight again before the loss's own
+backward runs; the gradient reaches the hidden states ``lm_head`` was given, where the
+wrapper's post-backward hook reduces the weight's gradient.
 
 At patch time a probe (a few no-grad forwards on 8 random tokens) measures the
 post-processing: the logits the model returns must equal ``softcap(scale * lm_head(h))``
@@ -27,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -43,10 +52,14 @@ _ATTRIBUTE = "_hardfocus_patch"
 class _Call:
     """What one patched forward call needs to know besides the loss-function arguments."""
 
+    labels: torch.Tensor
+    shift_labels: torch.Tensor | None
     position_ids: torch.Tensor | None
     logits_to_keep: int | torch.Tensor
-    hidden: list = field(default_factory=list)   # what lm_head was given
-    loss_computed: bool = False
+    head_calls: int = 0
+    loss: torch.Tensor | None = None          # computed by lm_head
+    stats: HardFocusStats | None = None
+    loss_returned: bool = False
 
 
 class HardFocusPatch:
@@ -64,9 +77,11 @@ class HardFocusPatch:
         self.scale = 1.0
         self.mode = "loss"            # "loss": capture the hidden states; "probe"/"off": see head_forward
         self.probe_gain = 1.0         # probe mode: lm_head sees its input times this
-        self.probe_hidden = self.probe_raw = None
+        self.probe_raw = None
         self.call: _Call | None = None
         self.last_stats: HardFocusStats | None = None
+        # The factor the Trainer multiplies the loss by (set by AccumulationCallback).
+        self.trainer_loss_scale: int | None = None
         self._log_sums: dict[str, torch.Tensor] = {}
         self._log_count = 0
         self._forward = model.forward
@@ -85,11 +100,14 @@ class HardFocusPatch:
         labels = bound.get("labels", extra.get("labels"))
         if labels is None or self.mode == "off":
             return self._forward(*args, **kwargs)
-        self.call = _Call(position_ids=bound.get("position_ids", extra.get("position_ids")),
-                          logits_to_keep=bound.get("logits_to_keep", extra.get("logits_to_keep", 0)))
+        def argument(name, default=None):
+            return bound.get(name, extra.get(name, default))
+
+        self.call = _Call(labels=labels, shift_labels=argument("shift_labels"),
+                          position_ids=argument("position_ids"), logits_to_keep=argument("logits_to_keep", 0))
         try:
             out = self._forward(*args, **kwargs)
-            if not self.call.loss_computed:
+            if not self.call.loss_returned:
                 raise RuntimeError(f"{type(self.model).__name__}.forward did not compute its loss through "
                                    f"self.loss_function, so hardfocus cannot compute it; remove_hardfocus(model)")
         finally:
@@ -97,11 +115,18 @@ class HardFocusPatch:
         return _without_logits(out, self.last_stats)
 
     def head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.call is not None and self.mode == "loss":
-            self.call.hidden.append(hidden)
-            return hidden.new_empty((*hidden.shape[:-1], 0))   # stands in for the logits
+        call = self.call
+        if call is not None and self.mode == "loss":
+            call.head_calls += 1
+            if call.head_calls > 1:
+                raise RuntimeError(f"lm_head ran more than once in one forward of {type(self.model).__name__}; "
+                                   f"hardfocus supports exactly one")
+            call.loss, call.stats = self.compute(hidden, call.labels, call.shift_labels, call.position_ids,
+                                                 call.logits_to_keep)
+            # Stands in for the logits: empty, but downstream of the loss, so the backward
+            # runs through this call's output (and any FSDP pre-backward hook on it).
+            return call.loss.to(hidden.dtype).reshape((1,) * hidden.dim()).expand(*hidden.shape[:-1], 0)
         if self.mode == "probe":
-            self.probe_hidden = hidden
             self.probe_raw = self._head_forward(hidden * self.probe_gain)
             return self.probe_raw
         return self._head_forward(hidden)
@@ -112,24 +137,63 @@ class HardFocusPatch:
         if call is None:   # called from outside a patched forward: behave as before
             return self._loss_function(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
                                        ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
-        if len(call.hidden) != 1:
-            raise RuntimeError(f"lm_head ran {len(call.hidden)} times in one forward of "
-                               f"{type(self.model).__name__}; hardfocus supports exactly one")
-        if num_items_in_batch is not None and self.options.get("group") is not None:
-            raise ValueError("apply_hardfocus(group=...) does not combine with the Trainer's num_items_in_batch "
-                             "(the Trainer rescales the loss for data parallelism itself); use group=None under "
-                             "the Trainer, or call the model without num_items_in_batch")
-        loss, stats = self.compute(call.hidden[0], labels, shift_labels, call.position_ids, call.logits_to_keep,
-                                   ignore_index)
-        if num_items_in_batch is not None and not callable(self.options["method"]):
-            # (A weighting rule such as AccumulatedIRDRO normalises over the whole step itself.)
-            # The Trainer sums micro-batch losses without dividing by the accumulation steps and
-            # expects each one normalised by the whole step's target count: weight each
-            # micro-batch's loss by its share of the step's targets.
-            loss = loss * (stats.n_tokens.sum() / num_items_in_batch)
-        call.loss_computed = True
+        name = type(self.model).__name__
+        if call.loss is None:
+            raise RuntimeError(f"{name}.forward called loss_function without running lm_head; hardfocus cannot "
+                               f"compute its loss")
+        if ignore_index != -100:
+            raise ValueError(f"{name}.forward passed ignore_index={ignore_index} to loss_function; hardfocus "
+                             f"computes the loss with -100")
+        for what, given, expected in (("labels", labels, call.labels), ("shift_labels", shift_labels,
+                                                                         call.shift_labels)):
+            if not _same(given, expected):
+                raise ValueError(f"{name}.forward passed loss_function other {what} than it was called with; "
+                                 f"hardfocus computes the loss from the {what} given to the model")
+        # logits is the empty stand-in (after the model's post-processing): adding its sum
+        # (0) keeps lm_head's output on the backward path.
+        loss, stats = call.loss + logits.sum().to(call.loss.dtype), call.stats
+        if num_items_in_batch is not None:
+            loss = loss * self._trainer_factor(stats, num_items_in_batch)
+        call.loss_returned = True
         self._record(stats)
         return loss
+
+    def _trainer_factor(self, stats: HardFocusStats, num_items_in_batch) -> torch.Tensor | float:
+        """What turns this micro-batch's loss into the one the ``transformers.Trainer`` expects.
+
+        The Trainer passes ``num_items_in_batch`` (the step's target count: over all ranks
+        when ``average_tokens_across_devices``, the default, else this rank's), sums the
+        micro-batch losses of a step without dividing by their number, and multiplies the
+        loss by the world size when it averages tokens across devices; DDP then averages
+        the gradients.  So:
+
+        - built-in methods, no group: each micro-batch's loss is weighted by its share of
+          the step's targets (``method="mean"`` is then exactly the Trainer's own loss);
+        - built-in methods with ``group``: the loss (already ``world * local share``) is
+          weighted by the group's micro-batch targets over the sum of every rank's
+          ``num_items_in_batch``, which is right in both Trainer modes: ``world * N_step``
+          when the Trainer then multiplies by ``world``, ``N_step`` when it does not;
+        - a weighting rule (``AccumulatedIRDRO``, ``TwoPassRanking``) normalises over the
+          step itself; only the Trainer's multiplication is undone, which
+          :class:`~hardfocus_fused.hf_trainer.AccumulationCallback` reads from its arguments.
+        """
+        if callable(self.options["method"]):
+            scale = self.trainer_loss_scale
+            if scale is None:
+                if _world_size() > 1:
+                    raise ValueError("a weighting rule (method=AccumulatedIRDRO/TwoPassRanking) under a multi-process "
+                                     "Trainer needs hardfocus_fused.hf_trainer.AccumulationCallback, which reads how "
+                                     "the Trainer scales the loss")
+                scale = 1
+            return 1.0 / scale
+        n_tokens = stats.n_tokens.sum()
+        group = self.options.get("group")
+        if group is None:
+            return n_tokens / num_items_in_batch
+        counts = torch.stack([n_tokens.to(torch.float64),
+                              torch.as_tensor(num_items_in_batch, dtype=torch.float64, device=n_tokens.device)])
+        torch.distributed.all_reduce(counts, group=group)
+        return (counts[0] / counts[1]).float()
 
     # -- the loss ------------------------------------------------------------------------
 
@@ -150,9 +214,9 @@ class HardFocusPatch:
                              f"of shape {tuple(hidden.shape[:2])}")
         weight, bias = self.head.weight, self.head.bias
         if _is_dtensor(weight):
-            raise ValueError(f"{type(self.model).__name__}.lm_head is sharded as its own FSDP unit, so its weight is "
-                             f"not gathered when the loss is computed; shard lm_head together with the enclosing "
-                             f"module (no separate fully_shard(model.lm_head))")
+            raise ValueError(f"{type(self.model).__name__}.lm_head's weight is a DTensor inside lm_head's own "
+                             f"forward (tensor parallel?); hardfocus needs the whole weight there, as FSDP and "
+                             f"ZeRO-3 provide")
         if self.scale != 1.0:
             hidden = hidden * self.scale
             bias = bias * self.scale if bias is not None else None
@@ -229,8 +293,20 @@ def log_values(stats: HardFocusStats) -> dict[str, float]:
     return {key: value.item() for key, value in log_tensors(stats).items()}
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _same(given: torch.Tensor | None, expected: torch.Tensor | None) -> bool:
+    """Whether loss_function got the tensor the model was called with (maybe moved)."""
+    if given is None or expected is None or given is expected:
+        return given is expected
+    return given.shape == expected.shape and torch.equal(given.to(expected.device), expected)
+
+
 def _is_dtensor(tensor: torch.Tensor) -> bool:
-    """True for a sharded ``DTensor`` (FSDP2 parameters outside their unit's forward)."""
+    """True for a ``DTensor`` (e.g. a tensor-parallel weight)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:
@@ -271,10 +347,39 @@ def _without_logits(out, stats: HardFocusStats | None):
     return new
 
 
+def _wrapper_types() -> tuple[type, ...]:
+    """``DistributedDataParallel`` and FSDP1's ``FullyShardedDataParallel``: modules that
+    hold the module they run as ``.module``."""
+    if not torch.distributed.is_available():
+        return ()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    return nn.parallel.DistributedDataParallel, FullyShardedDataParallel
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
+    """The transformers model inside PEFT, DDP and FSDP1 wrappers (FSDP2 wraps nothing)."""
+    while True:
+        get_base = getattr(model, "get_base_model", None)
+        if callable(get_base) and hasattr(model, "peft_config"):
+            model = get_base()
+        elif isinstance(model, _wrapper_types()):
+            model = model.module
+        else:
+            return model
+
+
+def _linear_head(model: nn.Module) -> nn.Linear:
+    """``model``'s output embeddings as the ``nn.Linear`` whose ``forward`` computes the
+    logits (inside an FSDP1 wrapper, the wrapped one: the wrapper gathers its weight)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head): not a causal LM")
+    head = _unwrap(head)
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"{type(model).__name__}'s lm_head is a {type(head).__name__}, not nn.Linear "
+                        f"(LoRA or another adapter on the head?); apply_hardfocus needs a plain linear head")
+    return head
 
 
 def hardfocus_patch(model: nn.Module) -> HardFocusPatch | None:
@@ -311,13 +416,20 @@ def apply_hardfocus(
     document a sequence of the weighting.  Under the Trainer with gradient accumulation
     (``num_items_in_batch``), each micro-batch's weighted loss is scaled by its share of the
     step's target tokens, so ``method="mean"`` gives exactly the standard loss and the
-    weighted methods weight sequences within each micro-batch.
+    weighted methods weight sequences within each micro-batch (over all ranks of
+    ``group``); a weighting rule from ``hardfocus_fused.accumulate`` weighs the whole
+    step (see ``HardFocusPatch._trainer_factor``).
+
+    The model may be patched before or after it is wrapped in DDP or FSDP (1 or 2), and
+    ``lm_head`` may be sharded as its own FSDP unit: the loss is computed inside
+    ``lm_head``'s call, where the wrapper has gathered its weight.
 
     Args:
-        model: the model to patch; returned, patched in place.
+        model: the model to patch (or a PEFT, DDP or FSDP1 wrapper around it); returned,
+            patched in place.
         method, r, n1, n2, seq_reduction, impl, deterministic, group: as for
             :func:`hardfocus_loss` (``group``: weights over a data-parallel group's global
-            batch, for training loops that do not pass ``num_items_in_batch``).
+            batch).
         verify: run the patch-time probe (a few no-grad forwards on 8 random tokens) that
             measures the logit post-processing and refuses architectures it cannot match.
 
@@ -333,13 +445,7 @@ def apply_hardfocus(
     config = getattr(target, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"{type(target).__name__} is an encoder-decoder model; apply_hardfocus patches causal LMs")
-    get_head = getattr(target, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if head is None:
-        raise ValueError(f"{type(target).__name__} has no output embeddings (lm_head): not a causal LM")
-    if not isinstance(head, nn.Linear):
-        raise TypeError(f"{type(target).__name__}'s lm_head is a {type(head).__name__}, not nn.Linear "
-                        f"(LoRA or another adapter on the head?); apply_hardfocus needs a plain linear head")
+    head = _linear_head(target)
     if not hasattr(target, "loss_function"):
         raise ValueError(f"{type(target).__name__} has no loss_function; apply_hardfocus needs a transformers "
                          f"causal LM that computes its loss through self.loss_function")
@@ -350,7 +456,7 @@ def apply_hardfocus(
     if verify:
         try:
             from .hf_probe import probe
-            probe(patch)
+            probe(patch, model)   # through the wrappers, which gather sharded weights
         except Exception:
             patch.uninstall()
             raise

@@ -24,10 +24,10 @@ _PROBE_TOKENS = 8
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}   # others (bf16, fp16): 3e-2
 
 
-def _logits_with_gain(patch, ids, gain: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits_with_gain(patch, runner, ids, gain: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(model logits, raw lm_head output) in fp64 for hidden states scaled by ``gain``."""
     patch.probe_gain = gain
-    logits = patch.model(input_ids=ids).logits
+    logits = runner(input_ids=ids).logits
     return logits.double(), patch.probe_raw.double()
 
 
@@ -40,8 +40,8 @@ def _declared_scales(config) -> list[float]:
     return scales
 
 
-def _fit_scale(patch, ids, head_max: float, exact_dtype: bool) -> float:
-    y, z = _logits_with_gain(patch, ids, 1e-2 / head_max)
+def _fit_scale(patch, runner, ids, head_max: float, exact_dtype: bool) -> float:
+    y, z = _logits_with_gain(patch, runner, ids, 1e-2 / head_max)
     fitted = ((y * z).sum() / (z * z).sum()).item()
     name = type(patch.model).__name__
     if not math.isfinite(fitted) or fitted == 0:
@@ -59,28 +59,32 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
-def probe(patch) -> None:
-    """Set ``patch.scale``; raise ``ValueError`` when the model's logits or loss differ."""
+def probe(patch, runner) -> None:
+    """Set ``patch.scale``; raise ``ValueError`` when the model's logits or loss differ.
+
+    ``runner`` is the module the user patched (the model, or a PEFT, DDP or FSDP wrapper
+    around it): the probe's forwards go through it, so wrappers gather sharded weights."""
     model, head = patch.model, patch.head
     name = type(model).__name__
-    dtype = head.weight.dtype
-    tolerance = _TOLERANCE.get(dtype, 3e-2)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, head.out_features, (1, _PROBE_TOKENS), generator=gen).to(head.weight.device)
-    was_training = model.training
-    model.eval()
+    ids = torch.randint(0, head.out_features, (1, _PROBE_TOKENS), generator=gen)
+    ids = ids.to(next(runner.parameters()).device)
+    was_training = runner.training
+    runner.eval()
     try:
         with torch.no_grad():
             patch.mode = "probe"
-            _logits_with_gain(patch, ids, 1.0)   # records the hidden states lm_head sees
-            hidden = patch.probe_hidden.double()
-            head_max = (hidden @ head.weight.double().T).abs().max().item()
+            _logits_with_gain(patch, runner, ids, 1.0)
+            # lm_head's own output, not hidden @ weight: under FSDP the weight is whole only there.
+            raw = patch.probe_raw
+            tolerance = _TOLERANCE.get(raw.dtype, 3e-2)
+            head_max = raw.double().abs().max().item()
             if not head_max > 0:
                 raise ValueError(f"cannot patch {name}: lm_head's output is zero or not finite on the probe")
-            patch.scale = _fit_scale(patch, ids, head_max, exact_dtype=dtype in _TOLERANCE)
+            patch.scale = _fit_scale(patch, runner, ids, head_max, exact_dtype=raw.dtype in _TOLERANCE)
 
             reach = 3 * patch.softcap if patch.softcap else 30.0
-            y, z = _logits_with_gain(patch, ids, reach / abs(patch.scale) / head_max)
+            y, z = _logits_with_gain(patch, runner, ids, reach / abs(patch.scale) / head_max)
             expected = patch.scale * z
             if patch.softcap:
                 expected = patch.softcap * torch.tanh(expected / patch.softcap)
@@ -92,16 +96,16 @@ def probe(patch) -> None:
                                  f"hardfocus does not reproduce")
 
             patch.mode = "off"
-            reference = model(input_ids=ids, labels=ids).loss
+            reference = runner(input_ids=ids, labels=ids).loss
             patch.mode = "loss"
             with patch.options_for(method="mean", seq_reduction="mean", group=None):
-                ours = model(input_ids=ids, labels=ids).loss
+                ours = runner(input_ids=ids, labels=ids).loss
             err = _relative_error(ours.double().reshape(1), reference.double().reshape(1))
             if err > tolerance:
                 raise ValueError(f"cannot patch {name}: the patched loss {ours.item():.6g} differs from the "
                                  f"model's own {reference.item():.6g}")
     finally:
-        model.train(was_training)
+        runner.train(was_training)
         patch.mode, patch.probe_gain = "loss", 1.0
-        patch.probe_hidden = patch.probe_raw = None
+        patch.probe_raw = None
         patch.pop_log_values()

@@ -36,10 +36,18 @@ class HardFocusCallback(TrainerCallback):
 
 class AccumulationCallback(TrainerCallback):
     """Calls ``rule.reset()`` at the start of every optimizer step, for the global-batch
-    weighting rules of ``hardfocus_fused.accumulate`` (``AccumulatedIRDRO``)."""
+    weighting rules of ``hardfocus_fused.accumulate`` (``AccumulatedIRDRO``), and tells
+    the patched model by what factor the Trainer multiplies the loss (the world size when
+    it averages tokens across devices), which such a rule's loss must not get."""
 
     def __init__(self, rule) -> None:
         self.rule = rule
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        patch = hardfocus_patch(model) if model is not None else None
+        if patch is not None:
+            multiplies = args.average_tokens_across_devices and args.world_size > 1
+            patch.trainer_loss_scale = args.world_size if multiplies else 1
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.rule.reset()

@@ -63,3 +63,15 @@ def assert_matches_reference(hidden, weight, bias, labels, **options):
         err = rel_err(g, r)
         assert err <= tol_grad, f"{name}: rel err {err:.2e} > {tol_grad}"
     return loss, stats
+
+
+def assert_same_updates(before: dict, after: dict, expected_after: dict, rtol: float = 1e-3, context: str = "") -> None:
+    """Training moved every parameter as the reference run did: the updates ``after -
+    before`` agree to ``rtol`` of each tensor's largest reference update.  (Comparing the
+    parameters themselves would hide a wrong gradient scale in updates far smaller than
+    the weights.)"""
+    for key, start in before.items():
+        ours, ref = after[key] - start, expected_after[key] - start
+        scale = ref.abs().max().item()
+        assert scale > 0, f"{context}{key}: the reference run did not update it"
+        torch.testing.assert_close(ours, ref, rtol=rtol, atol=rtol * scale, msg=f"{context}{key}")

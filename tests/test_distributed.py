@@ -51,7 +51,7 @@ def _worker(rank, world, init_file, method):
         total = loss.detach().clone()
         dist.all_reduce(total)
         torch.testing.assert_close(total / world, ref_loss.detach(), rtol=1e-5, atol=1e-6)
-        for (name, p), q in zip(ddp.module.named_parameters(), ref_model.parameters()):
+        for (name, p), q in zip(ddp.module.named_parameters(), ref_model.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
     finally:
         dist.destroy_process_group()
@@ -77,11 +77,16 @@ def _hf_worker(rank, world, init_file):
         ref = apply_hardfocus(copy.deepcopy(base), method="irdro", r=0.5, impl="torch")
         ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         mine = slice(0, 3) if rank == 0 else slice(3, 4)
-        model = apply_hardfocus(copy.deepcopy(base), method="irdro", r=0.5, impl="torch", group=dist.group.WORLD)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        ddp(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
-        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+        for patch_first in (True, False):
+            model = copy.deepcopy(base)
+            if patch_first:
+                apply_hardfocus(model, method="irdro", r=0.5, impl="torch", group=dist.group.WORLD)
+            ddp = nn.parallel.DistributedDataParallel(model)
+            if not patch_first:     # patches the model inside DDP
+                apply_hardfocus(ddp, method="irdro", r=0.5, impl="torch", group=dist.group.WORLD)
+            ddp(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
+            for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=f"{patch_first=}: {name}")
     finally:
         dist.destroy_process_group()
 
@@ -91,11 +96,38 @@ def test_patched_hf_model_under_ddp(tmp_path):
     mp.spawn(_hf_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
 
 
+def _sharded(base, mesh, layout):
+    """A patched copy of ``base`` under FSDP2 with ``lm_head`` sharded as ``layout`` says."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+
+    from hardfocus_fused import apply_hardfocus
+
+    def patch(model):
+        return apply_hardfocus(model, method="irdro", r=0.5, impl="torch", group=dist.group.WORLD)
+
+    model = copy.deepcopy(base)
+    if layout != "patched after sharding":
+        patch(model)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    if layout != "head in the root unit":
+        # Its own unit: the weight is gathered only inside lm_head's call, and freed after.
+        fully_shard(model.lm_head, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh)
+    if layout == "patched after sharding":
+        patch(model)       # the probe runs through the sharded model
+    return model
+
+
+FSDP_LAYOUTS = ["head in the root unit", "head in its own unit", "patched after sharding"]
+
+
 def _fsdp_worker(rank, world, init_file):
     import copy
 
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     from hardfocus_fused import apply_hardfocus
     from hf_models import left_padded_batch, tiny_model
@@ -108,28 +140,76 @@ def _fsdp_worker(rank, world, init_file):
         ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         mine = slice(0, 3) if rank == 0 else slice(3, 4)
         mesh = init_device_mesh("cpu", (world,))
-
-        model = apply_hardfocus(copy.deepcopy(base), method="irdro", r=0.5, impl="torch", group=dist.group.WORLD)
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)          # lm_head shares the root unit: gathered during forward
-        model(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
-        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-4, atol=1e-6, msg=name)
-
-        separate = apply_hardfocus(copy.deepcopy(base), impl="torch", group=dist.group.WORLD)
-        fully_shard(separate.lm_head, mesh=mesh)
-        fully_shard(separate, mesh=mesh)
-        with pytest.raises(ValueError, match="own FSDP unit"):
-            separate(input_ids=ids[mine], labels=labels[mine])
+        for layout in FSDP_LAYOUTS:
+            model = _sharded(base, mesh, layout)
+            for step in range(2):      # the second step reuses the resharded head
+                model.zero_grad()
+                model(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
+                for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+                    torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-4, atol=1e-6,
+                                               msg=f"{layout}, step {step}: {name}")
     finally:
         dist.destroy_process_group()
 
 
 def test_fsdp2_on_cpu(tmp_path):
+    """FSDP2 gives the single-process gradients whether lm_head shares the root unit or is
+    sharded on its own (gathered only inside its own call, and again for its backward)."""
     pytest.importorskip("transformers")
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:
         pytest.skip("this torch has no FSDP2 (fully_shard)")
     mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+def _fsdp1_worker(rank, world, init_file):
+    import copy
+    import functools
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    from hardfocus_fused import apply_hardfocus
+    from hf_models import left_padded_batch, tiny_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        base = tiny_model("llama")
+        ids, mask, labels = left_padded_batch()
+        ref = apply_hardfocus(copy.deepcopy(base), method="irdro", r=0.5, impl="torch")
+        ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        mine = slice(0, 3) if rank == 0 else slice(3, 4)
+
+        def patch(model):
+            return apply_hardfocus(model, method="irdro", r=0.5, impl="torch", group=dist.group.WORLD)
+
+        for patch_first, use_orig_params in [(True, True), (False, False)]:
+            model = copy.deepcopy(base)
+            if patch_first:
+                patch(model)
+            layers, head = set(model.model.layers), model.lm_head
+            # lm_head is its own unit: its flat parameter is gathered only inside its call.
+            policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m in layers or m is head)
+            fsdp = FSDP(model, auto_wrap_policy=policy, device_id=torch.device("cpu"),
+                        use_orig_params=use_orig_params)
+            if not patch_first:
+                patch(fsdp)     # unwraps FSDP; the probe runs through it
+            fsdp(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
+            # Read the gradients back as one SGD step of size 1 on the gathered parameters
+            # (FSDP1 cannot gather gradients with use_orig_params=False).
+            torch.optim.SGD(fsdp.parameters(), lr=1.0).step()
+            with FSDP.summon_full_params(fsdp):
+                pairs = zip(fsdp.module.named_parameters(), base.parameters(), ref.parameters(), strict=True)
+                for (name, p), p0, q in pairs:
+                    torch.testing.assert_close(p0 - p, q.grad, rtol=1e-4, atol=1e-6,
+                                               msg=f"patched {'before' if patch_first else 'after'}: {name}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp1_with_its_own_lm_head_unit(tmp_path):
+    """FSDP1 (FullyShardedDataParallel) with lm_head wrapped on its own, patched before or
+    after wrapping, gives the single-process gradients."""
+    pytest.importorskip("transformers")
+    mp.spawn(_fsdp1_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
