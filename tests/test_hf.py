@@ -214,3 +214,22 @@ def test_deepcopy_of_a_patched_model_uses_its_own_weights():
     remove_hardfocus(twin)
     assert rel_err(out.loss, twin(input_ids=ids, labels=labels).loss) <= 1e-5
     assert rel_err(out.loss, model(input_ids=ids, labels=labels).loss) > 1e-2
+
+
+@pytest.mark.parametrize("change", ["labels", "ignore_index"])
+def test_a_forward_that_changes_the_loss_arguments_is_refused(change):
+    """lm_head computes the loss from the labels the model was called with; a forward that
+    hands loss_function other labels (or another ignore_index) gets an error, not a loss
+    on the wrong targets."""
+    model = apply_hardfocus(tiny_model("llama"), impl="torch")
+    ids, mask, labels = left_padded_batch()
+    patched = model.loss_function
+
+    def altered(logits, labels, *args, **kwargs):
+        if change == "labels":
+            return patched(logits, labels.roll(1, dims=1), *args, **kwargs)
+        return patched(logits, labels, *args, ignore_index=0, **kwargs)
+
+    model.loss_function = altered
+    with pytest.raises(ValueError, match=change):
+        model(input_ids=ids, attention_mask=mask, labels=labels)

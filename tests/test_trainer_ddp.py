@@ -58,6 +58,14 @@ def _worker(rank, port, out, initial, references):
         state = train(model, out / name, batch, accumulation, callbacks, distributed=True)
         assert_same_updates(initial, state, references[name], context=f"{name}: ")
 
+    # A weighting rule under several processes cannot know the Trainer's loss factor
+    # without AccumulationCallback: an error, not a gradient off by the world size.
+    model = copy.deepcopy(base)
+    apply_hardfocus(model, method=AccumulatedIRDRO(model.parameters()), impl="torch", group=dist.group.WORLD)
+    rows = Rows(n=ROWS)
+    with pytest.raises(ValueError, match="AccumulationCallback"):
+        model(input_ids=rows.ids[:2], labels=rows.labels[:2], num_items_in_batch=torch.tensor(20))
+
 
 def test_trainer_under_ddp_equals_one_process_on_the_global_batch(tmp_path):
     base = tiny_model("llama")
