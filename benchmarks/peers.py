@@ -20,14 +20,19 @@ def shifted(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, or kept in fp64: the fp64 accuracy reference must stay fp64 throughout."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def weighted(nll: torch.Tensor, targets: torch.Tensor, method: str) -> torch.Tensor:
     n_tokens = (targets != -100).sum(1)
-    seq_loss = nll.float().sum(1) / n_tokens.clamp_min(1)
+    seq_loss = at_least_fp32(nll).sum(1) / n_tokens.clamp_min(1)
     return (sequence_weights(seq_loss, n_tokens, method=method) * seq_loss).sum()
 
 
 def _eager(hidden, weight, targets, method):
-    logits = (hidden @ weight.T).float()
+    logits = at_least_fp32(hidden @ weight.T)
     nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=-100)
     return weighted(nll, targets, method)
 

@@ -47,16 +47,21 @@ class TorchLinearCrossEntropy(torch.autograd.Function):
         step = chunk_tokens(weight.shape[0], DEFAULT_CHUNK_BUDGET_BYTES, w.element_size())
         for idx in valid.nonzero().squeeze(1).split(step):
             z = _logits(hidden[idx].to(acc), w, b, softcap)
-            chunk_lse = torch.logsumexp(z, dim=1)
-            lse[idx] = chunk_lse
-            nll[idx] = chunk_lse - z.gather(1, targets[idx, None]).squeeze(1)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, valid)
+            row_max, best = z.max(dim=1)
+            terms = torch.exp(z - row_max[:, None])
+            terms.scatter_(1, best[:, None], 0.0)      # the max's own 1, left out of the sum
+            log_total = torch.log1p(terms.sum(dim=1))
+            lse[idx] = row_max + log_total
+            # (max - z_target) + log1p(rest), not lse - z_target: keeps a small NLL (a
+            # confident prediction) to its own precision; see kernels/forward.py.
+            nll[idx] = (row_max - z.gather(1, targets[idx, None]).squeeze(1)) + log_total
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, nll, valid)
         ctx.softcap, ctx.step = softcap, step
         return nll
 
     @staticmethod
     def backward(ctx, grad_nll):
-        hidden, weight, bias, targets, lse, valid = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, nll, valid = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = lse.dtype
         w, b = _head_in(acc, weight, bias)
@@ -68,7 +73,8 @@ class TorchLinearCrossEntropy(torch.autograd.Function):
             h = hidden[idx].to(acc)
             z = _logits(h, w, b, ctx.softcap)
             dz = torch.exp(z - lse[idx, None])
-            dz[torch.arange(idx.numel(), device=idx.device), targets[idx]] -= 1.0
+            # p_t - 1 without cancelling against 1 (see kernels/tiles.py, dlogit_tile).
+            dz[torch.arange(idx.numel(), device=idx.device), targets[idx]] = torch.expm1(-nll[idx])
             if ctx.softcap is not None:
                 dz *= 1.0 - (z / ctx.softcap) ** 2
             dz *= coef[idx, None]

@@ -19,9 +19,9 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
             config = default_config(hidden.shape[0], weight.shape[0], hidden.shape[1], dtype)
         valid = targets != ignore_index
         order, n_active = partition_active(valid)
-        lse, target_logit = lse_forward(hidden, weight, bias, targets, order, n_active, softcap, dtype, config)
-        nll = torch.where(valid, lse - target_logit, 0.0)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, valid)
+        stats = lse_forward(hidden, weight, bias, targets, order, n_active, softcap, dtype, config)   # (lse, nll)
+        nll = torch.where(valid, stats[:, 1], 0.0)
+        ctx.save_for_backward(hidden, weight, bias, targets, stats, valid)
         ctx.softcap, ctx.config, ctx.dtype, ctx.deterministic = softcap, config, dtype, deterministic
         return nll
 
@@ -29,12 +29,12 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_nll):
         from .kernels import lce_backward
 
-        hidden, weight, bias, targets, lse, valid = ctx.saved_tensors
+        hidden, weight, bias, targets, stats, valid = ctx.saved_tensors
         coef = torch.where(valid, grad_nll.float(), 0.0)
         order, n_active = partition_active(coef != 0)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h, grad_w, grad_b = lce_backward(
-            hidden, weight, bias, targets, order, n_active, lse, coef, ctx.softcap, ctx.dtype, ctx.config,
+            hidden, weight, bias, targets, order, n_active, stats, coef, ctx.softcap, ctx.dtype, ctx.config,
             need_hidden=need_h, need_weight=need_w, need_bias=need_b, deterministic=ctx.deterministic,
         )
         return (

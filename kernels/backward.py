@@ -28,7 +28,7 @@ from .types import layout_args, tile_constants
 
 @triton.jit
 def _lce_backward_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, order_ptr, n_active_ptr, lse_ptr, coef_ptr,
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, order_ptr, n_active_ptr, stats_ptr, coef_ptr,
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
     n_tokens, n_vocab, n_hidden,
     stride_hn, stride_hh, stride_wv, stride_wh, softcap,
@@ -53,7 +53,7 @@ def _lce_backward_kernel(
         n_hidden, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
         HAS_BIAS, HAS_SOFTCAP, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
     )
-    dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, lse_ptr, coef_ptr, softcap, HAS_SOFTCAP)
+    dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, softcap, HAS_SOFTCAP)
 
     if GRAD_BIAS:
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
@@ -90,7 +90,7 @@ def lce_backward(
     targets: torch.Tensor,
     order: torch.Tensor,
     n_active: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     coef: torch.Tensor,
     softcap: float | None,
     compute_dtype: torch.dtype,
@@ -102,7 +102,7 @@ def lce_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """fp32 ``(grad_hidden, grad_weight, grad_bias)`` for per-token coefficients ``coef``.
 
-    ``order[:n_active]`` must list every token whose ``coef`` is non-zero (others may be
+    ``stats`` is the (N, 2) fp32 ``(lse, nll)`` of ``lse_forward``.  ``order[:n_active]`` must list every token whose ``coef`` is non-zero (others may be
     listed too).  Gradients that are not needed are returned as None and cost nothing.
     ``deterministic=True`` runs the atomic-free kernels of ``backward_deterministic``
     (bitwise reproducible, one more logit recompute when both gradients are needed).
@@ -117,13 +117,13 @@ def lce_backward(
     if not (need_hidden or need_weight or need_bias):
         return grad_hidden, grad_weight, grad_bias
     if deterministic:
-        deterministic_backward(hidden, weight, bias, targets, order, n_active, lse, coef, softcap, compute_dtype,
+        deterministic_backward(hidden, weight, bias, targets, order, n_active, stats, coef, softcap, compute_dtype,
                                config, grad_hidden, grad_weight, grad_bias)
         return grad_hidden, grad_weight, grad_bias
-    placeholder = lse  # any fp32 tensor; never dereferenced when its flag is off
+    placeholder = coef  # any fp32 tensor; never dereferenced when its flag is off
     grid = (triton.cdiv(n_tokens, config.block_n) * triton.cdiv(n_vocab, config.block_v),)
     _lce_backward_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, targets, order, n_active, lse, coef,
+        hidden, weight, bias if bias is not None else hidden, targets, order, n_active, stats, coef,
         grad_hidden if need_hidden else placeholder,
         grad_weight if need_weight else placeholder,
         grad_bias if need_bias else placeholder,

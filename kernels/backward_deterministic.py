@@ -53,7 +53,7 @@ def add_product(out_rows, out_mask, a, b_rows, stride_bh, b_mask, n_hidden,
 
 @triton.jit
 def _grad_hidden_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, order_ptr, n_active_ptr, lse_ptr, coef_ptr,
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, order_ptr, n_active_ptr, stats_ptr, coef_ptr,
     grad_hidden_ptr,
     n_vocab, n_hidden,
     stride_hn, stride_hh, stride_wv, stride_wh, softcap,
@@ -74,7 +74,7 @@ def _grad_hidden_kernel(
             n_hidden, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
             HAS_BIAS, HAS_SOFTCAP, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )
-        dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, lse_ptr, coef_ptr, softcap,
+        dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, softcap,
                          HAS_SOFTCAP).to(COMPUTE_DTYPE)
         add_product(gh_rows, row_mask, dz, weight_ptr + cols[:, None] * stride_wv, stride_wh, col_mask,
                     n_hidden, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_H)
@@ -83,7 +83,7 @@ def _grad_hidden_kernel(
 
 @triton.jit
 def _grad_weight_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, order_ptr, n_active_ptr, lse_ptr, coef_ptr,
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, order_ptr, n_active_ptr, stats_ptr, coef_ptr,
     grad_weight_ptr, grad_bias_ptr,
     n_vocab, n_hidden,
     stride_hn, stride_hh, stride_wv, stride_wh, softcap,
@@ -104,7 +104,7 @@ def _grad_weight_kernel(
             n_hidden, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
             HAS_BIAS, HAS_SOFTCAP, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )
-        dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, lse_ptr, coef_ptr, softcap, HAS_SOFTCAP)
+        dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, softcap, HAS_SOFTCAP)
         if GRAD_BIAS:
             grad_bias += tl.sum(dz, axis=0)
         if GRAD_WEIGHT:
@@ -122,7 +122,7 @@ def deterministic_backward(
     targets: torch.Tensor,
     order: torch.Tensor,
     n_active: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     coef: torch.Tensor,
     softcap: float | None,
     compute_dtype: torch.dtype,
@@ -134,14 +134,14 @@ def deterministic_backward(
     """Fill the zeroed fp32 buffers that are not None; same contract as ``lce_backward``."""
     n_tokens, n_hidden = hidden.shape
     n_vocab = weight.shape[0]
-    inputs = (hidden, weight, bias if bias is not None else hidden, targets, order, n_active, lse, coef)
+    inputs = (hidden, weight, bias if bias is not None else hidden, targets, order, n_active, stats, coef)
     sizes = (n_vocab, n_hidden, *layout_args(hidden, weight, softcap))
     constants = tile_constants(bias is not None, softcap is not None, compute_dtype, config)
     if grad_hidden is not None:
         _grad_hidden_kernel[(triton.cdiv(n_tokens, config.block_n),)](
             *inputs, grad_hidden, *sizes, **constants, **config.launch_options())
     if grad_weight is not None or grad_bias is not None:
-        placeholder = lse  # any fp32 tensor; never dereferenced when its flag is off
+        placeholder = coef  # any fp32 tensor; never dereferenced when its flag is off
         _grad_weight_kernel[(triton.cdiv(n_vocab, config.block_v),)](
             *inputs,
             grad_weight if grad_weight is not None else placeholder,

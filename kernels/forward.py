@@ -4,8 +4,16 @@ Each program owns ``BLOCK_N`` tokens and one contiguous slice ("split") of the
 vocabulary.  It walks its slice ``BLOCK_V`` columns at a time, keeps a running max and
 running sum of exponentials (online log-sum-exp), and picks out the target logit when the
 target column passes by.  Splitting the vocabulary gives small token counts enough
-programs to fill the GPU; the per-split results are merged by ``lse_forward`` with one
-O(tokens x splits) log-sum-exp.
+programs to fill the GPU; ``lse_forward`` merges the per-split (max, sum) pairs, an
+O(tokens x splits) step.
+
+The NLL is formed as ``(max - z_target) + log1p(rest)``, where ``rest`` is the sum of
+``exp(z - max)`` over all columns but one at the max, not as ``lse - z_target``: for a
+confident prediction both ``lse`` and ``z_target`` are large and nearly equal, and their
+difference would keep only the rounding of ``lse`` (``ulp(lse)``, about 2e-6 at 30), and
+``log(1 + rest)`` only the rounding of ``1 + rest``; the former keeps a small NLL to its
+own relative precision.  The backward's
+target column ``p_t - 1 = expm1(-nll)`` depends on exactly that.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from .types import layout_args, tile_constants
 @triton.jit
 def _lse_forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr, order_ptr, n_active_ptr,
-    lse_part_ptr, target_logit_ptr,
+    part_ptr, target_logit_ptr,
     n_vocab, n_hidden, tiles_per_split, n_splits,
     stride_hn, stride_hh, stride_wv, stride_wh, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
@@ -39,8 +47,11 @@ def _lse_forward_kernel(
 
     v_begin = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, n_vocab)
+    # run_rest: sum of exp(z - run_max) over the columns seen, leaving out one column at
+    # the max (its term is exactly 1): for a confident prediction the rest is small, and
+    # adding the 1 would round it to the precision of 1.
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_rest = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols, col_mask = vocab_block(v0, v_end, BLOCK_V)
@@ -51,12 +62,18 @@ def _lse_forward_kernel(
         )
         z = tl.where(col_mask[None, :], z, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        moved = new_max > run_max               # this tile holds the new max: its 1 is left out
+        at_max = z == new_max[:, None]
+        tile_rest = tl.sum(tl.where(at_max, 0.0, tl.exp(z - new_max[:, None])), axis=1)
+        tile_rest += tl.sum(at_max.to(tl.float32), axis=1) - moved.to(tl.float32)
+        run_rest = tl.where(moved, (run_rest + 1.0) * tl.exp(run_max - new_max), run_rest) + tile_rest
         run_max = new_max
         is_target = cols[None, :] == target[:, None]
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
 
-    tl.store(lse_part_ptr + tok * n_splits + split, run_max + tl.log(run_sum), mask=row_mask)
+    part = part_ptr + (tok * n_splits + split) * 2   # (max, rest) per split
+    tl.store(part, run_max, mask=row_mask)
+    tl.store(part + 1, run_rest, mask=row_mask)
     # Exactly one split holds each target column, so exactly one program writes it.
     owns_target = (target >= v_begin) & (target < v_end)
     tl.store(target_logit_ptr + tok, target_logit, mask=row_mask & owns_target)
@@ -86,8 +103,9 @@ def lse_forward(
     softcap: float | None,
     compute_dtype: torch.dtype,
     config: KernelConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token ``(lse, target_logit)`` in fp32 for the tokens listed in ``order[:n_active]``.
+) -> torch.Tensor:
+    """Per-token fp32 ``(lse, nll)`` as an (N, 2) tensor, for the tokens listed in
+    ``order[:n_active]`` (see the module docstring for how ``nll`` keeps its precision).
 
     ``hidden`` is (N, H), ``weight`` (V, H), ``targets`` (N,) int64, ``order`` (N,) int32 a
     permutation of the tokens with the ``n_active`` (a 1-element int32 device tensor)
@@ -100,16 +118,27 @@ def lse_forward(
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, tiles_per_split)  # no split may be empty
 
-    lse_part = torch.zeros((n_tokens, n_splits), dtype=torch.float32, device=hidden.device)
+    part = torch.zeros((n_tokens, n_splits, 2), dtype=torch.float32, device=hidden.device)
     target_logit = torch.zeros(n_tokens, dtype=torch.float32, device=hidden.device)
     grid = (triton.cdiv(n_tokens, config.block_n), n_splits)
     _lse_forward_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets, order, n_active,
-        lse_part, target_logit,
+        part, target_logit,
         n_vocab, n_hidden, tiles_per_split, n_splits,
         *layout_args(hidden, weight, softcap),
         **tile_constants(bias is not None, softcap is not None, compute_dtype, config),
         **config.launch_options(),
     )
-    lse = lse_part[:, 0] if n_splits == 1 else torch.logsumexp(lse_part, dim=1)
-    return lse, target_logit
+    return merge_splits(part[..., 0], part[..., 1], target_logit)
+
+
+def merge_splits(part_max: torch.Tensor, part_rest: torch.Tensor, target_logit: torch.Tensor) -> torch.Tensor:
+    """(N, 2) ``(lse, nll)`` from the splits' maxima and rests (N, splits): ``lse = max +
+    log1p(rest)`` where ``rest`` sums ``exp(z - max)`` over every column but one at the max.
+    Rows without a target (all 0) get 0."""
+    row_max, best = part_max.max(dim=1)
+    # Every split but the best brings its max's 1 back, scaled; the best one's stays out.
+    terms = (part_rest + 1.0) * torch.exp(part_max - row_max[:, None])
+    terms.scatter_(1, best[:, None], part_rest.gather(1, best[:, None]))
+    log_total = torch.log1p(terms.sum(dim=1))
+    return torch.stack([row_max + log_total, (row_max - target_logit) + log_total], dim=1)

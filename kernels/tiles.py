@@ -79,19 +79,35 @@ def logit_tile(
 
 
 @triton.jit
-def dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, lse_ptr, coef_ptr, softcap,
+def expm1(x):
+    """``exp(x) - 1`` to fp32 precision also near 0, where the subtraction would cancel:
+    the Taylor series to ``x**13`` (Horner form) for ``|x| <= 1``, ``exp(x) - 1`` beyond."""
+    series = tl.full(x.shape, 1.0, tl.float32)
+    for i in tl.static_range(12):
+        series = 1.0 + x * series / (13 - i)      # 1 + x/n * (...), n = 13 .. 2
+    return tl.where(tl.abs(x) <= 1.0, x * series, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, softcap,
                 HAS_SOFTCAP: tl.constexpr):
     """fp32 tile of ``dloss/dlogits = coef * (softmax(z) - onehot(target))``.
 
-    ``z`` is the (softcapped) logit tile from :func:`logit_tile`; with a softcap the
-    derivative of ``c * tanh(x / c)``, ``1 - (z / c)^2``, is applied.  Masked rows and
-    columns are 0, so the tile can go straight into the gradient matmuls.
+    ``stats`` holds ``(lse, nll)`` per token (see ``forward.lse_forward``).  The target
+    column is ``p_t - 1 = expm1(-nll)``: for a confident prediction (``p_t`` near 1),
+    ``exp(z_t - lse) - 1`` would cancel and leave only the rounding of ``lse``, an
+    absolute error of ``ulp(lse)`` on a value of size ``1 - p_t``.  ``z`` is the
+    (softcapped) logit tile from :func:`logit_tile`; with a softcap the derivative of
+    ``c * tanh(x / c)``, ``1 - (z / c)^2``, is applied.  Masked rows and columns are 0, so
+    the tile can go straight into the gradient matmuls.
     """
-    lse = tl.load(lse_ptr + tok, mask=row_mask, other=0.0)
+    lse = tl.load(stats_ptr + 2 * tok, mask=row_mask, other=0.0)
+    nll = tl.load(stats_ptr + 2 * tok + 1, mask=row_mask, other=0.0)
     coef = tl.load(coef_ptr + tok, mask=row_mask, other=0.0)
     target = tl.load(targets_ptr + tok, mask=row_mask, other=-1)
     prob = tl.exp(z - lse[:, None])
-    dz = (prob - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * coef[:, None]
+    is_target = cols[None, :] == target[:, None]
+    dz = tl.where(is_target, expm1(-nll)[:, None], prob) * coef[:, None]
     if HAS_SOFTCAP:
         capped = z / softcap
         dz = dz * (1.0 - capped * capped)
