@@ -57,3 +57,24 @@ def test_microbenchmarks_run():
                            "-k", "tiny", "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_accuracy_reference_is_fp64():
+    """The accuracy reference stays fp64 end to end (one that rounded its logits to fp32
+    once made eager fp32 look exact and the chunked implementations 50x worse)."""
+    hidden, weight, labels = make_inputs(SHAPES["tiny"], "trained-like", torch.float64, "cpu")
+    targets = peers.shifted(labels)
+    ref = peers._eager(hidden, weight, targets, "mean")
+    assert ref.dtype == torch.float64
+    direct = torch.nn.functional.cross_entropy((hidden @ weight.T).transpose(1, 2), targets, ignore_index=-100)
+    assert abs(ref.item() - direct.item()) < 1e-12 * abs(direct.item())
+
+
+def test_accuracy_cli_writes_its_table(tmp_path):
+    from benchmarks import accuracy as accuracy_cli
+
+    result = accuracy_cli.main(["--shapes", "tiny", "--impls", "eager", "hardfocus", "--data", "random",
+                                "--methods", "midranking", "--out", str(tmp_path), "--tag", "a"])
+    assert [r["impl"] for r in result["rows"]] == ["eager", "hardfocus"]
+    assert all(r["err_grad_weight"] < 1e-4 for r in result["rows"])
+    assert (tmp_path / "a.md").read_text().count("| tiny |") == 2
