@@ -16,11 +16,11 @@ the model's) and intercepts the two ends on the model *instance*:
 The loss is computed inside ``lm_head``'s own call because that is where the head's weight
 is guaranteed to be whole: FSDP (1 and 2) gathers a sharded ``lm_head`` in the module's
 pre-forward hook and frees it after the forward (DeepSpeed ZeRO-3 uses the same kind of
-hooks; not tested here).  The empty tensor depends on the
-loss and ``loss_function`` adds its (zero) sum, so the backward passes through ``lm_head``'s
-output and the wrapper's pre-backward hook gathers the weight again before the loss's own
-backward runs; the gradient reaches the hidden states ``lm_head`` was given, where the
-wrapper's post-backward hook reduces the weight's gradient.
+hooks; not tested here).  The empty tensor depends on the loss and ``loss_function`` adds
+its (zero) sum, so the backward passes through ``lm_head``'s output and the wrapper's
+pre-backward hook gathers the weight again before the loss's own backward runs; the
+gradient reaches the hidden states ``lm_head`` was given, where the wrapper's
+post-backward hook reduces the weight's gradient.
 
 At patch time a probe (a few no-grad forwards on 8 random tokens) measures the
 post-processing: the logits the model returns must equal ``softcap(scale * lm_head(h))``
@@ -215,8 +215,8 @@ class HardFocusPatch:
         weight, bias = self.head.weight, self.head.bias
         if _is_dtensor(weight):
             raise ValueError(f"{type(self.model).__name__}.lm_head's weight is a DTensor inside lm_head's own "
-                             f"forward (tensor parallel?); hardfocus needs the whole weight there, as FSDP and "
-                             f"ZeRO-3 provide")
+                             f"forward (tensor parallel?); hardfocus needs the whole weight there, as FSDP "
+                             f"provides")
         if self.scale != 1.0:
             hidden = hidden * self.scale
             bias = bias * self.scale if bias is not None else None
