@@ -75,3 +75,8 @@ def assert_same_updates(before: dict, after: dict, expected_after: dict, rtol: f
         scale = ref.abs().max().item()
         assert scale > 0, f"{context}{key}: the reference run did not update it"
         torch.testing.assert_close(ours, ref, rtol=rtol, atol=rtol * scale, msg=f"{context}{key}")
+
+
+def state_of(model) -> dict:
+    """A detached copy of ``model``'s state dict (parameters before or after training)."""
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}

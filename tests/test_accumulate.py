@@ -8,7 +8,7 @@ from torch import nn
 
 from hardfocus_fused import hardfocus_loss
 from hardfocus_fused.accumulate import AccumulatedIRDRO, TwoPassRanking
-from helpers import assert_same_updates
+from helpers import assert_same_updates, state_of
 
 H_IN, H, V, T, B = 5, 8, 19, 6, 9
 
@@ -91,26 +91,19 @@ def test_trainer_with_accumulated_irdro_equals_one_batch(tmp_path):
     pytest.importorskip("accelerate")
     from hardfocus_fused import apply_hardfocus
     from hardfocus_fused.hf_trainer import AccumulationCallback
-    from test_trainer import Rows
+    from test_trainer import Rows, sgd_args
 
     def run(model, batch_size, accumulation, callbacks):
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / f"ga{accumulation}"), per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation, max_steps=2, report_to=[],
-            save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, logging_steps=1,
-            # SGD with large steps and no clipping shows the gradients' scale (Adam would also
-            # turn round-off in near-zero gradients into full steps).
-            optim="sgd", learning_rate=1.0, max_grad_norm=0.0)
+        args = sgd_args(tmp_path / f"ga{accumulation}", batch_size, accumulation)
         transformers.Trainer(model=model, args=args, train_dataset=Rows(), callbacks=callbacks).train()
         return model
 
     from hf_models import tiny_model
 
     base = tiny_model("llama")
-    state = lambda model: {k: v.detach().clone() for k, v in model.state_dict().items()}
     one = run(apply_hardfocus(copy.deepcopy(base), method="irdro", r=0.5, impl="torch"), 8, 1, [])
     model = copy.deepcopy(base)
     rule = AccumulatedIRDRO(model.parameters(), r=0.5)
     apply_hardfocus(model, method=rule, impl="torch")
     four = run(model, 2, 4, [AccumulationCallback(rule)])
-    assert_same_updates(state(base), state(four), state(one))
+    assert_same_updates(state_of(base), state_of(four), state_of(one))

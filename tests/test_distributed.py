@@ -1,6 +1,9 @@
 """group=: weights over the global batch of two gloo ranks; DDP's averaging gives exactly the
 single-process gradient of the concatenated batch."""
 
+import contextlib
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -33,9 +36,24 @@ def global_batch():
     return x, labels
 
 
-def _worker(rank, world, init_file, method):
+@contextlib.contextmanager
+def process_group(rank, world, init_file):
+    """This spawned process as ``rank`` of a gloo group, torn down on exit.
+
+    The barrier keeps a rank from tearing its group down while the other still uses it:
+    without it gloo sometimes aborts the slower process ("terminate called without an
+    active exception").  After a failure there is no barrier; ``mp.spawn`` stops the other
+    rank."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank, world, init_file, method):
+    with process_group(rank, world, init_file):
         x, labels = global_batch()
         ref_model = Head()
         ref_loss, ref_stats = ref_model(x, labels, method=method, n1=0.2, n2=0.4, r=0.7)
@@ -53,8 +71,6 @@ def _worker(rank, world, init_file, method):
         torch.testing.assert_close(total / world, ref_loss.detach(), rtol=1e-5, atol=1e-6)
         for (name, p), q in zip(ddp.module.named_parameters(), ref_model.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("method", ["irdro", "midranking", "mean"])
@@ -64,31 +80,40 @@ def test_ddp_gradients_equal_single_process_on_the_global_batch(method, tmp_path
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), method), nprocs=2, join=True)
 
 
-def _hf_worker(rank, world, init_file):
-    import copy
-
+def hf_setup(rank):
+    """``(base model, ids, mask, labels, reference, this rank's rows)``: the reference is a
+    patched copy of ``base`` after one backward over all 4 sequences; rank 0 holds 3 of
+    them, rank 1 holds 1."""
     from hardfocus_fused import apply_hardfocus
     from hf_models import left_padded_batch, tiny_model
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        base = tiny_model("llama")
-        ids, mask, labels = left_padded_batch()          # 4 sequences: rank 0 gets 3, rank 1 gets 1
-        ref = apply_hardfocus(copy.deepcopy(base), method="irdro", r=0.5, impl="torch")
-        ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        mine = slice(0, 3) if rank == 0 else slice(3, 4)
+    base = tiny_model("llama")
+    ids, mask, labels = left_padded_batch()
+    ref = apply_hardfocus(copy.deepcopy(base), method="irdro", r=0.5, impl="torch")
+    ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    return base, ids, mask, labels, ref, slice(0, 3) if rank == 0 else slice(3, 4)
+
+
+def patch_global(model):
+    """The reference's weighting over the group's global batch."""
+    from hardfocus_fused import apply_hardfocus
+
+    return apply_hardfocus(model, method="irdro", r=0.5, impl="torch", group=dist.group.WORLD)
+
+
+def _hf_worker(rank, world, init_file):
+    with process_group(rank, world, init_file):
+        base, ids, mask, labels, ref, mine = hf_setup(rank)
         for patch_first in (True, False):
             model = copy.deepcopy(base)
             if patch_first:
-                apply_hardfocus(model, method="irdro", r=0.5, impl="torch", group=dist.group.WORLD)
+                patch_global(model)
             ddp = nn.parallel.DistributedDataParallel(model)
             if not patch_first:     # patches the model inside DDP
-                apply_hardfocus(ddp, method="irdro", r=0.5, impl="torch", group=dist.group.WORLD)
+                patch_global(ddp)
             ddp(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
             for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=f"{patch_first=}: {name}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_patched_hf_model_under_ddp(tmp_path):
@@ -98,18 +123,11 @@ def test_patched_hf_model_under_ddp(tmp_path):
 
 def _sharded(base, mesh, layout):
     """A patched copy of ``base`` under FSDP2 with ``lm_head`` sharded as ``layout`` says."""
-    import copy
-
     from torch.distributed.fsdp import fully_shard
-
-    from hardfocus_fused import apply_hardfocus
-
-    def patch(model):
-        return apply_hardfocus(model, method="irdro", r=0.5, impl="torch", group=dist.group.WORLD)
 
     model = copy.deepcopy(base)
     if layout != "patched after sharding":
-        patch(model)
+        patch_global(model)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     if layout != "head in the root unit":
@@ -117,7 +135,7 @@ def _sharded(base, mesh, layout):
         fully_shard(model.lm_head, mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh)
     if layout == "patched after sharding":
-        patch(model)       # the probe runs through the sharded model
+        patch_global(model)       # the probe runs through the sharded model
     return model
 
 
@@ -125,20 +143,10 @@ FSDP_LAYOUTS = ["head in the root unit", "head in its own unit", "patched after 
 
 
 def _fsdp_worker(rank, world, init_file):
-    import copy
-
     from torch.distributed.device_mesh import init_device_mesh
 
-    from hardfocus_fused import apply_hardfocus
-    from hf_models import left_padded_batch, tiny_model
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        base = tiny_model("llama")
-        ids, mask, labels = left_padded_batch()
-        ref = apply_hardfocus(copy.deepcopy(base), method="irdro", r=0.5, impl="torch")
-        ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        mine = slice(0, 3) if rank == 0 else slice(3, 4)
+    with process_group(rank, world, init_file):
+        base, ids, mask, labels, ref, mine = hf_setup(rank)
         mesh = init_device_mesh("cpu", (world,))
         for layout in FSDP_LAYOUTS:
             model = _sharded(base, mesh, layout)
@@ -148,8 +156,6 @@ def _fsdp_worker(rank, world, init_file):
                 for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
                     torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-4, atol=1e-6,
                                                msg=f"{layout}, step {step}: {name}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_on_cpu(tmp_path):
@@ -164,37 +170,24 @@ def test_fsdp2_on_cpu(tmp_path):
 
 
 def _fsdp1_worker(rank, world, init_file):
-    import copy
     import functools
 
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
-    from hardfocus_fused import apply_hardfocus
-    from hf_models import left_padded_batch, tiny_model
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        base = tiny_model("llama")
-        ids, mask, labels = left_padded_batch()
-        ref = apply_hardfocus(copy.deepcopy(base), method="irdro", r=0.5, impl="torch")
-        ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        mine = slice(0, 3) if rank == 0 else slice(3, 4)
-
-        def patch(model):
-            return apply_hardfocus(model, method="irdro", r=0.5, impl="torch", group=dist.group.WORLD)
-
+    with process_group(rank, world, init_file):
+        base, ids, mask, labels, ref, mine = hf_setup(rank)
         for patch_first, use_orig_params in [(True, True), (False, False)]:
             model = copy.deepcopy(base)
             if patch_first:
-                patch(model)
+                patch_global(model)
             layers, head = set(model.model.layers), model.lm_head
             # lm_head is its own unit: its flat parameter is gathered only inside its call.
             policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m in layers or m is head)
             fsdp = FSDP(model, auto_wrap_policy=policy, device_id=torch.device("cpu"),
                         use_orig_params=use_orig_params)
             if not patch_first:
-                patch(fsdp)     # unwraps FSDP; the probe runs through it
+                patch_global(fsdp)     # unwraps FSDP; the probe runs through it
             fsdp(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
             # Read the gradients back as one SGD step of size 1 on the gathered parameters
             # (FSDP1 cannot gather gradients with use_orig_params=False).
@@ -204,8 +197,6 @@ def _fsdp1_worker(rank, world, init_file):
                 for (name, p), p0, q in pairs:
                     torch.testing.assert_close(p0 - p, q.grad, rtol=1e-4, atol=1e-6,
                                                msg=f"patched {'before' if patch_first else 'after'}: {name}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp1_with_its_own_lm_head_unit(tmp_path):

@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from hardfocus_fused import HardFocusCallback, apply_hardfocus  # noqa: E402
-from helpers import assert_same_updates  # noqa: E402
+from helpers import assert_same_updates, state_of  # noqa: E402
 from hf_models import VOCAB, tiny_model  # noqa: E402
 
 
@@ -29,15 +29,19 @@ class Rows(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
+def sgd_args(out, batch_size, accumulation, **overrides):
+    """Two logged steps of plain SGD with large steps and no clipping: the updates show any
+    error in the gradients' scale, which Adam's normalisation and clipping would hide (and
+    Adam would turn round-off in near-zero gradients into full steps)."""
+    options = dict(output_dir=str(out), per_device_train_batch_size=batch_size,
+                   gradient_accumulation_steps=accumulation, max_steps=2, logging_steps=1, report_to=[],
+                   save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+                   optim="sgd", learning_rate=1.0, max_grad_norm=0.0)
+    return transformers.TrainingArguments(**dict(options, **overrides))
+
+
 def train(model, tmp_path, attach=False):
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2,
-        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, dataloader_drop_last=True,
-        disable_tqdm=True,
-        # Plain SGD with large steps and no clipping: the updates show any error in the
-        # gradients' scale, which Adam's normalisation and clipping would hide.
-        optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
-    )
+    args = sgd_args(tmp_path, 4, 2, dataloader_drop_last=True)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows())
     if attach:
         HardFocusCallback.attach(trainer)
@@ -48,17 +52,13 @@ def train(model, tmp_path, attach=False):
 def test_mean_trains_exactly_like_the_unpatched_model(tmp_path):
     model = tiny_model("llama")
     patched = apply_hardfocus(copy.deepcopy(model), method="mean", impl="torch")
-    before = state(model)
+    before = state_of(model)
     stock = train(model, tmp_path / "stock")
     ours = train(patched, tmp_path / "ours", attach=True)
     losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h]
     assert len(losses(ours)) == 2
     torch.testing.assert_close(losses(ours), losses(stock), rtol=1e-5, atol=1e-6)
-    assert_same_updates(before, state(patched), state(model))
-
-
-def state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert_same_updates(before, state_of(patched), state_of(model))
 
 
 def test_weights_reach_the_logs(tmp_path):

@@ -15,24 +15,21 @@ pytest.importorskip("accelerate")
 from hardfocus_fused import apply_hardfocus  # noqa: E402
 from hardfocus_fused.accumulate import AccumulatedIRDRO  # noqa: E402
 from hardfocus_fused.hf_trainer import AccumulationCallback  # noqa: E402
-from helpers import assert_same_updates  # noqa: E402
+from helpers import assert_same_updates, state_of  # noqa: E402
 from hf_models import tiny_model  # noqa: E402
-from test_trainer import Rows  # noqa: E402
+from test_trainer import Rows, sgd_args  # noqa: E402
 
 WORLD = 2
 ROWS = 8     # one global batch per epoch: every step sees the same 8 rows in any order or split
 
 
 def train(model, out, batch_size, accumulation, callbacks=(), distributed=False):
-    args = transformers.TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
-        max_steps=2, learning_rate=1.0, report_to=[], save_strategy="no", use_cpu=True, seed=0,
-        disable_tqdm=True, logging_steps=1, optim="sgd", max_grad_norm=0.0, ddp_backend="gloo" if distributed else None)
+    args = sgd_args(out, batch_size, accumulation, ddp_backend="gloo" if distributed else None)
     transformers.Trainer(model=model, args=args, train_dataset=Rows(n=ROWS), callbacks=list(callbacks)).train()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}   # SGD with lr=1: large updates
+    return state_of(model)
 
 
-def _runs(base, out, group):
+def _runs(base, group):
     """name -> (model, per-device batch, accumulation steps, callbacks) for the 2-rank runs."""
     irdro = apply_hardfocus(copy.deepcopy(base), method="irdro", r=0.5, impl="torch", group=group)
     mean = apply_hardfocus(copy.deepcopy(base), method="mean", impl="torch", group=group)
@@ -54,7 +51,7 @@ def _worker(rank, port, out, initial, references):
     base = tiny_model("llama")
     transformers.TrainingArguments(output_dir=str(out), use_cpu=True, ddp_backend="gloo")  # starts the group
     assert dist.get_world_size() == WORLD
-    for name, (model, batch, accumulation, callbacks) in _runs(base, out, dist.group.WORLD).items():
+    for name, (model, batch, accumulation, callbacks) in _runs(base, dist.group.WORLD).items():
         state = train(model, out / name, batch, accumulation, callbacks, distributed=True)
         assert_same_updates(initial, state, references[name], context=f"{name}: ")
 
@@ -76,5 +73,5 @@ def test_trainer_under_ddp_equals_one_process_on_the_global_batch(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    initial = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    initial = state_of(base)
     mp.spawn(_worker, args=(port, tmp_path, initial, references), nprocs=WORLD, join=True)
