@@ -14,18 +14,21 @@
   ``fwd+bwd`` peak.  Timing runs in a third child.
 - TFLOP/s: useful matmul work over time, ``2 N H V`` per matmul: 1 for ``fwd``, 2 for
   ``bwd``, 3 for ``fwd+bwd``; ``matmul_tflops`` is a dense matmul measured in the same run.
-- Accuracy: for the shapes in ``--accuracy-shapes``, ``err_loss``, ``err_grad_hidden`` and
+- Frozen head (``--heads frozen``): the weight does not require grad, so ``bwd`` computes
+  only the hidden-state gradient.
+- Accuracy: for the shapes in ``--accuracy-shapes`` (trainable head), ``err_loss``, ``err_grad_hidden`` and
   ``err_grad_weight`` (max abs error / max abs reference) against eager PyTorch in fp64 on
   the same inputs, added to the ``fwd+bwd`` rows.
 
 JSON: ``{"device", "date", "torch", "triton", "matmul_tflops", "notes", "memory", "rows": [
-{"impl", "method", "shape", "data", "pass", "ms", "peak_mb", "tflops", [err_*]}]}``.
+{"impl", "method", "shape", "data", "head", "pass", "ms", "peak_mb", "tflops", [err_*]}]}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import multiprocessing as mp
 import resource
@@ -40,6 +43,12 @@ from .shapes import HEADS, SHAPES, SWEEP, make_inputs
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 MATMULS = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
+HEADS_GRAD = ("trainable", "frozen")
+
+
+def matmuls(kind: str, head: str) -> int:
+    """``N x H x V`` products in a pass: the frozen head's backward skips ``grad_weight``."""
+    return MATMULS[kind] - (kind != "fwd" and head == "frozen")
 
 
 def _sync(device: str) -> None:
@@ -119,11 +128,14 @@ def cpu_peak_mb(fn, kind: str) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 
 
-def measure(impl, method, shape_name, data, dtype, device, iters, with_accuracy, cpu_peak_pass=None) -> list[dict]:
+def measure(impl, method, shape_name, data, head, dtype, device, iters, with_accuracy,
+            cpu_peak_pass=None) -> list[dict]:
     """Rows for every pass of one case.  With ``cpu_peak_pass`` (CPU, in a fresh process):
     only that pass's peak RSS growth, as ``{"peak_mb": ...}`` in a one-element list."""
     shape = SHAPES[shape_name]
     hidden, weight, labels = make_inputs(shape, data, dtype, device)
+    if head == "frozen":
+        weight.requires_grad_(False)
     tensors = (hidden, weight)
     fn = loss_fn(impl, hidden, weight, labels, method)
     if cpu_peak_pass is not None:
@@ -135,11 +147,11 @@ def measure(impl, method, shape_name, data, dtype, device, iters, with_accuracy,
     rows = []
     for kind in PASSES:
         ms = time_pass(fn, tensors, kind, iters, device)
-        flops = MATMULS[kind] * 2 * shape.tokens * shape.hidden * shape.vocab
-        rows.append({"impl": impl, "method": method, "shape": shape_name, "data": data, "pass": kind,
+        flops = matmuls(kind, head) * 2 * shape.tokens * shape.hidden * shape.vocab
+        rows.append({"impl": impl, "method": method, "shape": shape_name, "data": data, "head": head, "pass": kind,
                      "ms": ms, "peak_mb": cuda_peak_mb(fn, tensors, kind) if device == "cuda" else None,
                      "tflops": flops / (ms * 1e-3) / 1e12})
-    if with_accuracy:
+    if with_accuracy and head == "trainable":
         rows[-1].update(accuracy(impl, hidden, weight, labels, method))
     return rows
 
@@ -203,38 +215,47 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def run(args: argparse.Namespace) -> dict:
+def new_result(args: argparse.Namespace) -> dict:
+    """The result's header (device, versions, date, dense matmul rate), no rows yet."""
     device, dtype = args.device, getattr(torch, args.dtype)
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    result = {"device": device_name(device), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    return {"device": device_name(device), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "torch": torch.__version__, "triton": triton_version, "dtype": args.dtype,
               "matmul_tflops": matmul_tflops(dtype, device), "iters": args.iters,
               "memory": ("torch.cuda.max_memory_allocated above the inputs" if device == "cuda" else
                          "peak RSS growth of a fresh child process per pass; bwd reports the fwd+bwd peak"),
               "notes": [], "rows": []}
+
+
+def run(args: argparse.Namespace) -> dict:
+    result = new_result(args)
     for impl in args.impls:
-        why = unavailable(impl, device)
+        why = unavailable(impl, args.device)
         if why:
             result["notes"].append(f"skipped {impl}: {why}")
             continue
-        for shape in args.shapes:
-            for data in args.data:
-                for method in args.methods:
-                    case = (impl, method, shape, data, dtype, device, args.iters, shape in args.accuracy_shapes)
-                    rows = measure_cpu(*case) if device == "cpu" else _guarded(case)
-                    if isinstance(rows, str):
-                        result["notes"].append(f"{impl} {method} {shape} {data}: {rows}")
-                        continue
-                    result["rows"] += rows
-                    if not args.quiet:
-                        for r in rows:
-                            print(f"{impl:13s} {method:10s} {shape:12s} {data:12s} {r['pass']:7s} "
-                                  f"{r['ms']:9.2f} ms {r['peak_mb']:9.1f} MiB {r['tflops']:7.2f} TFLOP/s", flush=True)
+        for shape, data, method, head in itertools.product(args.shapes, args.data, args.methods, args.heads):
+            measure_into(result, (impl, method, shape, data, head), args, shape in args.accuracy_shapes)
     return result
+
+
+def measure_into(result: dict, key: tuple, args: argparse.Namespace, with_accuracy: bool) -> None:
+    """Measure the case ``key = (impl, method, shape, data, head)`` and add its rows (or a
+    note saying why it failed) to ``result``."""
+    case = (*key, getattr(torch, args.dtype), args.device, args.iters, with_accuracy)
+    rows = measure_cpu(*case) if args.device == "cpu" else _guarded(case)
+    if isinstance(rows, str):
+        result["notes"].append(f"{' '.join(key)}: {rows}")
+        return
+    result["rows"] += rows
+    if not args.quiet:
+        for r in rows:
+            print(f"{' '.join(key):55s} {r['pass']:7s} {r['ms']:9.2f} ms {r['peak_mb']:9.1f} MiB "
+                  f"{r['tflops']:7.2f} TFLOP/s", flush=True)
 
 
 def _guarded(case) -> list[dict] | str:
@@ -256,6 +277,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shapes", nargs="+", default=[*HEADS, *(s.name for s in SWEEP), "mid"] if cuda else ["cpu"])
     p.add_argument("--data", nargs="+", default=["random", "trained-like"])
     p.add_argument("--methods", nargs="+", default=["irdro", "midranking"])
+    p.add_argument("--heads", nargs="+", choices=HEADS_GRAD, default=["trainable"],
+                   help="frozen: the weight needs no gradient")
     p.add_argument("--accuracy-shapes", nargs="*", default=["mid"] if cuda else ["cpu"])
     p.add_argument("--iters", type=int, default=20 if cuda else 5)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))

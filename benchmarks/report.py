@@ -15,8 +15,9 @@ def markdown(result: dict) -> str:
     lines += [head + (" err loss | err grad_hidden | err grad_weight |" if has_err else ""),
               "|---|---|---|---|---|---:|---:|---:|" + ("---:|---:|---:|" if has_err else "")]
     for r in result["rows"]:
-        line = (f"| {r['shape']} | {r['data']} | {r['method']} | {r['pass']} | {r['impl']} | {r['ms']:.2f} | "
-                f"{r['peak_mb']:.1f} | {r['tflops']:.2f} |")
+        method = r["method"] + (" (frozen head)" if r.get("head") == "frozen" else "")
+        line = (f"| {r['shape']} | {r['data']} | {method} | {r['pass']} | {r['impl']} | {r['ms']:.2f} | "
+                f"{'' if r['peak_mb'] is None else format(r['peak_mb'], '.1f')} | {r['tflops']:.2f} |")
         if has_err:
             line += "".join(f" {r[k]:.1e} |" if k in r else " |"
                             for k in ("err_loss", "err_grad_hidden", "err_grad_weight"))
@@ -28,7 +29,7 @@ def markdown(result: dict) -> str:
 def plot_sweep(result: dict, path: Path) -> bool:
     """Time and memory vs tokens for the ``sweep-N*`` shapes (fwd+bwd, irdro); False if none."""
     rows = [r for r in result["rows"] if r["shape"].startswith("sweep-N") and r["pass"] == "fwd+bwd"
-            and r["method"] == "irdro"]
+            and r["method"] == "irdro" and r.get("head", "trainable") == "trainable"]
     if not rows:
         return False
     import matplotlib

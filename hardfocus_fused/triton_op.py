@@ -12,14 +12,14 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index, softcap, deterministic, config):
-        from .kernels import default_config, lse_forward
+        from .kernels import HeadProblem, default_config, lse_forward
 
         dtype = compute_dtype(hidden, weight)
         if config is None:
             config = default_config(hidden.shape[0], weight.shape[0], hidden.shape[1], dtype)
         valid = targets != ignore_index
-        order, n_active = partition_active(valid)
-        stats = lse_forward(hidden, weight, bias, targets, order, n_active, softcap, dtype, config)   # (lse, nll)
+        problem = HeadProblem(hidden, weight, bias, targets, *partition_active(valid), softcap, dtype, config)
+        stats = lse_forward(problem)   # (lse, nll) per token
         nll = torch.where(valid, stats[:, 1], 0.0)
         ctx.save_for_backward(hidden, weight, bias, targets, stats, valid)
         ctx.softcap, ctx.config, ctx.dtype, ctx.deterministic = softcap, config, dtype, deterministic
@@ -27,19 +27,14 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_nll):
-        from .kernels import lce_backward
+        from .kernels import HeadProblem, lce_backward
 
         hidden, weight, bias, targets, stats, valid = ctx.saved_tensors
         coef = torch.where(valid, grad_nll.float(), 0.0)
-        order, n_active = partition_active(coef != 0)
+        # Only tokens with a non-zero coefficient enter the backward kernels.
+        problem = HeadProblem(hidden, weight, bias, targets, *partition_active(coef != 0), ctx.softcap, ctx.dtype,
+                              ctx.config)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h, grad_w, grad_b = lce_backward(
-            hidden, weight, bias, targets, order, n_active, stats, coef, ctx.softcap, ctx.dtype, ctx.config,
-            need_hidden=need_h, need_weight=need_w, need_bias=need_b, deterministic=ctx.deterministic,
-        )
-        return (
-            grad_h.to(hidden.dtype) if grad_h is not None else None,
-            grad_w.to(weight.dtype) if grad_w is not None else None,
-            grad_b.to(bias.dtype) if grad_b is not None else None,
-            None, None, None, None, None,
-        )
+        grads = lce_backward(problem, stats, coef, need_hidden=need_h, need_weight=need_w, need_bias=need_b,
+                             deterministic=ctx.deterministic)
+        return (*grads, None, None, None, None, None)

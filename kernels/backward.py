@@ -10,6 +10,8 @@ One program owns a ``BLOCK_N`` x ``BLOCK_V`` tile of ``dlogits``: it recomputes 
 from the saved log-sum-exp, then walks the hidden dimension ``BLOCK_H`` at a time,
 adding its share of ``grad_hidden`` and ``grad_W`` into fp32 buffers with atomic adds
 (whose order varies between runs; ``backward_deterministic`` is the reproducible variant).
+For a half-precision head the vocabulary is covered in chunks, so that the fp32 weight
+accumulator stays small (``weight_chunk_rows``).
 Only tokens with a non-zero coefficient are visited (they come first in ``order``), so
 sequences the weighting dropped cost no matmul work.
 """
@@ -21,24 +23,25 @@ import triton
 import triton.language as tl
 
 from .backward_deterministic import deterministic_backward
-from .config import KernelConfig
 from .tiles import dlogit_tile, logit_tile, mma, token_block, vocab_block
-from .types import layout_args, tile_constants
+from .types import HeadProblem
 
 
 @triton.jit
 def _lce_backward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr, order_ptr, n_active_ptr, stats_ptr, coef_ptr,
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
-    n_tokens, n_vocab, n_hidden,
+    n_tokens, v_start, v_stop, n_hidden,
     stride_hn, stride_hh, stride_wv, stride_wh, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     GRAD_HIDDEN: tl.constexpr, GRAD_WEIGHT: tl.constexpr, GRAD_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    # A 1-D grid (no 65535 cap on the vocabulary tiles); consecutive programs share a
-    # vocabulary tile, so its weight rows are read from L2 by all token blocks.
+    # One launch covers the vocabulary columns [v_start, v_stop); grad_weight_ptr points at
+    # the fp32 accumulator of exactly those rows.  A 1-D grid (no 65535 cap on the
+    # vocabulary tiles); consecutive programs share a vocabulary tile, so its weight rows
+    # are read from L2 by all token blocks.
     n_row_blocks = tl.cdiv(n_tokens, BLOCK_N)
     pid_n = tl.program_id(0) % n_row_blocks
     pid_v = tl.program_id(0) // n_row_blocks
@@ -46,7 +49,7 @@ def _lce_backward_kernel(
     if pid_n * BLOCK_N >= n_active:  # a block past the active tokens has nothing to do
         return
     tok, row_mask = token_block(order_ptr, n_active, pid_n, BLOCK_N)
-    cols, col_mask = vocab_block(pid_v * BLOCK_V, n_vocab, BLOCK_V)
+    cols, col_mask = vocab_block(v_start + pid_v * BLOCK_V, v_stop, BLOCK_V)
 
     z = logit_tile(
         hidden_ptr, weight_ptr, bias_ptr, tok, cols, row_mask, col_mask,
@@ -58,9 +61,9 @@ def _lce_backward_kernel(
     if GRAD_BIAS:
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
     dz_c = dz.to(COMPUTE_DTYPE)
-    # Gradient buffers are contiguous fp32 (N, H) and (V, H).
+    # Gradient buffers are contiguous fp32: (N, H) and (v_stop - v_start, H).
     gh_rows = grad_hidden_ptr + tok[:, None] * n_hidden
-    gw_rows = grad_weight_ptr + cols[:, None] * n_hidden
+    gw_rows = grad_weight_ptr + (cols - v_start)[:, None] * n_hidden
     h_rows = hidden_ptr + tok[:, None] * stride_hn
     w_rows = weight_ptr + cols[:, None] * stride_wv
     for k0 in range(0, n_hidden, BLOCK_H):
@@ -76,61 +79,94 @@ def _lce_backward_kernel(
             tl.atomic_add(gw_rows + ks[None, :], gw, mask=col_mask[:, None] & k_mask[None, :])
 
 
-def backward_constants(has_bias: bool, has_softcap: bool, compute_dtype: torch.dtype, config: KernelConfig,
-                       need_hidden: bool, need_weight: bool, need_bias: bool) -> dict:
-    """The compile-time constants ``_lce_backward_kernel`` is specialised on."""
-    return dict(tile_constants(has_bias, has_softcap, compute_dtype, config),
-                GRAD_HIDDEN=need_hidden, GRAD_WEIGHT=need_weight, GRAD_BIAS=need_bias)
+def weight_chunk_rows(problem: HeadProblem) -> int:
+    """Vocabulary rows per launch of the atomic backward.
+
+    The weight gradient is summed in fp32.  For an fp32 head that sum is the gradient
+    itself (one launch).  For a half-precision head a full fp32 accumulator would take twice
+    the gradient's own memory (and the final cast a copy on top): instead the vocabulary
+    is covered in chunks whose fp32 accumulator fits ``config.weight_grad_chunk_bytes``,
+    each rounded into the gradient as soon as its launch is done.  Every (token block,
+    vocabulary tile) pair is still visited exactly once, so chunking adds no matmul work.
+    """
+    if problem.weight.dtype == torch.float32:
+        return problem.n_vocab
+    block_v = problem.config.block_v
+    rows = problem.config.weight_grad_chunk_bytes // (4 * problem.n_hidden) // block_v * block_v
+    return min(problem.n_vocab, max(block_v, rows))
 
 
 def lce_backward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    order: torch.Tensor,
-    n_active: torch.Tensor,
+    problem: HeadProblem,
     stats: torch.Tensor,
     coef: torch.Tensor,
-    softcap: float | None,
-    compute_dtype: torch.dtype,
-    config: KernelConfig,
     need_hidden: bool = True,
     need_weight: bool = True,
     need_bias: bool = True,
     deterministic: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """fp32 ``(grad_hidden, grad_weight, grad_bias)`` for per-token coefficients ``coef``.
+    """``(grad_hidden, grad_weight, grad_bias)`` for per-token coefficients ``coef`` (N,) fp32.
 
-    ``stats`` is the (N, 2) fp32 ``(lse, nll)`` of ``lse_forward``.  ``order[:n_active]`` must list every token whose ``coef`` is non-zero (others may be
-    listed too).  Gradients that are not needed are returned as None and cost nothing.
-    ``deterministic=True`` runs the atomic-free kernels of ``backward_deterministic``
-    (bitwise reproducible, one more logit recompute when both gradients are needed).
+    ``stats`` is the (N, 2) fp32 ``(lse, nll)`` of ``lse_forward``; the active tokens of
+    ``problem`` must include every token whose ``coef`` is non-zero.  Gradients are summed
+    in fp32 and returned in the dtypes of ``hidden``, ``weight`` and ``bias``; those not
+    needed are None and cost nothing.  ``deterministic=True`` runs the atomic-free kernels
+    of ``backward_deterministic`` (bitwise reproducible, one more logit recompute when
+    both gradients are needed, and a whole-vocabulary fp32 weight accumulator).
     """
-    n_tokens, n_hidden = hidden.shape
-    n_vocab = weight.shape[0]
-    need_bias = need_bias and bias is not None
-    device = hidden.device
-    grad_hidden = torch.zeros((n_tokens, n_hidden), dtype=torch.float32, device=device) if need_hidden else None
-    grad_weight = torch.zeros((n_vocab, n_hidden), dtype=torch.float32, device=device) if need_weight else None
-    grad_bias = torch.zeros(n_vocab, dtype=torch.float32, device=device) if need_bias else None
-    if not (need_hidden or need_weight or need_bias):
-        return grad_hidden, grad_weight, grad_bias
+    need_bias = need_bias and problem.bias is not None
+    grad_hidden = _fp32_zeros(problem, problem.n_tokens, problem.n_hidden) if need_hidden else None
+    grad_bias = _fp32_zeros(problem, problem.n_vocab) if need_bias else None
     if deterministic:
-        deterministic_backward(hidden, weight, bias, targets, order, n_active, stats, coef, softcap, compute_dtype,
-                               config, grad_hidden, grad_weight, grad_bias)
-        return grad_hidden, grad_weight, grad_bias
+        grad_weight = _fp32_zeros(problem, problem.n_vocab, problem.n_hidden) if need_weight else None
+        if need_hidden or need_weight or need_bias:
+            deterministic_backward(problem, stats, coef, grad_hidden, grad_weight, grad_bias)
+    elif need_weight:
+        grad_weight = _chunked_weight_backward(problem, stats, coef, grad_hidden, grad_bias)
+    else:
+        grad_weight = None
+        if need_hidden or need_bias:
+            _launch(problem, stats, coef, grad_hidden, None, grad_bias, 0, problem.n_vocab)
+    return _cast(grad_hidden, problem.hidden), _cast(grad_weight, problem.weight), _cast(grad_bias, problem.bias)
+
+
+def _fp32_zeros(problem: HeadProblem, *shape: int) -> torch.Tensor:
+    return torch.zeros(shape, dtype=torch.float32, device=problem.hidden.device)
+
+
+def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    return grad.to(like.dtype) if grad is not None else None
+
+
+def _chunked_weight_backward(problem, stats, coef, grad_hidden, grad_bias) -> torch.Tensor:
+    """Run the atomic kernel chunk by chunk (see ``weight_chunk_rows``); the weight gradient."""
+    n_vocab, n_hidden = problem.n_vocab, problem.n_hidden
+    rows = weight_chunk_rows(problem)
+    accum = _fp32_zeros(problem, rows, n_hidden)
+    if rows == n_vocab and problem.weight.dtype == torch.float32:
+        _launch(problem, stats, coef, grad_hidden, accum, grad_bias, 0, n_vocab)
+        return accum
+    grad_weight = torch.empty((n_vocab, n_hidden), dtype=problem.weight.dtype, device=problem.hidden.device)
+    for v_start in range(0, n_vocab, rows):
+        v_stop = min(v_start + rows, n_vocab)
+        if v_start:
+            accum.zero_()
+        _launch(problem, stats, coef, grad_hidden, accum, grad_bias, v_start, v_stop)
+        grad_weight[v_start:v_stop].copy_(accum[: v_stop - v_start])
+    return grad_weight
+
+
+def _launch(problem, stats, coef, grad_hidden, grad_weight, grad_bias, v_start: int, v_stop: int) -> None:
+    """One launch of ``_lce_backward_kernel`` over the vocabulary columns [v_start, v_stop)."""
+    config = problem.config
     placeholder = coef  # any fp32 tensor; never dereferenced when its flag is off
-    grid = (triton.cdiv(n_tokens, config.block_n) * triton.cdiv(n_vocab, config.block_v),)
+    grid = (triton.cdiv(problem.n_tokens, config.block_n) * triton.cdiv(v_stop - v_start, config.block_v),)
     _lce_backward_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, targets, order, n_active, stats, coef,
-        grad_hidden if need_hidden else placeholder,
-        grad_weight if need_weight else placeholder,
-        grad_bias if need_bias else placeholder,
-        n_tokens, n_vocab, n_hidden,
-        *layout_args(hidden, weight, softcap),
-        **backward_constants(bias is not None, softcap is not None, compute_dtype, config,
-                             need_hidden, need_weight, need_bias),
-        **config.launch_options(),
+        *problem.inputs(), stats, coef,
+        *(grad if grad is not None else placeholder for grad in (grad_hidden, grad_weight, grad_bias)),
+        problem.n_tokens, v_start, v_stop, problem.n_hidden, *problem.layout(),
+        **problem.constants(GRAD_HIDDEN=grad_hidden is not None, GRAD_WEIGHT=grad_weight is not None,
+                            GRAD_BIAS=grad_bias is not None),
+        **problem.launch_options(),
     )
-    return grad_hidden, grad_weight, grad_bias
+

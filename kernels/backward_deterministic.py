@@ -26,9 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import KernelConfig
 from .tiles import dlogit_tile, logit_tile, mma, token_block, vocab_block
-from .types import layout_args, tile_constants
+from .types import HeadProblem
 
 
 @triton.jit
@@ -116,37 +115,25 @@ def _grad_weight_kernel(
 
 
 def deterministic_backward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    order: torch.Tensor,
-    n_active: torch.Tensor,
+    problem: HeadProblem,
     stats: torch.Tensor,
     coef: torch.Tensor,
-    softcap: float | None,
-    compute_dtype: torch.dtype,
-    config: KernelConfig,
     grad_hidden: torch.Tensor | None,
     grad_weight: torch.Tensor | None,
     grad_bias: torch.Tensor | None,
 ) -> None:
     """Fill the zeroed fp32 buffers that are not None; same contract as ``lce_backward``."""
-    n_tokens, n_hidden = hidden.shape
-    n_vocab = weight.shape[0]
-    inputs = (hidden, weight, bias if bias is not None else hidden, targets, order, n_active, stats, coef)
-    sizes = (n_vocab, n_hidden, *layout_args(hidden, weight, softcap))
-    constants = tile_constants(bias is not None, softcap is not None, compute_dtype, config)
+    sizes = (problem.n_vocab, problem.n_hidden, *problem.layout())
     if grad_hidden is not None:
-        _grad_hidden_kernel[(triton.cdiv(n_tokens, config.block_n),)](
-            *inputs, grad_hidden, *sizes, **constants, **config.launch_options())
+        _grad_hidden_kernel[(triton.cdiv(problem.n_tokens, problem.config.block_n),)](
+            *problem.inputs(), stats, coef, grad_hidden, *sizes, **problem.constants(), **problem.launch_options())
     if grad_weight is not None or grad_bias is not None:
         placeholder = coef  # any fp32 tensor; never dereferenced when its flag is off
-        _grad_weight_kernel[(triton.cdiv(n_vocab, config.block_v),)](
-            *inputs,
+        _grad_weight_kernel[(triton.cdiv(problem.n_vocab, problem.config.block_v),)](
+            *problem.inputs(), stats, coef,
             grad_weight if grad_weight is not None else placeholder,
             grad_bias if grad_bias is not None else placeholder,
             *sizes,
-            GRAD_WEIGHT=grad_weight is not None, GRAD_BIAS=grad_bias is not None,
-            **constants, **config.launch_options(),
+            **problem.constants(GRAD_WEIGHT=grad_weight is not None, GRAD_BIAS=grad_bias is not None),
+            **problem.launch_options(),
         )

@@ -21,6 +21,10 @@ class KernelConfig:
     dimension is reduced ``block_h`` at a time.  ``fp32_precision`` is the ``tl.dot``
     input precision used for fp32 inputs: ``"ieee"`` (exact fp32, the default, because
     accuracy against an fp64 reference is part of what we promise) or ``"tf32"``.
+    ``weight_grad_chunk_bytes`` caps the fp32 accumulator of a half-precision head's
+    weight gradient in the (default, atomic) backward: the vocabulary is processed in
+    chunks of that many bytes of fp32 rows (at least one ``block_v`` tile), each rounded
+    into the gradient once done, instead of one fp32 copy of the whole gradient.
     """
 
     block_n: int = 64
@@ -31,12 +35,18 @@ class KernelConfig:
     fp32_precision: str = "ieee"
     # Forward only: vocabulary splits per token block; 0 = choose from the device size.
     vocab_splits: int = 0
+    weight_grad_chunk_bytes: int = 256 * 2**20
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_v", "block_h"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {value}")
+        if self.vocab_splits < 0:
+            raise ValueError(f"KernelConfig.vocab_splits must be >= 0, got {self.vocab_splits}")
+        if self.weight_grad_chunk_bytes <= 0:
+            raise ValueError(f"KernelConfig.weight_grad_chunk_bytes must be positive, got "
+                             f"{self.weight_grad_chunk_bytes}")
         if self.fp32_precision not in ("ieee", "tf32", "tf32x3"):
             raise ValueError(f"KernelConfig.fp32_precision must be 'ieee', 'tf32' or 'tf32x3', "
                              f"got {self.fp32_precision!r}")

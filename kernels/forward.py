@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .config import KernelConfig, interpreter_active
 from .tiles import logit_tile, token_block, vocab_block
-from .types import layout_args, tile_constants
+from .types import HeadProblem
 
 
 @triton.jit
@@ -93,41 +93,23 @@ def _num_splits(n_tokens: int, n_tiles: int, config: KernelConfig, device: torch
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension
 
 
-def lse_forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    order: torch.Tensor,
-    n_active: torch.Tensor,
-    softcap: float | None,
-    compute_dtype: torch.dtype,
-    config: KernelConfig,
-) -> torch.Tensor:
-    """Per-token fp32 ``(lse, nll)`` as an (N, 2) tensor, for the tokens listed in
-    ``order[:n_active]`` (see the module docstring for how ``nll`` keeps its precision).
-
-    ``hidden`` is (N, H), ``weight`` (V, H), ``targets`` (N,) int64, ``order`` (N,) int32 a
-    permutation of the tokens with the ``n_active`` (a 1-element int32 device tensor)
-    tokens that have a target first.  Entries of inactive tokens are 0.
-    """
-    n_tokens, n_hidden = hidden.shape
-    n_vocab = weight.shape[0]
-    n_tiles = triton.cdiv(n_vocab, config.block_v)
-    n_splits = min(_num_splits(n_tokens, n_tiles, config, hidden.device), MAX_GRID_Y)
+def lse_forward(problem: HeadProblem) -> torch.Tensor:
+    """Per-token fp32 ``(lse, nll)`` as an (N, 2) tensor for the active tokens of
+    ``problem`` (see the module docstring for how ``nll`` keeps its precision); entries of
+    inactive tokens are 0."""
+    n_tiles = triton.cdiv(problem.n_vocab, problem.config.block_v)
+    n_splits = min(_num_splits(problem.n_tokens, n_tiles, problem.config, problem.hidden.device), MAX_GRID_Y)
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, tiles_per_split)  # no split may be empty
 
-    part = torch.zeros((n_tokens, n_splits, 2), dtype=torch.float32, device=hidden.device)
-    target_logit = torch.zeros(n_tokens, dtype=torch.float32, device=hidden.device)
-    grid = (triton.cdiv(n_tokens, config.block_n), n_splits)
+    device = problem.hidden.device
+    part = torch.zeros((problem.n_tokens, n_splits, 2), dtype=torch.float32, device=device)
+    target_logit = torch.zeros(problem.n_tokens, dtype=torch.float32, device=device)
+    grid = (triton.cdiv(problem.n_tokens, problem.config.block_n), n_splits)
     _lse_forward_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, targets, order, n_active,
-        part, target_logit,
-        n_vocab, n_hidden, tiles_per_split, n_splits,
-        *layout_args(hidden, weight, softcap),
-        **tile_constants(bias is not None, softcap is not None, compute_dtype, config),
-        **config.launch_options(),
+        *problem.inputs(), part, target_logit,
+        problem.n_vocab, problem.n_hidden, tiles_per_split, n_splits, *problem.layout(),
+        **problem.constants(), **problem.launch_options(),
     )
     return merge_splits(part[..., 0], part[..., 1], target_logit)
 

@@ -1,5 +1,10 @@
-"""What every launcher passes its kernel: the compile-time constants the kernels are
-specialised on (dtypes, flags, block sizes) and the head's layout arguments."""
+"""What every launcher works on: one ``HeadProblem`` (the head, the tokens, their
+targets and the kernel configuration), and the compile-time constants the kernels are
+specialised on (dtypes, flags, block sizes)."""
+
+from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton.language as tl
@@ -36,8 +41,54 @@ def tile_constants(has_bias: bool, has_softcap: bool, compute_dtype, config: Ker
                 BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h)
 
 
-def layout_args(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> tuple:
-    """``(stride_hn, stride_hh, stride_wv, stride_wh, softcap)``, the arguments every kernel
-    built on ``tiles.logit_tile`` takes after its sizes (softcap 1.0 when unused)."""
-    return (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            float(softcap) if softcap is not None else 1.0)
+@dataclasses.dataclass(frozen=True)
+class HeadProblem:
+    """One head and its tokens, as every launcher takes them.
+
+    ``hidden`` is (N, H), ``weight`` (V, H), ``bias`` (V,) or None, ``targets`` (N,)
+    int64.  ``order`` (N,) int32 is a permutation of the tokens with the ``n_active``
+    tokens the launch works on first; ``n_active`` is a 1-element int32 device tensor (no
+    host synchronisation).  ``compute_dtype`` is the dtype the matmuls run in.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    targets: torch.Tensor
+    order: torch.Tensor
+    n_active: torch.Tensor
+    softcap: float | None
+    compute_dtype: torch.dtype
+    config: KernelConfig
+
+    @property
+    def n_tokens(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def n_vocab(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def n_hidden(self) -> int:
+        return self.hidden.shape[1]
+
+    def inputs(self) -> tuple:
+        """``(hidden, weight, bias, targets, order, n_active)``, the first arguments of every
+        kernel (``hidden`` stands in for a missing bias; ``HAS_BIAS`` is then False)."""
+        bias = self.bias if self.bias is not None else self.hidden
+        return (self.hidden, self.weight, bias, self.targets, self.order, self.n_active)
+
+    def layout(self) -> tuple:
+        """``(stride_hn, stride_hh, stride_wv, stride_wh, softcap)``, the arguments every
+        kernel built on ``tiles.logit_tile`` takes after its sizes (softcap 1.0 when unused)."""
+        softcap = float(self.softcap) if self.softcap is not None else 1.0
+        return (*self.hidden.stride(), *self.weight.stride(), softcap)
+
+    def constants(self, **flags: bool) -> dict:
+        """The compile-time constants of ``tile_constants``, plus ``flags``."""
+        return dict(tile_constants(self.bias is not None, self.softcap is not None, self.compute_dtype,
+                                   self.config), **flags)
+
+    def launch_options(self) -> dict:
+        return self.config.launch_options()

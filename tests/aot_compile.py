@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hardfocus_fused.kernels.backward import _lce_backward_kernel, backward_constants
+from hardfocus_fused.kernels.backward import _lce_backward_kernel
 from hardfocus_fused.kernels.backward_deterministic import _grad_hidden_kernel, _grad_weight_kernel
 from hardfocus_fused.kernels.config import default_config
 from hardfocus_fused.kernels.forward import _lse_forward_kernel
@@ -50,7 +50,7 @@ def compile_all(capability: int = 90) -> int:
                     (tiles, _grad_hidden_kernel),
                     (dict(tiles, GRAD_WEIGHT=True, GRAD_BIAS=True), _grad_weight_kernel)]
         for need_weight in (True, False):
-            variants.append((backward_constants(True, True, dtype, config, True, need_weight, True),
+            variants.append((dict(tiles, GRAD_HIDDEN=True, GRAD_WEIGHT=need_weight, GRAD_BIAS=True),
                              _lce_backward_kernel))
         for constants, kernel in variants:
             src = ASTSource(fn=kernel, signature=signature(kernel, constants, dtype), constexprs=constants)

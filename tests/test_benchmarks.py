@@ -78,3 +78,85 @@ def test_accuracy_cli_writes_its_table(tmp_path):
     assert [r["impl"] for r in result["rows"]] == ["eager", "hardfocus"]
     assert all(r["err_grad_weight"] < 1e-4 for r in result["rows"])
     assert (tmp_path / "a.md").read_text().count("| tiny |") == 2
+
+
+def test_frozen_head_rows_count_one_matmul_less():
+    shape = SHAPES["tiny"]
+    rows = compare.measure("hardfocus", "irdro", "tiny", "random", "frozen", torch.float32, "cpu", 1, True)
+    by_pass = {r["pass"]: r for r in rows}
+    assert all(r["head"] == "frozen" and "err_loss" not in r for r in rows)
+    for kind, products in (("fwd", 1), ("bwd", 1), ("fwd+bwd", 2)):
+        flops = by_pass[kind]["tflops"] * 1e12 * by_pass[kind]["ms"] * 1e-3
+        assert flops == pytest.approx(products * 2 * shape.tokens * shape.hidden * shape.vocab, rel=1e-9)
+
+
+def synthetic_result(ms: dict, matmul_tflops: float = 100.0) -> dict:
+    """A result with a row for every pass of every case in ``targets.PLAN``; ``ms[(impl,
+    method, shape, head, pass)]`` overrides the default 10 ms; TFLOP/s follow from ms."""
+    from benchmarks import targets
+
+    rows = []
+    for impl, method, shape, data, head in targets.PLAN:
+        s = SHAPES[shape]
+        for kind in compare.PASSES:
+            t = ms.get((impl, method, shape, head, kind), 10.0)
+            flops = compare.matmuls(kind, head) * 2 * s.tokens * s.hidden * s.vocab
+            rows.append({"impl": impl, "method": method, "shape": shape, "data": data, "head": head, "pass": kind,
+                         "ms": t, "peak_mb": 100.0 if impl == "hardfocus" else 150.0, "tflops": flops / t / 1e9})
+    return {"device": "NVIDIA H100", "date": "2026-11-24T00:00:00", "torch": "2.11", "triton": "3.6.0",
+            "dtype": "bfloat16", "matmul_tflops": matmul_tflops, "iters": 1, "memory": "", "notes": [],
+            "rows": rows}
+
+
+def test_targets_verdicts():
+    from benchmarks import targets
+
+    ms = {("hardfocus", "irdro", "llama3-8b", "trainable", "fwd+bwd"): 7.0,        # 0.7x cce: met
+          ("hardfocus", "irdro", "gemma2-2b", "trainable", "fwd+bwd"): 9.0,        # 0.9x cce: missed
+          ("hardfocus", "midranking", "llama3-8b", "trainable", "bwd"): 5.0,       # 0.5x: met
+          ("hardfocus", "irdro", "llama3-8b", "frozen", "bwd"): 6.5}               # 0.65x: missed
+    verdicts = {(v["target"], v["shape"]): v for v in targets.evaluate(synthetic_result(ms))}
+    assert len(verdicts) == sum(len(t.shapes) for t in targets.TARGETS)
+    assert all(v["verdict"] != "not measured" for v in verdicts.values())
+    cce = "IR-DRO fwd+bwd time / Cut Cross-Entropy's"
+    assert verdicts[(cce, "llama3-8b")]["value"] == pytest.approx(0.7)
+    assert verdicts[(cce, "llama3-8b")]["verdict"] == "met"
+    assert verdicts[(cce, "gemma2-2b")]["verdict"] == "missed"
+    assert verdicts[("MidRanking bwd time / IR-DRO bwd time", "llama3-8b")]["verdict"] == "met"
+    assert verdicts[("MidRanking bwd time / IR-DRO bwd time", "gemma2-2b")]["verdict"] == "missed"   # 1.0
+    assert verdicts[("frozen-head bwd time / trainable-head bwd time", "llama3-8b")]["verdict"] == "missed"
+    assert verdicts[("IR-DRO fwd+bwd peak extra memory / Cut Cross-Entropy's", "gemma2-2b")]["value"] == \
+        pytest.approx(100 / 150)
+    forward = verdicts[("forward TFLOP/s / dense matmul TFLOP/s", "llama3-8b")]
+    s = SHAPES["llama3-8b"]
+    assert forward["value"] == pytest.approx(2 * s.tokens * s.hidden * s.vocab / 10e-3 / 1e12 / 100.0)
+
+
+def test_targets_without_rows_are_not_measured(tmp_path):
+    from benchmarks import targets
+
+    result = synthetic_result({})
+    result["rows"] = [r for r in result["rows"] if r["impl"] != "cce"]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(result))
+    checked = targets.main(["--from", str(path), "--out", str(tmp_path), "--tag", "v"])
+    missing = {v["target"] for v in checked["targets"] if v["verdict"] == "not measured"}
+    assert missing == {"IR-DRO fwd+bwd time / Cut Cross-Entropy's",
+                       "IR-DRO fwd+bwd peak extra memory / Cut Cross-Entropy's"}
+    assert (tmp_path / "v.md").read_text().count("| not measured |") == 4
+
+
+def test_targets_run_measures_its_plan(tmp_path, monkeypatch):
+    from benchmarks import targets
+
+    monkeypatch.setattr(targets, "PLAN", (("hardfocus", "irdro", "tiny", "random", "frozen"),
+                                          ("cce", "irdro", "tiny", "random", "trainable")))
+    result = targets.main(["--iters", "1", "--out", str(tmp_path), "--tag", "m"])
+    assert {(r["impl"], r["head"]) for r in result["rows"]} == {("hardfocus", "frozen")}
+    assert any(note.startswith("skipped cce") for note in result["notes"])
+    assert json.loads((tmp_path / "m.json").read_text())["targets"] == result["targets"]
+
+
+def test_gpu_session_script_parses():
+    done = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_session.sh")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -1,16 +1,15 @@
 """group=: weights over the global batch of two gloo ranks; DDP's averaging gives exactly the
 single-process gradient of the concatenated batch."""
 
-import contextlib
 import copy
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from hardfocus_fused import hardfocus_loss
+from ranks import spawn_ranks
 
 H_IN, H, V, T = 6, 8, 23, 7
 SPLIT = [3, 2]          # rank 0 holds 3 sequences, rank 1 holds 2
@@ -36,48 +35,31 @@ def global_batch():
     return x, labels
 
 
-@contextlib.contextmanager
-def process_group(rank, world, init_file):
-    """This spawned process as ``rank`` of a gloo group, torn down on exit.
+def _worker(rank, world, method):
+    x, labels = global_batch()
+    ref_model = Head()
+    ref_loss, ref_stats = ref_model(x, labels, method=method, n1=0.2, n2=0.4, r=0.7)
+    ref_loss.backward()
 
-    The barrier keeps a rank from tearing its group down while the other still uses it:
-    without it gloo sometimes aborts the slower process ("terminate called without an
-    active exception").  After a failure there is no barrier; ``mp.spawn`` stops the other
-    rank."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        yield
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    start = sum(SPLIT[:rank])
+    mine = slice(start, start + SPLIT[rank])
+    ddp = nn.parallel.DistributedDataParallel(Head())
+    loss, stats = ddp(x[mine], labels[mine], method=method, n1=0.2, n2=0.4, r=0.7, group=dist.group.WORLD)
+    loss.backward()          # DDP averages the gradients over the ranks
 
-
-def _worker(rank, world, init_file, method):
-    with process_group(rank, world, init_file):
-        x, labels = global_batch()
-        ref_model = Head()
-        ref_loss, ref_stats = ref_model(x, labels, method=method, n1=0.2, n2=0.4, r=0.7)
-        ref_loss.backward()
-
-        start = sum(SPLIT[:rank])
-        mine = slice(start, start + SPLIT[rank])
-        ddp = nn.parallel.DistributedDataParallel(Head())
-        loss, stats = ddp(x[mine], labels[mine], method=method, n1=0.2, n2=0.4, r=0.7, group=dist.group.WORLD)
-        loss.backward()          # DDP averages the gradients over the ranks
-
-        torch.testing.assert_close(stats.weights, ref_stats.weights[mine], rtol=1e-6, atol=1e-7)
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        torch.testing.assert_close(total / world, ref_loss.detach(), rtol=1e-5, atol=1e-6)
-        for (name, p), q in zip(ddp.module.named_parameters(), ref_model.parameters(), strict=True):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(stats.weights, ref_stats.weights[mine], rtol=1e-6, atol=1e-7)
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    torch.testing.assert_close(total / world, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(ddp.module.named_parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("method", ["irdro", "midranking", "mean"])
 def test_ddp_gradients_equal_single_process_on_the_global_batch(method, tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), method), nprocs=2, join=True)
+    spawn_ranks(_worker, str(tmp_path / "init"), method)
 
 
 def hf_setup(rank):
@@ -101,24 +83,23 @@ def patch_global(model):
     return apply_hardfocus(model, method="irdro", r=0.5, impl="torch", group=dist.group.WORLD)
 
 
-def _hf_worker(rank, world, init_file):
-    with process_group(rank, world, init_file):
-        base, ids, mask, labels, ref, mine = hf_setup(rank)
-        for patch_first in (True, False):
-            model = copy.deepcopy(base)
-            if patch_first:
-                patch_global(model)
-            ddp = nn.parallel.DistributedDataParallel(model)
-            if not patch_first:     # patches the model inside DDP
-                patch_global(ddp)
-            ddp(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
-            for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=f"{patch_first=}: {name}")
+def _hf_worker(rank, world):
+    base, ids, mask, labels, ref, mine = hf_setup(rank)
+    for patch_first in (True, False):
+        model = copy.deepcopy(base)
+        if patch_first:
+            patch_global(model)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        if not patch_first:     # patches the model inside DDP
+            patch_global(ddp)
+        ddp(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=f"{patch_first=}: {name}")
 
 
 def test_patched_hf_model_under_ddp(tmp_path):
     pytest.importorskip("transformers")
-    mp.spawn(_hf_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+    spawn_ranks(_hf_worker, str(tmp_path / "init"))
 
 
 def _sharded(base, mesh, layout):
@@ -142,20 +123,19 @@ def _sharded(base, mesh, layout):
 FSDP_LAYOUTS = ["head in the root unit", "head in its own unit", "patched after sharding"]
 
 
-def _fsdp_worker(rank, world, init_file):
+def _fsdp_worker(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
 
-    with process_group(rank, world, init_file):
-        base, ids, mask, labels, ref, mine = hf_setup(rank)
-        mesh = init_device_mesh("cpu", (world,))
-        for layout in FSDP_LAYOUTS:
-            model = _sharded(base, mesh, layout)
-            for step in range(2):      # the second step reuses the resharded head
-                model.zero_grad()
-                model(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
-                for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
-                    torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-4, atol=1e-6,
-                                               msg=f"{layout}, step {step}: {name}")
+    base, ids, mask, labels, ref, mine = hf_setup(rank)
+    mesh = init_device_mesh("cpu", (world,))
+    for layout in FSDP_LAYOUTS:
+        model = _sharded(base, mesh, layout)
+        for step in range(2):      # the second step reuses the resharded head
+            model.zero_grad()
+            model(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
+            for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+                torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-4, atol=1e-6,
+                                           msg=f"{layout}, step {step}: {name}")
 
 
 def test_fsdp2_on_cpu(tmp_path):
@@ -166,41 +146,40 @@ def test_fsdp2_on_cpu(tmp_path):
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:
         pytest.skip("this torch has no FSDP2 (fully_shard)")
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+    spawn_ranks(_fsdp_worker, str(tmp_path / "init"))
 
 
-def _fsdp1_worker(rank, world, init_file):
+def _fsdp1_worker(rank, world):
     import functools
 
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
-    with process_group(rank, world, init_file):
-        base, ids, mask, labels, ref, mine = hf_setup(rank)
-        for patch_first, use_orig_params in [(True, True), (False, False)]:
-            model = copy.deepcopy(base)
-            if patch_first:
-                patch_global(model)
-            layers, head = set(model.model.layers), model.lm_head
-            # lm_head is its own unit: its flat parameter is gathered only inside its call.
-            policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m in layers or m is head)
-            fsdp = FSDP(model, auto_wrap_policy=policy, device_id=torch.device("cpu"),
-                        use_orig_params=use_orig_params)
-            if not patch_first:
-                patch_global(fsdp)     # unwraps FSDP; the probe runs through it
-            fsdp(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
-            # Read the gradients back as one SGD step of size 1 on the gathered parameters
-            # (FSDP1 cannot gather gradients with use_orig_params=False).
-            torch.optim.SGD(fsdp.parameters(), lr=1.0).step()
-            with FSDP.summon_full_params(fsdp):
-                pairs = zip(fsdp.module.named_parameters(), base.parameters(), ref.parameters(), strict=True)
-                for (name, p), p0, q in pairs:
-                    torch.testing.assert_close(p0 - p, q.grad, rtol=1e-4, atol=1e-6,
-                                               msg=f"patched {'before' if patch_first else 'after'}: {name}")
+    base, ids, mask, labels, ref, mine = hf_setup(rank)
+    for patch_first, use_orig_params in [(True, True), (False, False)]:
+        model = copy.deepcopy(base)
+        if patch_first:
+            patch_global(model)
+        layers, head = set(model.model.layers), model.lm_head
+        # lm_head is its own unit: its flat parameter is gathered only inside its call.
+        policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m in layers or m is head)
+        fsdp = FSDP(model, auto_wrap_policy=policy, device_id=torch.device("cpu"),
+                    use_orig_params=use_orig_params)
+        if not patch_first:
+            patch_global(fsdp)     # unwraps FSDP; the probe runs through it
+        fsdp(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
+        # Read the gradients back as one SGD step of size 1 on the gathered parameters
+        # (FSDP1 cannot gather gradients with use_orig_params=False).
+        torch.optim.SGD(fsdp.parameters(), lr=1.0).step()
+        with FSDP.summon_full_params(fsdp):
+            pairs = zip(fsdp.module.named_parameters(), base.parameters(), ref.parameters(), strict=True)
+            for (name, p), p0, q in pairs:
+                torch.testing.assert_close(p0 - p, q.grad, rtol=1e-4, atol=1e-6,
+                                           msg=f"patched {'before' if patch_first else 'after'}: {name}")
 
 
 def test_fsdp1_with_its_own_lm_head_unit(tmp_path):
     """FSDP1 (FullyShardedDataParallel) with lm_head wrapped on its own, patched before or
     after wrapping, gives the single-process gradients."""
     pytest.importorskip("transformers")
-    mp.spawn(_fsdp1_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+    spawn_ranks(_fsdp1_worker, str(tmp_path / "init"))

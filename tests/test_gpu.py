@@ -61,6 +61,34 @@ def test_no_logits_sized_allocation():
     assert extra < grad_buffers + logits_bytes // 100
 
 
+def test_half_precision_weight_gradient_needs_no_fp32_copy():
+    # bf16 head of 64000 x 256 (a 32.8 MB gradient) in fp32 chunks of 8 MiB: the backward's
+    # extra memory is the bf16 gradient, the hidden-state gradient (fp32 sum + bf16) and one
+    # chunk, not a 65.5 MB fp32 copy of the weight gradient on top.
+    import dataclasses
+
+    from hardfocus_fused.kernels import default_config
+    from hardfocus_fused.lce import token_nll
+
+    n_tokens, n_hidden, vocab = 4096, 256, 64000
+    h, w, labels = head_batch(4, 1024, n_hidden, vocab, torch.bfloat16, seed=6)
+    config = dataclasses.replace(default_config(n_tokens, vocab, n_hidden, torch.bfloat16),
+                                 weight_grad_chunk_bytes=8 * 2**20)
+    nll = token_nll(h.view(n_tokens, n_hidden), w, labels.view(-1), None, -100, None, "triton", kernel_config=config)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    nll.sum().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    allowed = vocab * n_hidden * 2 + n_tokens * n_hidden * (4 + 2) + 8 * 2**20 + 2**20
+    assert extra <= allowed < vocab * n_hidden * (4 + 2)
+    ref = torch.nn.functional.cross_entropy(h.view(n_tokens, n_hidden).double() @ w.double().T, labels.view(-1),
+                                            reduction="sum", ignore_index=-100)
+    for g, r in zip((h.grad, w.grad), grads_of(ref, (h, w))):
+        assert rel_err(g, r) <= TOLERANCES[torch.bfloat16][1]
+
+
 def test_deterministic_gradients_are_bitwise_reproducible():
     h, w, labels = head_batch(8, 512, 1024, 32000, torch.bfloat16, seed=4)
     runs = [grads_of(hardfocus_loss(h, w, labels, impl="triton", deterministic=True), (h, w)) for _ in range(3)]

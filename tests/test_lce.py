@@ -7,7 +7,8 @@ import torch
 from hardfocus_fused import linear_cross_entropy
 from hardfocus_fused.kernels import KernelConfig
 from hardfocus_fused.lce import token_nll
-from helpers import device_for, grads_of, make_batch
+from hardfocus_fused.kernels import backward as backward_module
+from helpers import TOLERANCES, device_for, grads_of, make_batch
 from reference import reference_token_nll, rel_err
 
 IMPLS = ["torch", "triton"]
@@ -61,3 +62,30 @@ def test_vocabulary_split_merges_exactly(splits, triton_device):
     want = torch.autograd.grad(ref.sum(), (h, w, b))
     for g, r in zip(got, want):
         assert rel_err(g, r) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weight_gradient_chunks_match_reference(dtype, triton_device, monkeypatch):
+    # V=70 in chunks of 48 rows (three 16-column tiles): two launches, the second ragged.
+    launches = []
+    real_launch = backward_module._launch
+    monkeypatch.setattr(backward_module, "_launch", lambda *args: launches.append(args[-2:]) or real_launch(*args))
+    h, w, b, labels = make_batch(2, 12, 32, 70, dtype=dtype, device=triton_device, seed=14)
+    config = KernelConfig(block_n=16, block_v=16, block_h=16, weight_grad_chunk_bytes=48 * 32 * 4 + 100)
+    flat, targets = h.reshape(-1, 32), labels.reshape(-1)
+    nll = token_nll(flat, w, targets, b, -100, 5.0, "triton", kernel_config=config)
+    ref = reference_token_nll(flat, w, targets, b, softcap=5.0)
+    upstream = torch.rand(targets.shape, generator=torch.Generator().manual_seed(0)).to(triton_device)
+    got = torch.autograd.grad((nll * upstream).sum(), (h, w, b))
+    want = torch.autograd.grad((ref * upstream.double()).sum(), (h, w, b))
+    assert launches == [(0, 48), (48, 70)]
+    assert [g.dtype for g in got] == [dtype] * 3
+    for g, r in zip(got, want):
+        assert rel_err(g, r) <= TOLERANCES[dtype][1]
+
+
+@pytest.mark.parametrize("field,value", [("block_v", 48), ("block_n", 8), ("fp32_precision", "fp16"),
+                                         ("vocab_splits", -1), ("weight_grad_chunk_bytes", 0)])
+def test_kernel_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"KernelConfig.{field}"):
+        KernelConfig(**{field: value})

@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import hardfocus_fused.kernels as kernels
 import hardfocus_fused.torch_op as torch_op
 from hardfocus_fused import hardfocus_loss
+from hardfocus_fused.lce import token_nll
 from helpers import make_batch
 
 
@@ -42,13 +43,28 @@ def test_no_logits_tensor_forward_or_backward(impl, triton_device, monkeypatch):
     assert spy.largest <= limit < 4 * n_tokens * vocab // 6
 
 
+def test_half_precision_weight_gradient_is_accumulated_in_chunks(triton_device):
+    # A bf16 head of V=600 x H=16: a whole-vocabulary fp32 accumulator would take 38,400
+    # bytes; with 128-row chunks the largest tensor is the bf16 weight (or its gradient).
+    vocab, n_hidden = 600, 16
+    h, w, b, labels = make_batch(4, 32, n_hidden, vocab, dtype=torch.bfloat16, device=triton_device,
+                                 bias=False, dead=False, ragged=False)
+    config = kernels.KernelConfig(block_n=32, block_v=64, block_h=16, weight_grad_chunk_bytes=128 * n_hidden * 4)
+    flat, targets = h.reshape(-1, n_hidden), labels.reshape(-1)
+    nll = token_nll(flat, w, targets, None, -100, None, "triton", kernel_config=config)
+    with LargestTensor() as spy:
+        nll.sum().backward()
+    assert w.grad.dtype == torch.bfloat16
+    assert spy.largest <= vocab * n_hidden * 2 < vocab * n_hidden * 4
+
+
 def test_triton_backward_visits_only_weighted_tokens(triton_device, monkeypatch):
     # MidRanking over 8 sequences keeps 2: only their target tokens may enter the backward.
     seen = {}
     original = kernels.lce_backward
 
     def spy(*args, **kwargs):
-        seen["n_active"] = int(args[5].item())
+        seen["n_active"] = int(args[0].n_active.item())
         return original(*args, **kwargs)
 
     monkeypatch.setattr(kernels, "lce_backward", spy)

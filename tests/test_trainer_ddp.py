@@ -16,6 +16,7 @@ from hardfocus_fused import apply_hardfocus  # noqa: E402
 from hardfocus_fused.accumulate import AccumulatedIRDRO  # noqa: E402
 from hardfocus_fused.hf_trainer import AccumulationCallback  # noqa: E402
 from helpers import assert_same_updates, state_of  # noqa: E402
+from ranks import finish_group  # noqa: E402
 from hf_models import tiny_model  # noqa: E402
 from test_trainer import Rows, sgd_args  # noqa: E402
 
@@ -44,10 +45,15 @@ def _runs(base, group):
 
 
 def _worker(rank, port, out, initial, references):
-    import torch.distributed as dist
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
+    _train_and_check(out, initial, references)
+    finish_group()    # the Trainer started the group and leaves it to us
+
+
+def _train_and_check(out, initial, references):
+    import torch.distributed as dist
+
     base = tiny_model("llama")
     transformers.TrainingArguments(output_dir=str(out), use_cpu=True, ddp_backend="gloo")  # starts the group
     assert dist.get_world_size() == WORLD
