@@ -41,7 +41,7 @@ def tile_constants(has_bias: bool, has_softcap: bool, compute_dtype, config: Ker
                 BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)   # fields are tensors: compare by identity
 class HeadProblem:
     """One head and its tokens, as every launcher takes them.
 

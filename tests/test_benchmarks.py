@@ -160,3 +160,12 @@ def test_targets_run_measures_its_plan(tmp_path, monkeypatch):
 def test_gpu_session_script_parses():
     done = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_session.sh")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_skip_analysis_drops_tiles_and_measures_the_cost():
+    from benchmarks import skip_analysis
+
+    rows = skip_analysis.main(["--shape", "tiny", "--block-n", "16", "--block-v", "16", "--log2-eps", "-4", "-60"])
+    coarse, exact = rows
+    assert 0 < coarse["tiles_kept"] < 1 and coarse["grad_hidden_err_norm"] > 1e-3
+    assert exact["tiles_kept"] == 1 and exact["grad_hidden_err_max"] == exact["grad_weight_err_max"] == 0
