@@ -231,31 +231,30 @@ def new_result(args: argparse.Namespace) -> dict:
               "notes": [], "rows": []}
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, cases=None) -> dict:
+    """Measure ``cases``, each ``(impl, method, shape, data, head)`` (default: every
+    combination of the options in ``args``), in the order given."""
+    if cases is None:
+        cases = ((impl, method, shape, data, head) for impl, shape, data, method, head
+                 in itertools.product(args.impls, args.shapes, args.data, args.methods, args.heads))
+    cases = list(cases)
+    why_not = {impl: unavailable(impl, args.device) for impl in dict.fromkeys(key[0] for key in cases)}
     result = new_result(args)
-    for impl in args.impls:
-        why = unavailable(impl, args.device)
-        if why:
-            result["notes"].append(f"skipped {impl}: {why}")
+    result["notes"] += [f"skipped {impl}: {why}" for impl, why in why_not.items() if why]
+    for key in cases:
+        if why_not[key[0]]:
             continue
-        for shape, data, method, head in itertools.product(args.shapes, args.data, args.methods, args.heads):
-            measure_into(result, (impl, method, shape, data, head), args, shape in args.accuracy_shapes)
+        case = (*key, getattr(torch, args.dtype), args.device, args.iters, key[2] in args.accuracy_shapes)
+        rows = measure_cpu(*case) if args.device == "cpu" else _guarded(case)
+        if isinstance(rows, str):
+            result["notes"].append(f"{' '.join(key)}: {rows}")
+            continue
+        result["rows"] += rows
+        if not args.quiet:
+            for r in rows:
+                print(f"{' '.join(key):55s} {r['pass']:7s} {r['ms']:9.2f} ms {r['peak_mb']:9.1f} MiB "
+                      f"{r['tflops']:7.2f} TFLOP/s", flush=True)
     return result
-
-
-def measure_into(result: dict, key: tuple, args: argparse.Namespace, with_accuracy: bool) -> None:
-    """Measure the case ``key = (impl, method, shape, data, head)`` and add its rows (or a
-    note saying why it failed) to ``result``."""
-    case = (*key, getattr(torch, args.dtype), args.device, args.iters, with_accuracy)
-    rows = measure_cpu(*case) if args.device == "cpu" else _guarded(case)
-    if isinstance(rows, str):
-        result["notes"].append(f"{' '.join(key)}: {rows}")
-        return
-    result["rows"] += rows
-    if not args.quiet:
-        for r in rows:
-            print(f"{' '.join(key):55s} {r['pass']:7s} {r['ms']:9.2f} ms {r['peak_mb']:9.1f} MiB "
-                  f"{r['tflops']:7.2f} TFLOP/s", flush=True)
 
 
 def _guarded(case) -> list[dict] | str:

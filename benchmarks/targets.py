@@ -124,17 +124,8 @@ def verdict_table(verdicts: list[dict]) -> str:
 def measure(argv: list[str]) -> dict:
     """Run the ``PLAN`` cases through ``benchmarks.compare`` (its options in ``argv``)."""
     from . import compare
-    from .peers import unavailable
 
-    args = compare.parse_args(argv)
-    result = compare.new_result(args)
-    for key in PLAN:
-        why = unavailable(key[0], args.device)
-        if why:
-            result["notes"].append(f"skipped {' '.join(key)}: {why}")
-            continue
-        compare.measure_into(result, key, args, with_accuracy=False)
-    return result
+    return compare.run(compare.parse_args([*argv, "--accuracy-shapes"]), PLAN)
 
 
 def main(argv=None) -> dict:

@@ -143,7 +143,7 @@ def _chunked_weight_backward(problem, stats, coef, grad_hidden, grad_bias) -> to
     n_vocab, n_hidden = problem.n_vocab, problem.n_hidden
     rows = weight_chunk_rows(problem)
     accum = _fp32_zeros(problem, rows, n_hidden)
-    if rows == n_vocab and problem.weight.dtype == torch.float32:
+    if problem.weight.dtype == torch.float32:   # one chunk, and the fp32 sum is the gradient
         _launch(problem, stats, coef, grad_hidden, accum, grad_bias, 0, n_vocab)
         return accum
     grad_weight = torch.empty((n_vocab, n_hidden), dtype=problem.weight.dtype, device=problem.hidden.device)
