@@ -5,35 +5,67 @@ from __future__ import annotations
 import torch
 
 
-def shift_targets(labels: torch.Tensor, ignore_index: int, starts: torch.Tensor | None = None) -> torch.Tensor:
-    """Targets for next-token prediction: position t is scored against ``labels[..., t + 1]``.
+def shift_targets(labels: torch.Tensor, ignore_index: int, starts: torch.Tensor | None = None,
+                  shift: int = 1) -> torch.Tensor:
+    """Targets for next-token prediction: position t is scored against ``labels[..., t + shift]``.
 
-    The last position of each sequence gets ``ignore_index``, and so does the last position
-    of each document when ``starts`` (bool, like ``labels``) marks where documents begin in a
-    packed row: a document is never scored on the next document's first token.  Only the
-    (small) integer labels are shifted; hidden states are used in place.
+    The last ``shift`` positions of each sequence get ``ignore_index``, and so does every
+    position whose target would lie in the next document when ``starts`` (bool, like
+    ``labels``) marks where documents begin in a packed row: a document is never scored on
+    another document's tokens.  ``shift=0`` returns ``labels``.  Only the (small) integer
+    labels are shifted; hidden states are used in place.
     """
-    pad = torch.full_like(labels[..., :1], ignore_index)
-    targets = torch.cat([labels[..., 1:], pad], dim=-1)
-    if starts is not None:
-        next_starts = torch.cat([starts[..., 1:], torch.ones_like(starts[..., :1])], dim=-1)
-        targets = targets.masked_fill(next_starts, ignore_index)
+    if shift == 0:
+        return labels
+    length = labels.shape[-1]
+    pad = torch.full_like(labels[..., : min(shift, length)], ignore_index)
+    targets = torch.cat([labels[..., shift:], pad], dim=-1)
+    if starts is not None and shift < length:
+        # Document number of every position; a target is kept only inside its own document.
+        doc = starts.long().cumsum(-1)
+        crosses = torch.cat([doc[..., shift:] != doc[..., :-shift], torch.ones_like(starts[..., :shift])], dim=-1)
+        targets = targets.masked_fill(crosses, ignore_index)
     return targets
 
 
-def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+def document_starts(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Where documents begin in packed rows: every row start, and every position id 0 that
-    follows a non-zero one (``DataCollatorWithFlattening``'s resets).
+    follows a non-zero one (``DataCollatorWithFlattening``'s resets) with real tokens
+    before it in its row.
 
-    A run of zeros starts one document: left padding with position ids clamped to 0 is not
-    a string of one-token documents, and a one-token document (which has no target of its
-    own) simply joins the next one.
+    Padding never starts a document or makes one of its own; it joins the adjacent
+    document, as the model's own loss treats it (a left pad's target is the row's first
+    token):
+
+    - padding is where ``attention_mask`` is 0; without a mask, a row's leading run of one
+      repeated non-zero position id before its first 0 (``generate`` fills left padding
+      with 1 and counts the text from 0);
+    - a run of zeros starts one document, so left padding with position ids clamped to 0
+      is not a string of one-token documents (and a one-token document, which has no
+      target of its own, simply joins the next one).
+
+    A row that begins inside a document (increasing position ids before its first 0) keeps
+    that piece as a document of its own.
     """
     zero = position_ids == 0
-    starts = zero.clone()
-    starts[..., 1:] &= ~zero[..., :-1]
+    reset = zero.clone()
+    reset[..., 1:] &= ~zero[..., :-1]
+    content = attention_mask != 0 if attention_mask is not None else ~_leading_fill(position_ids, zero)
+    content = content.long()
+    content_before = (content.cumsum(-1) - content) > 0
+    starts = reset & content.bool() & content_before
     starts[..., 0] = True
     return starts
+
+
+def _leading_fill(position_ids: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Each row's leading run of one repeated non-zero position id, where it is all that
+    comes before the row's first 0 (``generate``-style left padding); else nothing."""
+    before_first_zero = zero.long().cumsum(-1) == 0
+    run = ((position_ids == position_ids[..., :1]) & before_first_zero).long().cumprod(-1).bool()
+    prefix = before_first_zero.sum(-1, keepdim=True)
+    is_fill = (prefix > 0) & (prefix == run.sum(-1, keepdim=True)) & zero.any(-1, keepdim=True)
+    return run & is_fill
 
 
 def segment_bounds(starts: torch.Tensor) -> torch.Tensor:
@@ -62,9 +94,10 @@ def partition_active(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, n_active
 
 
-def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """dtype the Triton matmuls run in: the common dtype, or for mixed inputs (bf16 hidden
-    with an fp32 head under autocast, say) the lower-precision one, as autocast would."""
-    if hidden.dtype == weight.dtype:
-        return hidden.dtype
-    return min((hidden.dtype, weight.dtype), key=lambda d: torch.finfo(d).bits)
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, autocast: torch.dtype | None = None) -> torch.dtype:
+    """dtype the Triton matmuls run in: the lowest precision among ``hidden``'s, the
+    weight's and ``autocast`` (the autocast dtype when autocast is on), as autocast's
+    ``lm_head`` would multiply (bf16 hidden with an fp32 head, or fp32 inputs under bf16
+    autocast, run in bf16)."""
+    dtypes = [hidden.dtype, weight.dtype] + ([autocast] if autocast is not None else [])
+    return min(dtypes, key=lambda d: torch.finfo(d).bits)

@@ -4,6 +4,7 @@ argument, before any kernel runs."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -70,14 +71,24 @@ def check_labels(name: str, labels, expected_shape: tuple[int, ...], n_vocab: in
         raise ValueError(f"{name} is on {labels.device} but hidden is on {device}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if 0 <= ignore_index < n_vocab:
-        raise ValueError(f"ignore_index={ignore_index} is a valid vocabulary id (V={n_vocab}); use a negative value")
     if not check_values or not labels.numel():
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= n_vocab))
     if bool(bad.any()):
         first = labels[bad].flatten()[0].item()
         raise ValueError(f"{name} contains {first}, outside [0, {n_vocab}) and not ignore_index={ignore_index}")
+
+
+def check_shift(shift) -> int:
+    """``shift`` as the number of positions between a token and its target: ``True`` is 1,
+    ``False`` 0, an integer ``k >= 0`` is ``k`` (position t is scored against t + k)."""
+    if isinstance(shift, bool):
+        return int(shift)
+    if not isinstance(shift, numbers.Integral):
+        raise TypeError(f"shift must be a bool or an int >= 0, got {type(shift).__name__} {shift!r}")
+    if shift < 0:
+        raise ValueError(f"shift must be >= 0 (position t is scored against t + shift), got {shift}")
+    return int(shift)
 
 
 def check_softcap(softcap) -> None:
@@ -102,12 +113,12 @@ def check_weighting(method, r: float, n1: float, n2: float, seq_reduction: str) 
             raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
-def check_position_ids(position_ids, labels: torch.Tensor) -> None:
-    """Integer ``position_ids`` shaped and placed like ``labels``."""
-    check_tensor("position_ids", position_ids, 2)
-    if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
-        raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
-    if position_ids.shape != labels.shape:
-        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)} but labels has {tuple(labels.shape)}")
-    if position_ids.device != labels.device:
-        raise ValueError(f"position_ids is on {position_ids.device} but labels is on {labels.device}")
+def check_position_ids(name: str, value, labels: torch.Tensor) -> None:
+    """Integer (or, for a mask, bool) ``value`` shaped and placed like ``labels``."""
+    check_tensor(name, value, 2)
+    if value.dtype.is_floating_point or value.dtype.is_complex or (value.dtype == torch.bool and name == "position_ids"):
+        raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+    if value.shape != labels.shape:
+        raise ValueError(f"{name} has shape {tuple(value.shape)} but labels has {tuple(labels.shape)}")
+    if value.device != labels.device:
+        raise ValueError(f"{name} is on {value.device} but labels is on {labels.device}")

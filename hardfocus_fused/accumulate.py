@@ -49,10 +49,15 @@ class AccumulatedIRDRO:
         self.max: torch.Tensor | None = None
         self.total: torch.Tensor | None = None
 
+    def batch_options(self) -> dict:
+        """The per-batch method this rule extends (used where no step is accumulated:
+        evaluation under ``apply_hardfocus``)."""
+        return {"method": "irdro", "r": self.r}
+
     def __call__(self, seq_loss: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
         live = n_tokens > 0
         z = torch.where(live, seq_loss.detach().float() / self.r, float("-inf"))
-        batch_max = z.max()
+        batch_max = z.max() if z.numel() else z.new_tensor(float("-inf"))
         if self.max is None:
             new_max = batch_max
         else:
@@ -81,6 +86,10 @@ class TwoPassRanking:
             raise ValueError(f"method must be 'midranking', 'highranking' or 'lowranking', got {method!r}")
         self.method, self.n1, self.n2 = method, n1, n2
         self.reset()
+
+    def batch_options(self) -> dict:
+        """The per-batch method this rule extends (see ``AccumulatedIRDRO.batch_options``)."""
+        return {"method": self.method, "n1": self.n1, "n2": self.n2}
 
     def reset(self) -> None:
         self._observed: list[tuple[torch.Tensor, torch.Tensor]] = []

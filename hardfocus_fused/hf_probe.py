@@ -8,7 +8,8 @@ Three kinds of no-grad forward on ``_PROBE_TOKENS`` random tokens, in eval mode:
    scaling the config declares (``logit_scale``, ``logits_scaling`` or their reciprocals);
 2. logits driven large (three times the soft-cap, or 30): the model's logits must equal
    ``softcap(scale * lm_head(h))`` with the config's ``final_logit_softcapping``;
-3. with ``labels``: the patched loss (``method="mean"``) must equal the model's own loss.
+3. with ``labels``: the patched loss (``method="mean"``), on the training path (with grad)
+   and the evaluation path, must equal the model's own loss.
 
 The probe scales the hidden states inside the patched ``lm_head`` (``probe_gain``), so it
 reaches both ranges on any model without touching its weights.
@@ -45,67 +46,91 @@ def _fit_scale(patch, runner, ids, head_max: float, exact_dtype: bool) -> float:
     fitted = ((y * z).sum() / (z * z).sum()).item()
     name = type(patch.model).__name__
     if not math.isfinite(fitted) or fitted == 0:
-        raise ValueError(f"cannot patch {name}: its logits do not follow lm_head's output")
-    for declared in _declared_scales(getattr(patch.model, "config", None)):
-        if abs(fitted / declared - 1) < 2e-2:
-            return declared
+        raise ProbeRefusal(f"cannot patch {name}: its logits do not follow lm_head's output")
+    # The nearest declared scale, if it is within the fit's precision (2%, for bf16 models).
+    declared = min(_declared_scales(getattr(patch.model, "config", None)), key=lambda s: abs(fitted / s - 1))
+    if abs(fitted / declared - 1) < 2e-2:
+        return declared
     if exact_dtype:
         return fitted
-    raise ValueError(f"cannot patch {name}: its logits are lm_head's output times {fitted:.4g}, a scaling its "
-                     f"config does not declare")
+    raise ProbeRefusal(f"cannot patch {name}: its logits are lm_head's output times {fitted:.4g}, a scaling its "
+                       f"config does not declare")
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
+class ProbeRefusal(ValueError):
+    """The probe measured logits or a loss the patch does not reproduce."""
+
+
 def probe(patch, runner) -> None:
     """Set ``patch.scale``; raise ``ValueError`` when the model's logits or loss differ.
 
     ``runner`` is the module the user patched (the model, or a PEFT, DDP or FSDP wrapper
-    around it): the probe's forwards go through it, so wrappers gather sharded weights."""
-    model, head = patch.model, patch.head
-    name = type(model).__name__
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, head.out_features, (1, _PROBE_TOKENS), generator=gen)
-    ids = ids.to(next(runner.parameters()).device)
+    around it): the probe's forwards go through it, so wrappers gather sharded weights.
+    Any error inside the probe's forwards (a model that reshapes the logits, computes its
+    loss without ``loss_function``, or runs ``lm_head`` in chunks) becomes a ``ValueError``
+    saying the architecture is not supported."""
     was_training = runner.training
     runner.eval()
     try:
         with torch.no_grad():
-            patch.mode = "probe"
-            _logits_with_gain(patch, runner, ids, 1.0)
-            # lm_head's own output, not hidden @ weight: under FSDP the weight is whole only there.
-            raw = patch.probe_raw
-            tolerance = _TOLERANCE.get(raw.dtype, 3e-2)
-            head_max = raw.double().abs().max().item()
-            if not head_max > 0:
-                raise ValueError(f"cannot patch {name}: lm_head's output is zero or not finite on the probe")
-            patch.scale = _fit_scale(patch, runner, ids, head_max, exact_dtype=raw.dtype in _TOLERANCE)
-
-            reach = 3 * patch.softcap if patch.softcap else 30.0
-            y, z = _logits_with_gain(patch, runner, ids, reach / abs(patch.scale) / head_max)
-            expected = patch.scale * z
-            if patch.softcap:
-                expected = patch.softcap * torch.tanh(expected / patch.softcap)
-            err = _relative_error(y, expected)
-            if err > tolerance:
-                raise ValueError(f"cannot patch {name}: its logits are not softcap(scale * lm_head(h)) "
-                                 f"(relative difference {err:.2e} with softcap={patch.softcap}, "
-                                 f"scale={patch.scale}); its forward transforms the logits in a way "
-                                 f"hardfocus does not reproduce")
-
-            patch.mode = "off"
-            reference = runner(input_ids=ids, labels=ids).loss
-            patch.mode = "loss"
-            with patch.options_for(method="mean", seq_reduction="mean", group=None):
-                ours = runner(input_ids=ids, labels=ids).loss
-            err = _relative_error(ours.double().reshape(1), reference.double().reshape(1))
-            if err > tolerance:
-                raise ValueError(f"cannot patch {name}: the patched loss {ours.item():.6g} differs from the "
-                                 f"model's own {reference.item():.6g}")
+            _measure(patch, runner)
+    except ProbeRefusal:
+        raise
+    except Exception as error:
+        raise ValueError(f"cannot patch {type(patch.model).__name__}: its forward does not compute the logits as "
+                         f"lm_head(hidden) (elementwise post-processing aside) and its loss through "
+                         f"self.loss_function, which apply_hardfocus needs; this architecture is not supported "
+                         f"({type(error).__name__} in the patch-time probe: {error})") from error
     finally:
         runner.train(was_training)
         patch.mode, patch.probe_gain = "loss", 1.0
         patch.probe_raw = None
         patch.pop_log_values()
+        patch.pop_eval_log_values()
+
+
+def _measure(patch, runner) -> None:
+    model, head = patch.model, patch.head
+    name = type(model).__name__
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, head.out_features, (1, _PROBE_TOKENS), generator=gen)
+    ids = ids.to(next(runner.parameters()).device)
+    patch.mode = "probe"
+    _logits_with_gain(patch, runner, ids, 1.0)
+    # lm_head's own output, not hidden @ weight: under FSDP the weight is whole only there.
+    raw = patch.probe_raw
+    tolerance = _TOLERANCE.get(raw.dtype, 3e-2)
+    head_max = raw.double().abs().max().item()
+    if not head_max > 0:
+        raise ProbeRefusal(f"cannot patch {name}: lm_head's output is zero or not finite on the probe")
+    patch.scale = _fit_scale(patch, runner, ids, head_max, exact_dtype=raw.dtype in _TOLERANCE)
+
+    reach = 3 * patch.softcap if patch.softcap else 30.0
+    y, z = _logits_with_gain(patch, runner, ids, reach / abs(patch.scale) / head_max)
+    expected = patch.scale * z
+    if patch.softcap:
+        expected = patch.softcap * torch.tanh(expected / patch.softcap)
+    err = _relative_error(y, expected)
+    if err > tolerance:
+        raise ProbeRefusal(f"cannot patch {name}: its logits are not softcap(scale * lm_head(h)) "
+                           f"(relative difference {err:.2e} with softcap={patch.softcap}, "
+                           f"scale={patch.scale}); its forward transforms the logits in a way "
+                           f"hardfocus does not reproduce")
+
+    patch.mode = "off"
+    reference = runner(input_ids=ids, labels=ids).loss
+    patch.mode = "loss"
+    with patch.options_for(method="mean", seq_reduction="mean", group=None):
+        # The training path (with grad: the stand-in logits) and the evaluation path.
+        with torch.enable_grad():
+            ours = runner(input_ids=ids, labels=ids).loss.detach()
+        evaluated = runner(input_ids=ids, labels=ids).loss
+    for what, loss in (("patched", ours), ("patched evaluation", evaluated)):
+        err = _relative_error(loss.double().reshape(1), reference.double().reshape(1))
+        if err > tolerance:
+            raise ProbeRefusal(f"cannot patch {name}: the {what} loss {loss.item():.6g} differs from the "
+                               f"model's own {reference.item():.6g}")

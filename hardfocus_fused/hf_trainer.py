@@ -10,7 +10,10 @@ from .hf import hardfocus_patch
 class HardFocusCallback(TrainerCallback):
     """Adds ``hardfocus/*`` statistics (max weight, effective sample size ``1/sum w^2``,
     mean / max / weighted sequence loss), averaged over the loss calls since the previous
-    log, to every training log of a model patched with :func:`apply_hardfocus`.
+    log, to every training log of a model patched with :func:`apply_hardfocus`; and to
+    every evaluation log the same statistics of the evaluation batches under the eval
+    prefix (``eval_hardfocus/weighted_loss``, ...), beside the plain token-mean
+    ``eval_loss``.
 
     ``HardFocusCallback.attach(trainer)`` puts it first among the trainer's callbacks, so
     the console, ``log_history`` and every reporting integration see the values; added with
@@ -26,9 +29,15 @@ class HardFocusCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         patch = hardfocus_patch(model) if model is not None else None
-        if patch is None or logs is None or "loss" not in logs:   # training logs only
+        if patch is None or logs is None:
             return
-        values = patch.pop_log_values()
+        if "loss" in logs:                                   # a training log
+            values = patch.pop_log_values()
+        else:
+            prefix = next((key[: -len("_runtime")] for key in logs if key.endswith("_runtime")), None)
+            if prefix is None:                               # neither training nor evaluation
+                return
+            values = {f"{prefix}_{key}": value for key, value in patch.pop_eval_log_values().items()}
         logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)

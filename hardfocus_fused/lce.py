@@ -48,6 +48,13 @@ def resolve_deterministic(deterministic: bool | None) -> bool:
     return deterministic
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on ``device_type`` right now, or None when it is off."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def token_nll(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -59,13 +66,19 @@ def token_nll(
     deterministic: bool | None = None,
     kernel_config=None,
 ) -> torch.Tensor:
-    """Per-token NLL (N,) for 2-D ``hidden`` and 1-D ``targets`` of already-checked inputs."""
+    """Per-token NLL (N,) for 2-D ``hidden`` and 1-D ``targets`` of already-checked inputs.
+
+    Under autocast the op keeps its own dtype rules instead of autocast's: the Triton path
+    multiplies in the autocast dtype when it is lower than the inputs' (as autocast's
+    ``lm_head`` would, without a cast copy of the weight), the torch path in fp32 as
+    always; the NLL is fp32 and each gradient has its input's dtype either way.
+    """
     which = resolve_impl(impl, hidden.device, hidden.dtype)
     deterministic = resolve_deterministic(deterministic)  # the torch path always is
     targets = targets.to(torch.int64).contiguous()
-    if which == "triton":
+    if which == "triton" and hidden.shape[0] > 0:   # no token: nothing to launch
         return TritonLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, softcap, deterministic,
-                                              kernel_config)
+                                              kernel_config, autocast_dtype(hidden.device.type))
     return TorchLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, softcap)
 
 
@@ -77,7 +90,7 @@ def linear_cross_entropy(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     softcap: float | None = None,
-    shift: bool = False,
+    shift: bool | int = False,
     reduction: str = "none",
     impl: str = "auto",
     validate: bool = True,
@@ -90,10 +103,12 @@ def linear_cross_entropy(
         weight: (V, H) classifier (lm_head) weight.
         targets: (...) integer class ids, ``ignore_index`` for positions to skip.
         bias: optional (V,) bias.
-        ignore_index: target value that is skipped (NLL 0, no gradient).
+        ignore_index: target value that is skipped (NLL 0, no gradient); as in PyTorch it
+            may be any integer, a vocabulary id included.
         softcap: if set, logits are ``softcap * tanh(logits / softcap)`` (Gemma-2).
-        shift: if True, position t is scored against ``targets[..., t + 1]`` (causal-LM
-            labels) and the last position has no target.
+        shift: if True (or 1), position t is scored against ``targets[..., t + 1]``
+            (causal-LM labels) and the last position has no target; an integer ``k >= 0``
+            scores position t against ``targets[..., t + k]`` (the last k have none).
         reduction: ``"none"`` returns the fp32 per-token NLL with the shape of ``targets``
             (0 at ignored positions); ``"sum"``; ``"mean"`` over non-ignored positions
             (0.0, not NaN, when there are none).
@@ -115,10 +130,11 @@ def linear_cross_entropy(
     check.check_choice("reduction", reduction, check.REDUCTIONS)
     check.check_labels("targets", targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device,
                        check_values=validate)
+    shift = check.check_shift(shift)
     if shift:
         if targets.dim() == 0:
-            raise ValueError("shift=True needs targets with a sequence dimension")
-        targets = shift_targets(targets, ignore_index)
+            raise ValueError(f"shift={shift} needs targets with a sequence dimension")
+        targets = shift_targets(targets, ignore_index, shift=shift)
     flat = hidden.reshape(-1, hidden.shape[-1])
     nll = token_nll(flat, weight, targets.reshape(-1), bias, ignore_index, softcap, impl, deterministic)
     if reduction == "none":

@@ -41,13 +41,14 @@ def hardfocus_loss(
     n2: float = 0.25,
     seq_reduction: str = "mean",
     ignore_index: int = -100,
-    shift: bool = True,
+    shift: bool | int = True,
     softcap: float | None = None,
     impl: str = "auto",
     return_stats: bool = False,
     validate: bool = True,
     deterministic: bool | None = None,
     position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     group=None,
 ) -> torch.Tensor | tuple[torch.Tensor, HardFocusStats]:
     """Sequence-reweighted language-model loss computed without materialising logits.
@@ -66,8 +67,9 @@ def hardfocus_loss(
         r: IR-DRO temperature (10 in the paper).
         n1, n2: MidRanking fractions (0.25 in the paper).
         seq_reduction: per-sequence loss ``L_i`` is the ``"mean"`` or ``"sum"`` of its token NLL.
-        ignore_index: label value that is not scored.
-        shift: if True position t is scored against ``labels[:, t + 1]``; else ``labels[:, t]``.
+        ignore_index: label value that is not scored (any integer, as in PyTorch).
+        shift: if True position t is scored against ``labels[:, t + 1]``; if False against
+            ``labels[:, t]``; an integer ``k >= 0`` scores it against ``labels[:, t + k]``.
         softcap: Gemma-2 final-logit soft-capping, applied inside the kernel.
         impl: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton on CUDA tensors, torch otherwise).
         return_stats: also return a :class:`HardFocusStats`.
@@ -83,6 +85,11 @@ def hardfocus_loss(
             "sequence" of the weighting, and with ``shift=True`` no document is scored on
             the next one's first token.  Costs one host synchronisation (the document
             count).
+        attention_mask: (B, T), with ``position_ids`` only: positions where it is 0 are
+            padding, which never starts a document and joins the adjacent one (as in the
+            model's own loss).  Without it, a row's leading run of one repeated non-zero
+            position id before its first 0 (how ``generate`` fills left padding) is taken
+            as padding.
         group: a ``torch.distributed`` process group (data parallel).  ``None`` (default,
             as in the paper's code) weighs the local batch only.  With a group, the
             per-sequence losses of all ranks are all-gathered (B floats per rank, no
@@ -104,12 +111,18 @@ def hardfocus_loss(
     check.check_labels("labels", labels, hidden.shape[:2], weight.shape[0], ignore_index, hidden.device,
                        check_values=validate)
 
+    shift = check.check_shift(shift)
     starts = None
     if position_ids is not None:
-        check.check_position_ids(position_ids, labels)
-        starts = document_starts(position_ids)
+        check.check_position_ids("position_ids", position_ids, labels)
+        if attention_mask is not None:
+            check.check_position_ids("attention_mask", attention_mask, labels)
+        starts = document_starts(position_ids, attention_mask)
+    elif attention_mask is not None:
+        raise ValueError("attention_mask is only used with position_ids (to tell padding from documents); "
+                         "padding is otherwise marked by ignore_index labels")
     n_seq, seq_len, n_hidden = hidden.shape
-    targets = shift_targets(labels, ignore_index, starts) if shift else labels
+    targets = shift_targets(labels, ignore_index, starts, shift)
     nll = token_nll(hidden.reshape(-1, n_hidden), weight, targets.reshape(-1), bias, ignore_index, softcap, impl,
                     deterministic)
     valid = targets != ignore_index
@@ -150,7 +163,7 @@ class HardFocusLoss(nn.Module):
         n2: float = 0.25,
         seq_reduction: str = "mean",
         ignore_index: int = -100,
-        shift: bool = True,
+        shift: bool | int = True,
         softcap: float | None = None,
         impl: str = "auto",
         return_stats: bool = False,
@@ -162,14 +175,17 @@ class HardFocusLoss(nn.Module):
         check.check_weighting(method, r, n1, n2, seq_reduction)
         check.check_softcap(softcap)
         check.check_choice("impl", impl, check.IMPLS)
+        check.check_shift(shift)
         self.options = dict(method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction,
                             ignore_index=ignore_index, shift=shift, softcap=softcap, impl=impl,
                             return_stats=return_stats, validate=validate, deterministic=deterministic,
                             group=group)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                bias: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
-        return hardfocus_loss(hidden, weight, labels, bias=bias, position_ids=position_ids, **self.options)
+                bias: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None):
+        return hardfocus_loss(hidden, weight, labels, bias=bias, position_ids=position_ids,
+                              attention_mask=attention_mask, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

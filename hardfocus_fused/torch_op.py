@@ -10,6 +10,8 @@ backward.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 DEFAULT_CHUNK_BUDGET_BYTES = 16 * 2**20
@@ -34,11 +36,29 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softcap: f
     return z
 
 
+def without_autocast(device: torch.device):
+    """A context in which this path's matmuls run in the dtype it chose (fp32/fp64), not
+    autocast's, forward and backward (a backward may be called inside an autocast region)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class TorchLinearCrossEntropy(torch.autograd.Function):
     """Per-token NLL (N,); the backward accepts any per-token upstream gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index, softcap):
+        with without_autocast(hidden.device):
+            return TorchLinearCrossEntropy._forward(ctx, hidden, weight, bias, targets, ignore_index, softcap)
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        with without_autocast(grad_nll.device):
+            return TorchLinearCrossEntropy._backward(ctx, grad_nll)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, targets, ignore_index, softcap):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         w, b = _head_in(acc, weight, bias)
         valid = targets != ignore_index
@@ -60,7 +80,7 @@ class TorchLinearCrossEntropy(torch.autograd.Function):
         return nll
 
     @staticmethod
-    def backward(ctx, grad_nll):
+    def _backward(ctx, grad_nll):
         hidden, weight, bias, targets, lse, nll, valid = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = lse.dtype

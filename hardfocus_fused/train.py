@@ -112,15 +112,19 @@ def heldout_loss(model, heldout: list[torch.Tensor], device: torch.device) -> fl
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    with hardfocus_patch(model).options_for(method="mean", seq_reduction="mean", group=None):
+    patch = hardfocus_patch(model)
+    eval_logits, patch.eval_logits = patch.eval_logits, False     # the evaluation loss only, no logits
+    try:
         for batch in heldout:
             batch = batch.to(device)
-            out = model(input_ids=batch, labels=batch)
+            out = model(input_ids=batch, labels=batch)            # eval mode, no grad: the token mean
             n = int(out.hardfocus_stats.n_tokens.sum())
             total += out.loss.item() * n
             count += n
-    model.train(was_training)
-    hardfocus_patch(model).pop_log_values()   # held-out losses are not training statistics
+    finally:
+        patch.eval_logits = eval_logits
+        model.train(was_training)
+    patch.pop_eval_log_values()   # held-out losses are not training statistics
     return total / max(count, 1)
 
 

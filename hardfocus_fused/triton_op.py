@@ -11,10 +11,10 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
     """Per-token NLL (N,) fp32; the backward accepts any per-token upstream gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, softcap, deterministic, config):
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, softcap, deterministic, config, autocast=None):
         from .kernels import HeadProblem, default_config, lse_forward
 
-        dtype = compute_dtype(hidden, weight)
+        dtype = compute_dtype(hidden, weight, autocast)
         if config is None:
             config = default_config(hidden.shape[0], weight.shape[0], hidden.shape[1], dtype)
         valid = targets != ignore_index
@@ -37,4 +37,4 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grads = lce_backward(problem, stats, coef, need_hidden=need_h, need_weight=need_w, need_bias=need_b,
                              deterministic=ctx.deterministic)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)

@@ -74,8 +74,15 @@ def sequence_weights(
     ``"mean"`` reproduces the token-mean loss of the whole batch: ``n_i / sum(n)`` with
     ``seq_reduction="mean"`` and ``1 / sum(n)`` with ``"sum"``.
     """
+    if not isinstance(seq_loss, torch.Tensor) or not isinstance(n_tokens, torch.Tensor):
+        raise TypeError("seq_loss and n_tokens must be torch.Tensors")
+    if seq_loss.dim() != 1 or seq_loss.shape != n_tokens.shape:
+        raise ValueError(f"seq_loss and n_tokens must be 1-D of the same length, got shapes {tuple(seq_loss.shape)} "
+                         f"and {tuple(n_tokens.shape)}")
     seq_loss = seq_loss.detach()
     live = n_tokens > 0
+    if not live.numel():            # a batch of no sequences
+        return seq_loss.new_zeros(0, dtype=torch.float32)
     if method == "irdro":
         return irdro_weights(seq_loss, live, r)
     if method in ("midranking", "highranking", "lowranking"):

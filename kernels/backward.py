@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .backward_deterministic import deterministic_backward
-from .tiles import dlogit_tile, logit_tile, mma, token_block, vocab_block
+from .tiles import dlogit_tile, logit_tile, mma, to_compute, token_block, vocab_block
 from .types import HeadProblem
 
 
@@ -60,7 +60,7 @@ def _lce_backward_kernel(
 
     if GRAD_BIAS:
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
-    dz_c = dz.to(COMPUTE_DTYPE)
+    dz_c = to_compute(dz, COMPUTE_DTYPE, DOT_UPCAST)
     # Gradient buffers are contiguous fp32: (N, H) and (v_stop - v_start, H).
     gh_rows = grad_hidden_ptr + tok[:, None] * n_hidden
     gw_rows = grad_weight_ptr + (cols - v_start)[:, None] * n_hidden
@@ -71,11 +71,11 @@ def _lce_backward_kernel(
         k_mask = ks < n_hidden
         if GRAD_HIDDEN:
             w = tl.load(w_rows + ks[None, :] * stride_wh, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            gh = mma(dz_c, w.to(COMPUTE_DTYPE), None, DOT_PRECISION, DOT_UPCAST)
+            gh = mma(dz_c, to_compute(w, COMPUTE_DTYPE, DOT_UPCAST), None, DOT_PRECISION, DOT_UPCAST)
             tl.atomic_add(gh_rows + ks[None, :], gh, mask=row_mask[:, None] & k_mask[None, :])
         if GRAD_WEIGHT:
             h = tl.load(h_rows + ks[None, :] * stride_hh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            gw = mma(tl.trans(dz_c), h.to(COMPUTE_DTYPE), None, DOT_PRECISION, DOT_UPCAST)
+            gw = mma(tl.trans(dz_c), to_compute(h, COMPUTE_DTYPE, DOT_UPCAST), None, DOT_PRECISION, DOT_UPCAST)
             tl.atomic_add(gw_rows + ks[None, :], gw, mask=col_mask[:, None] & k_mask[None, :])
 
 

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import dlogit_tile, logit_tile, mma, token_block, vocab_block
+from .tiles import dlogit_tile, logit_tile, mma, to_compute, token_block, vocab_block
 from .types import HeadProblem
 
 
@@ -46,7 +46,7 @@ def add_product(out_rows, out_mask, a, b_rows, stride_bh, b_mask, n_hidden,
         b = tl.load(b_rows + ks[None, :] * stride_bh, mask=b_mask[:, None] & k_mask[None, :], other=0.0)
         out_tile = out_mask[:, None] & k_mask[None, :]
         acc = tl.load(out_rows + ks[None, :], mask=out_tile, other=0.0)
-        acc = mma(a, b.to(COMPUTE_DTYPE), acc, DOT_PRECISION, DOT_UPCAST)
+        acc = mma(a, to_compute(b, COMPUTE_DTYPE, DOT_UPCAST), acc, DOT_PRECISION, DOT_UPCAST)
         tl.store(out_rows + ks[None, :], acc, mask=out_tile)
 
 
@@ -73,8 +73,8 @@ def _grad_hidden_kernel(
             n_hidden, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
             HAS_BIAS, HAS_SOFTCAP, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )
-        dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, softcap,
-                         HAS_SOFTCAP).to(COMPUTE_DTYPE)
+        dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, softcap, HAS_SOFTCAP)
+        dz = to_compute(dz, COMPUTE_DTYPE, DOT_UPCAST)
         add_product(gh_rows, row_mask, dz, weight_ptr + cols[:, None] * stride_wv, stride_wh, col_mask,
                     n_hidden, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_H)
         tl.debug_barrier()  # this pass's stores land before the next pass reloads the rows
@@ -107,7 +107,7 @@ def _grad_weight_kernel(
         if GRAD_BIAS:
             grad_bias += tl.sum(dz, axis=0)
         if GRAD_WEIGHT:
-            add_product(gw_rows, col_mask, tl.trans(dz.to(COMPUTE_DTYPE)), hidden_ptr + tok[:, None] * stride_hn,
+            add_product(gw_rows, col_mask, tl.trans(to_compute(dz, COMPUTE_DTYPE, DOT_UPCAST)), hidden_ptr + tok[:, None] * stride_hn,
                         stride_hh, row_mask, n_hidden, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_H)
             tl.debug_barrier()  # as in _grad_hidden_kernel
     if GRAD_BIAS:

@@ -13,8 +13,12 @@ import triton.language as tl
 
 @triton.jit
 def tanh(x):
-    """tanh through the sigmoid, which Triton provides on every backend."""
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    """tanh to fp32 relative precision near 0 too: ``-m / (2 + m)`` with ``m =
+    expm1(-2|x|)``, and x's sign.  (``2 * sigmoid(2x) - 1`` cancels against 1 near 0,
+    keeping only an absolute error of about ``ulp(1)``.)"""
+    m = expm1(-2.0 * tl.abs(x))
+    t = -m / (2.0 + m)
+    return tl.where(x < 0, -t, t)
 
 
 @triton.jit
@@ -34,6 +38,20 @@ def vocab_block(v0, v_end, BLOCK_V: tl.constexpr):
     """int64 vocabulary columns ``v0 .. v0 + BLOCK_V - 1`` and their mask (``< v_end``)."""
     cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
     return cols, cols < v_end
+
+
+@triton.jit
+def to_compute(x, COMPUTE_DTYPE: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``x`` as a matmul operand in ``COMPUTE_DTYPE``, rounded to nearest even as the GPU
+    rounds.  Triton's CPU interpreter truncates fp32 to bfloat16 instead (a bias of half a
+    bf16 ulp on average); under it (``DOT_UPCAST``) the fp32 bits are rounded first, so the
+    truncating cast is exact.  Compiled kernels get the plain cast."""
+    if DOT_UPCAST:
+        if x.dtype == tl.float32:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(COMPUTE_DTYPE)
 
 
 @triton.jit
@@ -70,7 +88,8 @@ def logit_tile(
         k_mask = ks < n_hidden
         h = tl.load(h_rows + ks[None, :] * stride_hh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_rows + ks[None, :] * stride_wh, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = mma(h.to(COMPUTE_DTYPE), tl.trans(w.to(COMPUTE_DTYPE)), acc, DOT_PRECISION, DOT_UPCAST)
+        acc = mma(to_compute(h, COMPUTE_DTYPE, DOT_UPCAST), tl.trans(to_compute(w, COMPUTE_DTYPE, DOT_UPCAST)), acc,
+                  DOT_PRECISION, DOT_UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:

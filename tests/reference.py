@@ -53,8 +53,11 @@ def reference_loss(hidden, weight, labels, *, bias=None, method="irdro", r=10.0,
                    seq_reduction="mean", ignore_index=-100, shift=True, softcap=None):
     """``(loss, seq_loss, weights, n_tokens)`` in fp64; differentiable w.r.t. the inputs."""
     targets = labels
-    if shift:
-        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], dim=1)
+    k = int(shift)          # True is 1; an int k scores position t against labels[:, t + k]
+    if k:
+        targets = torch.full_like(labels, ignore_index)
+        if k < labels.shape[1]:
+            targets[:, : labels.shape[1] - k] = labels[:, k:]
     nll = reference_token_nll(hidden, weight, targets, bias, softcap, ignore_index)
     n_tokens = (targets != ignore_index).sum(1)
     seq_loss = nll.sum(1)

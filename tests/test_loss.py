@@ -32,6 +32,47 @@ def test_options_match_reference(impl, shift, softcap, bias, triton_device):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shift", [2, 3, 12])
+def test_integer_shift(impl, shift, triton_device):
+    """Cut Cross-Entropy's integer shift: position t is scored against labels[:, t + shift]
+    (a shift past the sequence leaves no target at all)."""
+    h, w, b, labels = make_batch(3, 10, 24, 70, device=device_for(impl, triton_device), seed=4)
+    assert_matches_reference(h, w, b, labels, shift=shift, impl=impl, method="irdro", r=0.5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ignore_index_may_be_a_vocabulary_id(impl, triton_device):
+    """As in PyTorch (and Liger), ignore_index=5 skips the targets equal to 5."""
+    h, w, b, labels = make_batch(3, 10, 24, 70, device=device_for(impl, triton_device), seed=5, ragged=False,
+                                 dead=False)
+    labels[:, ::3] = 5
+    loss, stats = assert_matches_reference(h, w, b, labels, ignore_index=5, impl=impl, method="midranking")
+    assert stats.n_tokens.tolist() == [(labels[i, 1:] != 5).sum().item() for i in range(3)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_batch_of_no_sequences(impl, triton_device):
+    device = device_for(impl, triton_device)
+    h, w, b, labels = make_batch(3, 6, 16, 40, device=device)
+    empty_h = h[:0].detach().requires_grad_()
+    for method in ("irdro", "midranking", "mean"):
+        loss, stats = hardfocus_loss(empty_h, w, labels[:0], bias=b, method=method, impl=impl, return_stats=True)
+        assert loss.item() == 0.0 and stats.weights.shape == (0,)
+        gh, gw, gb = grads_of(loss, (empty_h, w, b))
+        assert gh.shape == (0, 6, 16) and not gw.any() and not gb.any()
+
+
+def test_softcap_keeps_fp32_precision_near_zero(triton_device):
+    """A large soft-cap (tanh near 0): ``2 * sigmoid(2x) - 1`` lost 1e-7 absolute in tanh,
+    c * 1e-7 in the logits (gradients 3e-5 off at c=1000); the expm1 form keeps fp32."""
+    device = device_for("triton", triton_device)
+    h, w, b, labels = make_batch(3, 9, 32, 80, device=device, seed=0)
+    for impl in IMPLS:
+        assert_matches_reference(h, w, b, labels, softcap=1000.0, impl=impl, method="irdro", r=0.5,
+                                 tolerances=(1e-6, 2e-6))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_single_sequence(impl, triton_device):
     h, w, b, labels = make_batch(1, 7, 16, 33, device=device_for(impl, triton_device), seed=3)
     for method in ("irdro", "midranking", "lowranking"):

@@ -21,7 +21,10 @@ def batch():
     (dict(seq_reduction="max"), ValueError, "seq_reduction"),
     (dict(impl="cuda"), ValueError, "impl"),
     (dict(softcap=0.0), ValueError, "softcap"),
-    (dict(ignore_index=3), ValueError, "ignore_index"),
+    (dict(ignore_index=3.0), TypeError, "ignore_index"),
+    (dict(shift="yes"), TypeError, "shift must be a bool or an int"),
+    (dict(shift=1.5), TypeError, "shift must be a bool or an int"),
+    (dict(shift=-1), ValueError, "shift must be >= 0"),
 ])
 def test_bad_options(batch, kwargs, error, word):
     h, w, b, labels = batch
@@ -76,3 +79,29 @@ def test_validate_false_skips_only_the_value_check(batch):
     assert "labels contains" not in str(failure.value)
     with pytest.raises(ValueError, match="labels must have shape"):
         hardfocus_loss(h, w, labels[:, :2], validate=False)   # shapes are still checked
+
+
+def test_sequence_weights_checks_its_inputs():
+    from hardfocus_fused import sequence_weights
+
+    with pytest.raises(ValueError, match="seq_loss and n_tokens must be 1-D of the same length"):
+        sequence_weights(torch.ones(3), torch.ones(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="seq_loss and n_tokens"):
+        sequence_weights([1.0, 2.0], torch.ones(2, dtype=torch.long))
+    assert sequence_weights(torch.ones(0), torch.ones(0, dtype=torch.long)).shape == (0,)
+
+
+def test_integer_shift_on_the_op_is_checked(batch):
+    h, w, b, labels = batch
+    with pytest.raises(TypeError, match="shift"):
+        linear_cross_entropy(h, w, labels, shift="yes")
+    with pytest.raises(ValueError, match="shift"):
+        HardFocusLoss(shift=-2)
+
+
+def test_attention_mask_needs_position_ids(batch):
+    h, w, b, labels = batch
+    with pytest.raises(ValueError, match="attention_mask is only used with position_ids"):
+        hardfocus_loss(h, w, labels, attention_mask=torch.ones_like(labels))
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        hardfocus_loss(h, w, labels, position_ids=torch.zeros_like(labels), attention_mask=torch.ones(2, 3, dtype=torch.long))

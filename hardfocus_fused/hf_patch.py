@@ -1,0 +1,334 @@
+"""``HardFocusPatch``: the state of one patched model and the three methods it installs on
+the instance (``forward``, ``lm_head.forward``, ``loss_function``), plus the guards that
+turn a bypassed or broken patch into a clear error.  See ``hf.py`` for the mechanism."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .hf_loss import batch_options, call_targets, token_mean, trainer_factor
+from .hf_stats_log import StatsLog
+from .loss import HardFocusStats, hardfocus_loss
+
+ATTRIBUTE = "_hardfocus_patch"
+
+BYPASS_HELP = (
+    "The transformers Trainer removes the labels from the model call when label_smoothing_factor > 0 or a "
+    "compute_loss_func is set (drop those options); TRL's SFTTrainer computes its own loss with its own fused head (use "
+    "hardfocus_fused.trl.HardFocusSFTTrainer).  To compute a loss of your own from the logits, call "
+    "remove_hardfocus(model) or run inside `with hardfocus_patch(model).disabled():`."
+)
+
+
+@dataclass
+class _Call:
+    """What one patched forward call needs to know besides the loss-function arguments."""
+
+    labels: torch.Tensor
+    shift_labels: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    logits_to_keep: int | torch.Tensor
+    evaluating: bool                          # no grad, eval mode: plain loss, logits kept if eval_logits
+    head_calls: int = 0
+    loss: torch.Tensor | None = None          # computed by lm_head
+    stats: HardFocusStats | None = None
+    standin: torch.Tensor | None = None       # what loss_function got instead of the logits
+    loss_returned: bool = False
+
+
+class PatchedForward:
+    """The ``forward`` installed on a patched model, bound to it as a method.
+
+    A bound method (not a closure or a ``functools.partial``) survives what the training
+    stacks do to ``model.forward``: ``copy.deepcopy`` rebinds it to the copy (which finds
+    its own patch), and accelerate's ``unwrap_model(keep_fp32_wrapper=False)``, which
+    rebinds the innermost function of ``forward`` as a method of the model, gets this object
+    back as it was.  ``__signature__`` is the model's own forward's (with ``self``), so the
+    Trainer's column filtering and ``generate``'s kwarg checks see the real arguments.
+    """
+
+    def __init__(self, forward) -> None:
+        bound = inspect.signature(forward)
+        receiver = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self.__signature__ = bound.replace(parameters=[receiver, *bound.parameters.values()])
+        self.__name__ = getattr(forward, "__name__", "forward")
+        self.__qualname__ = getattr(forward, "__qualname__", "forward")
+        self.__doc__ = getattr(forward, "__doc__", None)
+
+    def __call__(self, model, *args, **kwargs):
+        return vars(model)[ATTRIBUTE].patched_forward(*args, **kwargs)
+
+
+class HardFocusPatch:
+    """The state of one patched model: options, the originals to restore, the last stats.
+
+    Reached as ``hardfocus_patch(model)``.  ``last_stats`` is the :class:`HardFocusStats` of
+    the latest loss; ``pop_log_values()`` and ``pop_eval_log_values()`` return the averages
+    of the logged statistics of training and of evaluation calls since they were last
+    called (what :class:`HardFocusCallback` adds to the Trainer's logs).  ``eval_logits``
+    (settable) says whether evaluation calls return the logits.
+    """
+
+    def __init__(self, model: nn.Module, head: nn.Linear, backbone: nn.Module | None, options: dict,
+                 eval_logits: bool = True) -> None:
+        self.model, self.head, self.backbone, self.options = model, head, backbone, options
+        self.eval_logits = eval_logits
+        self.softcap = _config_value(getattr(model, "config", None), "final_logit_softcapping")
+        self.scale = 1.0
+        self.mode = "loss"            # "loss": compute the loss; "probe" (see hf_probe); "off": the model's own
+        self.probe_gain = 1.0         # probe mode: lm_head sees its input times this
+        self.probe_raw = None
+        self.call: _Call | None = None
+        self.last_stats: HardFocusStats | None = None
+        # The factor the Trainer multiplies the loss by (set by AccumulationCallback).
+        self.trainer_loss_scale: int | None = None
+        self.train_log, self.eval_log = StatsLog(), StatsLog()
+        self._forward = model.forward
+        self._head_forward = head.forward
+        self._had_loss_function = "_loss_function" in vars(model)
+        self._loss_function = model.loss_function if hasattr(model, "loss_function") else None
+        self._signature = inspect.signature(model.forward)
+        self._var_kwargs = next((p.name for p in self._signature.parameters.values()
+                                 if p.kind == inspect.Parameter.VAR_KEYWORD), None)
+        self._guard = None
+
+    @property
+    def name(self) -> str:
+        return type(self.model).__name__
+
+    # -- installed on the instance -------------------------------------------------------
+
+    def patched_forward(self, *args, **kwargs):
+        if self.mode == "off":
+            return self._forward(*args, **kwargs)
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        extra = bound.get(self._var_kwargs, {}) if self._var_kwargs else {}
+
+        def argument(name, default=None):
+            return bound.get(name, extra.get(name, default))
+
+        labels = argument("labels")
+        if labels is None:   # inference, generation; a backward through it is refused (backbone_guard)
+            return self._forward(*args, **kwargs)
+        self._check_head()
+        self.call = _Call(labels=labels, shift_labels=argument("shift_labels"),
+                          position_ids=argument("position_ids"), attention_mask=argument("attention_mask"),
+                          logits_to_keep=argument("logits_to_keep", 0),
+                          evaluating=not self.model.training and not torch.is_grad_enabled())
+        try:
+            out = self._forward(*args, **kwargs)
+            if not self.call.loss_returned:
+                raise ValueError(f"{self.name}.forward did not compute its loss through self.loss_function, so "
+                                 f"hardfocus cannot compute it.  {BYPASS_HELP}")
+            return self._output(out)
+        finally:
+            self.call = None
+
+    def head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        call = self.call
+        if call is not None and self.mode == "loss":
+            call.head_calls += 1
+            if call.head_calls > 1:
+                raise RuntimeError(f"lm_head ran more than once in one forward of {self.name}; hardfocus supports "
+                                   f"exactly one")
+            overrides = batch_options(self.options) if call.evaluating else {}
+            call.loss, call.stats = self.compute(hidden, call, **overrides)
+            if call.evaluating and self.eval_logits:
+                return self._head_forward(hidden)
+            # Stands in for the logits: empty, but downstream of the loss, so the backward
+            # runs through this call's output (and any FSDP pre-backward hook on it).
+            return call.loss.to(hidden.dtype).reshape((1,) * hidden.dim()).expand(*hidden.shape[:-1], 0)
+        if self.mode == "probe":
+            self.probe_raw = self._head_forward(hidden * self.probe_gain)
+            return self.probe_raw
+        return self._head_forward(hidden)
+
+    def loss_function(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
+                      shift_labels=None, **kwargs):
+        call = self.call
+        if call is None:   # called from outside a patched forward: behave as before
+            return self._loss_function(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
+                                       ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
+        if call.loss is None:
+            raise RuntimeError(f"{self.name}.forward called loss_function without running lm_head; hardfocus "
+                               f"cannot compute its loss")
+        if ignore_index != -100:
+            raise ValueError(f"{self.name}.forward passed ignore_index={ignore_index} to loss_function; hardfocus "
+                             f"computes the loss with -100")
+        for what, given, expected in (("labels", labels, call.labels),
+                                      ("shift_labels", shift_labels, call.shift_labels)):
+            if not _same(given, expected):
+                raise ValueError(f"{self.name}.forward passed loss_function other {what} than it was called with; "
+                                 f"hardfocus computes the loss from the {what} given to the model")
+        call.loss_returned = True
+        call.standin = logits       # the stand-in (after the model's post-processing), or real logits in evaluation
+        stats = call.stats
+        if call.evaluating:
+            # Evaluation reports the plain token-mean loss, comparable across methods; the
+            # weighted one goes to the eval log (HardFocusCallback: eval_hardfocus/...).
+            self.eval_log.record(stats)
+            return token_mean(stats, self.options["seq_reduction"])
+        # Adding the stand-in's sum (0) keeps lm_head's output on the backward path.
+        loss = call.loss + logits.sum().to(call.loss.dtype)
+        if num_items_in_batch is not None:
+            loss = loss * trainer_factor(stats, num_items_in_batch, self.options["method"],
+                                         self.options.get("group"), self.trainer_loss_scale)
+        self.train_log.record(stats)
+        return loss
+
+    def backbone_guard(self, module, args, kwargs, output) -> None:
+        """Forward hook on the backbone.  Its hidden states reach a loss other than the
+        patched one when the backbone runs with grad outside a labelled patched forward: a
+        forward without labels (the Trainer's label smoothing or ``compute_loss_func``), or
+        the backbone called directly (TRL's own fused head).  Such hidden states get a
+        gradient hook that refuses the backward, so the model never silently trains
+        unweighted; inference on them (no backward) is untouched."""
+        if self.call is not None or self.mode != "loss" or not torch.is_grad_enabled():
+            return
+        hidden = output[0] if isinstance(output, (tuple, dict)) else output
+        if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(self._refuse_backward)
+
+    def _refuse_backward(self, grad):
+        raise ValueError(f"a loss computed outside the hardfocus patch is being backpropagated through "
+                         f"{self.name} (patched by apply_hardfocus): the model would train on it instead of the "
+                         f"sample-reweighted loss.  {BYPASS_HELP}")
+
+    # -- the loss ------------------------------------------------------------------------
+
+    def compute(self, hidden: torch.Tensor, call: _Call, **overrides) -> tuple[torch.Tensor, HardFocusStats]:
+        """``hardfocus_loss`` of the hidden states ``lm_head`` was given, with the options."""
+        where = call_targets(call.labels, call.shift_labels, call.position_ids, call.attention_mask,
+                             call.logits_to_keep, hidden.device)
+        if where.targets.shape != hidden.shape[:2]:
+            raise ValueError(f"labels give targets of shape {tuple(where.targets.shape)} but lm_head saw hidden "
+                             f"states of shape {tuple(hidden.shape[:2])}")
+        weight, bias = self.head.weight, self.head.bias
+        if _is_dtensor(weight):
+            raise ValueError(f"{self.name}.lm_head's weight is a DTensor inside lm_head's own forward (tensor "
+                             f"parallel?); hardfocus needs the whole weight there, as FSDP provides")
+        if self.scale != 1.0:
+            hidden = hidden * self.scale
+            bias = bias * self.scale if bias is not None else None
+        options = dict(self.options, **overrides)
+        return hardfocus_loss(hidden, weight, where.targets, bias=bias, shift=False, position_ids=where.position_ids,
+                              attention_mask=where.attention_mask if where.position_ids is not None else None,
+                              softcap=self.softcap, ignore_index=-100, return_stats=True, **options)
+
+    @contextlib.contextmanager
+    def options_for(self, **overrides):
+        """Temporarily change loss options, e.g. ``method="mean"`` for a held-out loss."""
+        saved = self.options
+        self.options = dict(saved, **overrides)
+        try:
+            yield self
+        finally:
+            self.options = saved
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Run the model unpatched inside the block (its own logits and loss), e.g. to train
+        on a loss of your own for a while."""
+        saved, self.mode = self.mode, "off"
+        try:
+            yield self
+        finally:
+            self.mode = saved
+
+    # -- logging -------------------------------------------------------------------------
+
+    def pop_log_values(self) -> dict[str, float]:
+        """Averages of the training statistics (``hardfocus/...``) since the previous call."""
+        return self.train_log.pop()
+
+    def pop_eval_log_values(self) -> dict[str, float]:
+        """Averages of the evaluation statistics since the previous call: the weighted loss
+        and the weights evaluation batches would get (the reported eval loss is the plain
+        token mean)."""
+        return self.eval_log.pop()
+
+    # -- guards --------------------------------------------------------------------------
+
+    def _check_head(self) -> None:
+        """The model still computes its logits with the head that was patched."""
+        from .hf import find_linear_head
+
+        try:
+            current = find_linear_head(self.model)
+        except (TypeError, ValueError) as error:
+            current = error
+        if current is not self.head:
+            raise ValueError(f"{self.name}'s lm_head was replaced after apply_hardfocus (by resize_token_embeddings, "
+                             f"an adapter on the head, or set_output_embeddings): {current!r:.200}.  Call "
+                             f"apply_hardfocus(model) again after changing the head; LoRA on lm_head is not "
+                             f"supported (leave it out of target_modules)")
+
+    def _output(self, out):
+        """The model's output without the stand-in logits, with the weighting's stats."""
+        call = self.call
+        self.last_stats = call.stats
+        real_logits = call.evaluating and self.eval_logits
+        keep = lambda value: real_logits or value is not call.standin
+        if isinstance(out, tuple):   # return_dict=False: the stand-in is dropped wherever it sits
+            return tuple(item for item in out if keep(item))
+        fields = {k: v for k, v in out.items() if keep(v)}
+        new = type(out)(**fields)
+        # A plain attribute, not a ModelOutput key: tuple conversion and the Trainer's
+        # prediction loop see exactly the model's own outputs.
+        object.__setattr__(new, "hardfocus_stats", call.stats)
+        return new
+
+    # -- install / remove ----------------------------------------------------------------
+
+    def install(self) -> None:
+        self.model.forward = types.MethodType(PatchedForward(self._forward), self.model)
+        self.head.forward = self.head_forward
+        if self._loss_function is not None:
+            self.model.loss_function = self.loss_function
+        if self.backbone is not None:
+            # A bound method: a deep copy of the model guards with its own patch.
+            self._guard = self.backbone.register_forward_hook(self.backbone_guard, with_kwargs=True)
+        setattr(self.model, ATTRIBUTE, self)
+
+    def uninstall(self) -> None:
+        for module in (self.model, self.head):
+            vars(module).pop("forward", None)
+        if self._had_loss_function:
+            self.model.loss_function = self._loss_function
+        else:
+            vars(self.model).pop("_loss_function", None)
+        if self._guard is not None:
+            self._guard.remove()
+        vars(self.model).pop(ATTRIBUTE, None)
+
+
+def _same(given: torch.Tensor | None, expected: torch.Tensor | None) -> bool:
+    """Whether loss_function got the tensor the model was called with (maybe moved)."""
+    if given is None or expected is None or given is expected:
+        return given is expected
+    return given.shape == expected.shape and torch.equal(given.to(expected.device), expected)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """True for a ``DTensor`` (e.g. a tensor-parallel weight)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _config_value(config, name: str):
+    """``config.name``, looking into ``text_config`` for multimodal configs."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        value = getattr(cfg, name, None) if cfg is not None else None
+        if value is not None:
+            return value
+    return None
