@@ -231,9 +231,10 @@ def new_result(args: argparse.Namespace) -> dict:
               "notes": [], "rows": []}
 
 
-def run(args: argparse.Namespace, cases=None) -> dict:
+def run(args: argparse.Namespace, cases=None, on_case=None) -> dict:
     """Measure ``cases``, each ``(impl, method, shape, data, head)`` (default: every
-    combination of the options in ``args``), in the order given."""
+    combination of the options in ``args``), in the order given; ``on_case(result)`` is
+    called after each case (to write what was measured so far)."""
     if cases is None:
         cases = ((impl, method, shape, data, head) for impl, shape, data, method, head
                  in itertools.product(args.impls, args.shapes, args.data, args.methods, args.heads))
@@ -248,12 +249,14 @@ def run(args: argparse.Namespace, cases=None) -> dict:
         rows = measure_cpu(*case) if args.device == "cpu" else _guarded(case)
         if isinstance(rows, str):
             result["notes"].append(f"{' '.join(key)}: {rows}")
-            continue
-        result["rows"] += rows
-        if not args.quiet:
-            for r in rows:
-                print(f"{' '.join(key):55s} {r['pass']:7s} {r['ms']:9.2f} ms {r['peak_mb']:9.1f} MiB "
-                      f"{r['tflops']:7.2f} TFLOP/s", flush=True)
+        else:
+            result["rows"] += rows
+            if not args.quiet:
+                for r in rows:
+                    print(f"{' '.join(key):55s} {r['pass']:7s} {r['ms']:9.2f} ms {r['peak_mb']:9.1f} MiB "
+                          f"{r['tflops']:7.2f} TFLOP/s", flush=True)
+        if on_case is not None:
+            on_case(result)
     return result
 
 

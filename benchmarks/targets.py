@@ -121,34 +121,44 @@ def verdict_table(verdicts: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def measure(argv: list[str]) -> dict:
-    """Run the ``PLAN`` cases through ``benchmarks.compare`` (its options in ``argv``)."""
+def measure(argv: list[str], shapes=None, on_case=None) -> dict:
+    """Run the ``PLAN`` cases (on ``shapes``, default all) through ``benchmarks.compare``
+    (its options in ``argv``), calling ``on_case(result)`` after each."""
     from . import compare
 
-    return compare.run(compare.parse_args([*argv, "--accuracy-shapes"]), PLAN)
+    plan = [case for case in PLAN if shapes is None or case[2] in shapes]
+    return compare.run(compare.parse_args([*argv, "--accuracy-shapes"]), plan, on_case)
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--from", dest="source", default=None, help="check this benchmarks.compare JSON instead")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--shapes", nargs="+", default=None,
+                   help=f"measure only the plan's cases on these shapes (of {sorted({c[2] for c in PLAN})})")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--tag", default=None, help="file name stem (default: targets-<device>-<date>)")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def stem(result: dict) -> str:
+        return args.tag or f"targets-{'cpu' if result['device'].startswith('cpu') else 'gpu'}-{result['date'][:10]}"
+
+    def write_json(result: dict) -> None:   # after every case: a stopped run keeps its rows
+        result["targets"] = evaluate(result)
+        (out / f"{stem(result)}.json").write_text(json.dumps(result, indent=1) + "\n")
+
     if args.source:
         result = json.loads(Path(args.source).read_text())
     else:
-        result = measure(["--iters", str(args.iters), "--out", args.out])
+        result = measure(["--iters", str(args.iters), "--out", args.out], args.shapes, write_json)
+        write_json(result)
     result["targets"] = evaluate(result)
     from .report import markdown
 
-    stem = args.tag or f"targets-{'cpu' if result['device'].startswith('cpu') else 'gpu'}-{result['date'][:10]}"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     text = verdict_table(result["targets"]) + "\n" + markdown(result)
-    if not args.source:
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem(result)}.md").write_text(text)
     print(text)
     return result
 

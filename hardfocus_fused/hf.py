@@ -118,6 +118,7 @@ def apply_hardfocus(
     impl: str = "auto",
     deterministic: bool | None = None,
     group=None,
+    backward_impl: str = "auto",
     eval_logits: bool = True,
     verify: bool = True,
 ) -> nn.Module:
@@ -149,7 +150,7 @@ def apply_hardfocus(
     Args:
         model: the model to patch (or a PEFT, DDP or FSDP1 wrapper around it); returned,
             patched in place.
-        method, r, n1, n2, seq_reduction, impl, deterministic, group: as for
+        method, r, n1, n2, seq_reduction, impl, deterministic, group, backward_impl: as for
             :func:`hardfocus_loss` (``group``: weights over a data-parallel group's global
             batch).
         eval_logits: return the logits from evaluation forwards (what ``compute_metrics``
@@ -170,6 +171,7 @@ def apply_hardfocus(
                         f"AutoModelForCausalLM.from_pretrained(name)")
     check.check_weighting(method, r, n1, n2, seq_reduction)
     check.check_choice("impl", impl, check.IMPLS)
+    check.check_choice("backward_impl", backward_impl, check.BACKWARD_IMPLS)
     if not isinstance(eval_logits, bool):
         raise TypeError(f"eval_logits must be True or False, got {eval_logits!r}")
     target = _unwrap(model)
@@ -183,7 +185,7 @@ def apply_hardfocus(
         raise ValueError(f"{type(target).__name__} has no loss_function; apply_hardfocus needs a transformers "
                          f"causal LM that computes its loss through self.loss_function")
     options = dict(method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction, impl=impl,
-                   deterministic=deterministic, group=group)
+                   deterministic=deterministic, group=group, backward_impl=backward_impl)
     patch = HardFocusPatch(target, head, _backbone(target), options, eval_logits=eval_logits)
     patch.install()
     if verify:

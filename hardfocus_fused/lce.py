@@ -39,6 +39,21 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     return "triton"
 
 
+def resolve_backward(backward_impl: str) -> str:
+    """The Triton backward strategy for ``backward_impl``: ``"auto"`` is ``"fused"``.
+
+    ``"fused"`` (the default) recomputes logit tiles in the Triton backward kernel and
+    multiplies them into both gradients there: no logits leave the chip, no host
+    synchronisation, memory as described in the README.  ``"matmul"`` runs the three
+    products as library matmuls (cuBLAS) over budgeted vocabulary chunks, fast by
+    construction at the cost of one round trip of each chunk's logits through memory and
+    one host synchronisation.  The fused kernel is the default because it was built and
+    checked for this job (compile-level resources in ``benchmarks/results``); which is
+    faster on a given GPU is for ``benchmarks.sweep`` to measure.
+    """
+    return "fused" if backward_impl == "auto" else backward_impl
+
+
 def resolve_deterministic(deterministic: bool | None) -> bool:
     """``deterministic``, or when None whether ``torch.use_deterministic_algorithms`` is on."""
     if deterministic is None:
@@ -65,6 +80,7 @@ def token_nll(
     impl: str,
     deterministic: bool | None = None,
     kernel_config=None,
+    backward_impl: str = "auto",
 ) -> torch.Tensor:
     """Per-token NLL (N,) for 2-D ``hidden`` and 1-D ``targets`` of already-checked inputs.
 
@@ -73,12 +89,14 @@ def token_nll(
     ``lm_head`` would, without a cast copy of the weight), the torch path in fp32 as
     always; the NLL is fp32 and each gradient has its input's dtype either way.
     """
+    check.check_choice("backward_impl", backward_impl, check.BACKWARD_IMPLS)
     which = resolve_impl(impl, hidden.device, hidden.dtype)
     deterministic = resolve_deterministic(deterministic)  # the torch path always is
     targets = targets.to(torch.int64).contiguous()
     if which == "triton" and hidden.shape[0] > 0:   # no token: nothing to launch
         return TritonLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, softcap, deterministic,
-                                              kernel_config, autocast_dtype(hidden.device.type))
+                                              kernel_config, autocast_dtype(hidden.device.type),
+                                              resolve_backward(backward_impl))
     return TorchLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, softcap)
 
 
@@ -95,6 +113,7 @@ def linear_cross_entropy(
     impl: str = "auto",
     validate: bool = True,
     deterministic: bool | None = None,
+    backward_impl: str = "auto",
 ) -> torch.Tensor:
     """Cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``targets``, fused.
 
@@ -120,6 +139,9 @@ def linear_cross_entropy(
             backward then runs without atomics, at the cost of one more logit recompute).
             ``None`` follows ``torch.are_deterministic_algorithms_enabled()``.  The torch
             path is always deterministic.
+        backward_impl: the Triton path's backward: ``"fused"`` (Triton kernels; what
+            ``"auto"`` picks), or ``"matmul"`` (cuBLAS matmuls over budgeted vocabulary
+            chunks, a Triton kernel for the elementwise part; see :func:`resolve_backward`).
 
     The backward accepts an arbitrary upstream gradient for each token, so any weighting
     can be built on the ``"none"`` output.  The (tokens x V) logits are never allocated.
@@ -136,7 +158,8 @@ def linear_cross_entropy(
             raise ValueError(f"shift={shift} needs targets with a sequence dimension")
         targets = shift_targets(targets, ignore_index, shift=shift)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    nll = token_nll(flat, weight, targets.reshape(-1), bias, ignore_index, softcap, impl, deterministic)
+    nll = token_nll(flat, weight, targets.reshape(-1), bias, ignore_index, softcap, impl, deterministic,
+                    backward_impl=backward_impl)
     if reduction == "none":
         return nll.view(targets.shape)
     if reduction == "sum":

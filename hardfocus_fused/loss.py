@@ -50,6 +50,7 @@ def hardfocus_loss(
     position_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     group=None,
+    backward_impl: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, HardFocusStats]:
     """Sequence-reweighted language-model loss computed without materialising logits.
 
@@ -99,6 +100,8 @@ def hardfocus_loss(
             on one rank is therefore not the global loss; the mean of the returned values
             over the ranks is (``dist.all_reduce(loss.detach()) / world_size``).  Stats
             hold this rank's sequences with their global weights.
+        backward_impl: the Triton path's backward strategy, ``"auto"`` (``"fused"``),
+            ``"fused"`` or ``"matmul"`` (see :func:`~hardfocus_fused.linear_cross_entropy`).
 
     Returns:
         The 0-dim fp32 loss ``sum_i w_i L_i`` (weights are constants for autograd), and the
@@ -124,7 +127,7 @@ def hardfocus_loss(
     n_seq, seq_len, n_hidden = hidden.shape
     targets = shift_targets(labels, ignore_index, starts, shift)
     nll = token_nll(hidden.reshape(-1, n_hidden), weight, targets.reshape(-1), bias, ignore_index, softcap, impl,
-                    deterministic)
+                    deterministic, backward_impl=backward_impl)
     valid = targets != ignore_index
     if starts is None:
         n_tokens = valid.sum(dim=1)
@@ -170,16 +173,18 @@ class HardFocusLoss(nn.Module):
         validate: bool = True,
         deterministic: bool | None = None,
         group=None,
+        backward_impl: str = "auto",
     ) -> None:
         super().__init__()
         check.check_weighting(method, r, n1, n2, seq_reduction)
         check.check_softcap(softcap)
         check.check_choice("impl", impl, check.IMPLS)
         check.check_shift(shift)
+        check.check_choice("backward_impl", backward_impl, check.BACKWARD_IMPLS)
         self.options = dict(method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction,
                             ignore_index=ignore_index, shift=shift, softcap=softcap, impl=impl,
                             return_stats=return_stats, validate=validate, deterministic=deterministic,
-                            group=group)
+                            group=group, backward_impl=backward_impl)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 bias: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,

@@ -8,8 +8,11 @@ For token t with upstream coefficient ``coef[t]`` (the per-token gradient of the
 
 One program owns a ``BLOCK_N`` x ``BLOCK_V`` tile of ``dlogits``: it recomputes the logits
 from the saved log-sum-exp, then walks the hidden dimension ``BLOCK_H`` at a time,
-adding its share of ``grad_hidden`` and ``grad_W`` into fp32 buffers with atomic adds
-(whose order varies between runs; ``backward_deterministic`` is the reproducible variant).
+adding its share of ``grad_hidden`` and ``grad_W`` into fp32 buffers with atomic adds.
+The adds are relaxed (``sem="relaxed"``): the sums need no ordering against other memory
+operations, and relaxed adds compile to plain reductions (``RED``) where the default
+acquire-release semantics wrap each one in memory barriers.  Their order varies between
+runs; ``backward_deterministic`` is the reproducible variant.
 For a half-precision head the vocabulary is covered in chunks, so that the fp32 weight
 accumulator stays small (``weight_chunk_rows``).
 Only tokens with a non-zero coefficient are visited (they come first in ``order``), so
@@ -23,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .backward_deterministic import deterministic_backward
-from .tiles import dlogit_tile, logit_tile, mma, to_compute, token_block, vocab_block
+from .tiles import dlogit_tile, grouped_tile, logit_tile, mma, to_compute, token_block, vocab_block
 from .types import HeadProblem
 
 
@@ -36,15 +39,15 @@ def _lce_backward_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     GRAD_HIDDEN: tl.constexpr, GRAD_WEIGHT: tl.constexpr, GRAD_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     # One launch covers the vocabulary columns [v_start, v_stop); grad_weight_ptr points at
     # the fp32 accumulator of exactly those rows.  A 1-D grid (no 65535 cap on the
-    # vocabulary tiles); consecutive programs share a vocabulary tile, so its weight rows
-    # are read from L2 by all token blocks.
-    n_row_blocks = tl.cdiv(n_tokens, BLOCK_N)
-    pid_n = tl.program_id(0) % n_row_blocks
-    pid_v = tl.program_id(0) // n_row_blocks
+    # vocabulary tiles) in grouped order (tiles.grouped_tile): a wave of programs covers
+    # GROUP_N token blocks x a few vocabulary tiles, so GROUP_N programs at a time add into
+    # one grad_weight tile and the grad_hidden rows being added to stay few, in L2.
+    n_tiles = tl.cdiv(v_stop - v_start, BLOCK_V)
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(n_tokens, BLOCK_N), n_tiles, GROUP_N)
     n_active = tl.load(n_active_ptr)
     if pid_n * BLOCK_N >= n_active:  # a block past the active tokens has nothing to do
         return
@@ -59,7 +62,7 @@ def _lce_backward_kernel(
     dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, softcap, HAS_SOFTCAP)
 
     if GRAD_BIAS:
-        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
+        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
     dz_c = to_compute(dz, COMPUTE_DTYPE, DOT_UPCAST)
     # Gradient buffers are contiguous fp32: (N, H) and (v_stop - v_start, H).
     gh_rows = grad_hidden_ptr + tok[:, None] * n_hidden
@@ -72,11 +75,11 @@ def _lce_backward_kernel(
         if GRAD_HIDDEN:
             w = tl.load(w_rows + ks[None, :] * stride_wh, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
             gh = mma(dz_c, to_compute(w, COMPUTE_DTYPE, DOT_UPCAST), None, DOT_PRECISION, DOT_UPCAST)
-            tl.atomic_add(gh_rows + ks[None, :], gh, mask=row_mask[:, None] & k_mask[None, :])
+            tl.atomic_add(gh_rows + ks[None, :], gh, mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
         if GRAD_WEIGHT:
             h = tl.load(h_rows + ks[None, :] * stride_hh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             gw = mma(tl.trans(dz_c), to_compute(h, COMPUTE_DTYPE, DOT_UPCAST), None, DOT_PRECISION, DOT_UPCAST)
-            tl.atomic_add(gw_rows + ks[None, :], gw, mask=col_mask[:, None] & k_mask[None, :])
+            tl.atomic_add(gw_rows + ks[None, :], gw, mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
 
 
 def weight_chunk_rows(problem: HeadProblem) -> int:
@@ -166,7 +169,7 @@ def _launch(problem, stats, coef, grad_hidden, grad_weight, grad_bias, v_start: 
         *(grad if grad is not None else placeholder for grad in (grad_hidden, grad_weight, grad_bias)),
         problem.n_tokens, v_start, v_stop, problem.n_hidden, *problem.layout(),
         **problem.constants(GRAD_HIDDEN=grad_hidden is not None, GRAD_WEIGHT=grad_weight is not None,
-                            GRAD_BIAS=grad_bias is not None),
+                            GRAD_BIAS=grad_bias is not None, GROUP_N=config.group_n),
         **problem.launch_options(),
     )
 

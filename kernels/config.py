@@ -1,7 +1,8 @@
-"""Block sizes and launch settings for the kernels, chosen per problem shape."""
+"""Block sizes and launch settings for the kernels, per pass, chosen per dtype and shape."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -15,16 +16,20 @@ def interpreter_active() -> bool:
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes and launch parameters shared by the forward and backward kernels.
+    """Tile sizes and launch parameters of one kernel pass.
 
     ``block_n`` tokens x ``block_v`` vocabulary entries form one logit tile; the hidden
-    dimension is reduced ``block_h`` at a time.  ``fp32_precision`` is the ``tl.dot``
-    input precision used for fp32 inputs: ``"ieee"`` (exact fp32, the default, because
-    accuracy against an fp64 reference is part of what we promise) or ``"tf32"``.
-    ``weight_grad_chunk_bytes`` caps the fp32 accumulator of a half-precision head's
-    weight gradient in the (default, atomic) backward: the vocabulary is processed in
-    chunks of that many bytes of fp32 rows (at least one ``block_v`` tile), each rounded
-    into the gradient once done, instead of one fp32 copy of the whole gradient.
+    dimension is reduced ``block_h`` at a time.  ``group_n`` token blocks are walked per
+    vocabulary tile or split before the next (grouped program order, see
+    ``tiles.grouped_tile``).  ``fp32_precision`` is the ``tl.dot`` input precision used for
+    fp32 inputs: ``"ieee"`` (exact fp32, the default, because accuracy against an fp64
+    reference is part of what we promise) or ``"tf32"``.  Forward only: ``vocab_splits``
+    vocabulary splits per token block (0: fill whole waves of the device, see
+    :func:`whole_wave_splits`).  Atomic backward only: ``weight_grad_chunk_bytes`` caps the
+    fp32 accumulator of a half-precision head's weight gradient (the vocabulary is
+    processed in chunks of that many bytes of fp32 rows, at least one ``block_v`` tile,
+    each rounded into the gradient once done, instead of one fp32 copy of the whole
+    gradient).
     """
 
     block_n: int = 64
@@ -32,8 +37,8 @@ class KernelConfig:
     block_h: int = 64
     num_warps: int = 8
     num_stages: int = 3
+    group_n: int = 8
     fp32_precision: str = "ieee"
-    # Forward only: vocabulary splits per token block; 0 = choose from the device size.
     vocab_splits: int = 0
     weight_grad_chunk_bytes: int = 256 * 2**20
 
@@ -42,6 +47,8 @@ class KernelConfig:
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {value}")
+        if self.group_n < 1:
+            raise ValueError(f"KernelConfig.group_n must be >= 1, got {self.group_n}")
         if self.vocab_splits < 0:
             raise ValueError(f"KernelConfig.vocab_splits must be >= 0, got {self.vocab_splits}")
         if self.weight_grad_chunk_bytes <= 0:
@@ -56,15 +63,106 @@ class KernelConfig:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
-def default_config(n_tokens: int, n_vocab: int, n_hidden: int, dtype: torch.dtype) -> KernelConfig:
-    """The configuration used when the caller passes none.
+BACKWARD_STRATEGIES = ("fused", "matmul")
+
+
+@dataclass(frozen=True)
+class HeadConfigs:
+    """The configuration of each pass over one head: the forward kernel, the atomic
+    backward kernel, the deterministic backward kernels, and the chunk budget of the
+    ``"matmul"`` backward strategy (bytes of fp32 logits per vocabulary chunk)."""
+
+    forward: KernelConfig
+    backward: KernelConfig
+    deterministic: KernelConfig
+    matmul_chunk_bytes: int = 512 * 2**20
+
+    @classmethod
+    def of(cls, config: "KernelConfig | HeadConfigs") -> "HeadConfigs":
+        """``config`` as per-pass configs (one ``KernelConfig`` serves every pass)."""
+        if isinstance(config, HeadConfigs):
+            return config
+        if not isinstance(config, KernelConfig):
+            raise TypeError(f"kernel_config must be a KernelConfig or HeadConfigs, got {type(config).__name__}")
+        return cls(forward=config, backward=config, deterministic=config)
+
+
+# The compiled defaults, per compute dtype: each compiles for sm_90 with the launch-time
+# specialisation without register spills and within the shared memory of a Hopper SM
+# (tests/test_compile.py; the table is benchmarks/results/kernel-resources-sm90-*.md).
+_HALF = HeadConfigs(
+    forward=KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3),
+    backward=KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3),
+    deterministic=KernelConfig(block_n=64, block_v=128, block_h=64, num_warps=8, num_stages=3),
+)
+# fp32 (exact "ieee" dots): 64 x 64 x 32 spills at 4 warps (a 4.4 KB stack in the
+# backward) and at 8 (128 registers a thread); 64 x 64 x 16 at 8 warps does not.
+_FP32 = HeadConfigs.of(KernelConfig(block_n=64, block_v=64, block_h=16, num_warps=8, num_stages=2))
+# Few tokens (decoding-sized batches, a handful of sequences): 64-token blocks waste less
+# on masked rows.
+SMALL_N = 512
+_INTERPRETER = KernelConfig(block_n=32, block_v=64, block_h=64, num_warps=4, num_stages=1)
+
+
+def default_configs(n_tokens: int, n_vocab: int, n_hidden: int, dtype: torch.dtype) -> HeadConfigs:
+    """The per-pass configurations used when the caller passes none.
 
     Under the interpreter every program is executed in Python, so large tiles (few
-    programs) are what keeps tests fast.  On a GPU fp32 tiles are kept smaller so that
-    they fit in shared memory at the given pipeline depth.
+    programs) are what keeps tests fast.  On a GPU, half precision uses 128 x 128 logit
+    tiles (about 64 FLOP per byte from L2 in the forward, against 43 for 64 x 128), down
+    to 64-token blocks for small token counts; fp32 smaller tiles at 8 warps, so that
+    nothing spills.
     """
     if interpreter_active():
-        return KernelConfig(block_n=32, block_v=64, block_h=64, num_warps=4, num_stages=1)
+        return HeadConfigs.of(_INTERPRETER)
     if dtype == torch.float32:
-        return KernelConfig(block_n=64, block_v=64, block_h=32, num_warps=4, num_stages=2)
-    return KernelConfig(block_n=64, block_v=128, block_h=64, num_warps=8, num_stages=3)
+        return _FP32
+    if n_tokens <= SMALL_N:
+        small = lambda c: dataclasses.replace(c, block_n=64)
+        return dataclasses.replace(_HALF, forward=small(_HALF.forward), backward=small(_HALF.backward))
+    return _HALF
+
+
+def default_config(n_tokens: int, n_vocab: int, n_hidden: int, dtype: torch.dtype) -> KernelConfig:
+    """The forward's default configuration (see :func:`default_configs`)."""
+    return default_configs(n_tokens, n_vocab, n_hidden, dtype).forward
+
+
+def device_sm_count(device: torch.device) -> int | None:
+    """The number of streaming multiprocessors of a CUDA device, None elsewhere."""
+    if device.type != "cuda" or interpreter_active():
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def whole_wave_splits(n_row_blocks: int, n_tiles: int, sm_count: int | None, min_fill: float = 0.9) -> int:
+    """Vocabulary splits per token block for the forward so that its ``n_row_blocks x
+    splits`` programs fill whole waves of ``sm_count`` multiprocessors (one program each).
+
+    The smallest split count whose programs fill their waves to ``min_fill`` on average
+    (and make at least that much of one wave), among those that leave no split empty; 1
+    without a device size (CPU, interpreter).  At N=1024 and 64-token blocks on 132 SMs
+    that is 8 splits (128 programs, 97% of one wave), where "about two waves" gave 17
+    (272 programs: a third wave 6% full).
+    """
+    if not sm_count or n_tiles <= 1:
+        return 1
+    best, best_fill = 1, _wave_fill(n_row_blocks, sm_count)
+    for splits in range(1, n_tiles + 1):
+        if -(-n_tiles // -(-n_tiles // splits)) != splits:   # some split would be empty
+            continue
+        programs = n_row_blocks * splits
+        fill = _wave_fill(programs, sm_count)
+        if programs >= min_fill * sm_count and fill >= min_fill:
+            return splits
+        if fill > best_fill:
+            best, best_fill = splits, fill
+        if programs > 8 * sm_count:                            # past a few waves: the best seen
+            break
+    return best
+
+
+def _wave_fill(n_programs: int, sm_count: int) -> float:
+    """How full the waves of ``n_programs`` programs on ``sm_count`` SMs are, on average."""
+    waves = -(-n_programs // sm_count)
+    return n_programs / (waves * sm_count)

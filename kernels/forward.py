@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import KernelConfig, interpreter_active
-from .tiles import logit_tile, token_block, vocab_block
+from .config import device_sm_count, whole_wave_splits
+from .tiles import grouped_tile, logit_tile, token_block, vocab_block
 from .types import HeadProblem
 
 
@@ -31,14 +31,14 @@ from .types import HeadProblem
 def _lse_forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr, order_ptr, n_active_ptr,
     part_ptr, target_logit_ptr,
-    n_vocab, n_hidden, tiles_per_split, n_splits,
+    n_tokens, n_vocab, n_hidden, tiles_per_split, n_splits,
     stride_hn, stride_hh, stride_wv, stride_wh, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
+    # A 1-D grid of (token block, split) pairs in grouped order (see tiles.grouped_tile).
+    pid_n, split = grouped_tile(tl.program_id(0), tl.cdiv(n_tokens, BLOCK_N), n_splits, GROUP_N)
     n_active = tl.load(n_active_ptr)
     if pid_n * BLOCK_N >= n_active:  # a block past the active tokens has nothing to do
         return
@@ -79,37 +79,28 @@ def _lse_forward_kernel(
     tl.store(target_logit_ptr + tok, target_logit, mask=row_mask & owns_target)
 
 
-def _num_splits(n_tokens: int, n_tiles: int, config: KernelConfig, device: torch.device) -> int:
-    """Vocabulary splits so that about two waves of programs cover the GPU."""
-    if config.vocab_splits:
-        return max(1, min(config.vocab_splits, n_tiles))
-    if interpreter_active() or device.type != "cuda":
-        return 1
-    n_row_blocks = triton.cdiv(max(n_tokens, 1), config.block_n)
-    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_tiles, triton.cdiv(2 * sm_count, n_row_blocks)))
-
-
-MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension
-
-
 def lse_forward(problem: HeadProblem) -> torch.Tensor:
     """Per-token fp32 ``(lse, nll)`` as an (N, 2) tensor for the active tokens of
     ``problem`` (see the module docstring for how ``nll`` keeps its precision); entries of
-    inactive tokens are 0."""
-    n_tiles = triton.cdiv(problem.n_vocab, problem.config.block_v)
-    n_splits = min(_num_splits(problem.n_tokens, n_tiles, problem.config, problem.hidden.device), MAX_GRID_Y)
+    inactive tokens are 0.  The vocabulary split fills whole waves of the device's
+    multiprocessors (``config.whole_wave_splits``) unless the config fixes it."""
+    config = problem.config
+    n_tiles = triton.cdiv(problem.n_vocab, config.block_v)
+    n_row_blocks = triton.cdiv(problem.n_tokens, config.block_n)
+    if config.vocab_splits:
+        n_splits = min(config.vocab_splits, n_tiles)
+    else:
+        n_splits = whole_wave_splits(n_row_blocks, n_tiles, device_sm_count(problem.hidden.device))
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, tiles_per_split)  # no split may be empty
 
     device = problem.hidden.device
     part = torch.zeros((problem.n_tokens, n_splits, 2), dtype=torch.float32, device=device)
     target_logit = torch.zeros(problem.n_tokens, dtype=torch.float32, device=device)
-    grid = (triton.cdiv(problem.n_tokens, problem.config.block_n), n_splits)
-    _lse_forward_kernel[grid](
+    _lse_forward_kernel[(n_row_blocks * n_splits,)](
         *problem.inputs(), part, target_logit,
-        problem.n_vocab, problem.n_hidden, tiles_per_split, n_splits, *problem.layout(),
-        **problem.constants(), **problem.launch_options(),
+        problem.n_tokens, problem.n_vocab, problem.n_hidden, tiles_per_split, n_splits, *problem.layout(),
+        **problem.constants(GROUP_N=config.group_n), **problem.launch_options(),
     )
     return merge_splits(part[..., 0], part[..., 1], target_logit)
 

@@ -9,16 +9,42 @@ nothing to a dot product; callers then exclude them from reductions and stores.
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+from .config import interpreter_active
+
+# Kernels are specialised on this at import time (set TRITON_INTERPRET before importing).
+INTERPRETED = tl.constexpr(interpreter_active())
 
 
 @triton.jit
 def tanh(x):
-    """tanh to fp32 relative precision near 0 too: ``-m / (2 + m)`` with ``m =
-    expm1(-2|x|)``, and x's sign.  (``2 * sigmoid(2x) - 1`` cancels against 1 near 0,
-    keeping only an absolute error of about ``ulp(1)``.)"""
-    m = expm1(-2.0 * tl.abs(x))
-    t = -m / (2.0 + m)
-    return tl.where(x < 0, -t, t)
+    """tanh to fp32 relative precision, near 0 too (where ``2 * sigmoid(2x) - 1`` cancels
+    against 1, keeping only an absolute error of about ``ulp(1)``).  Compiled: libdevice's
+    ``tanhf`` (2 ulp).  Triton's CPU interpreter has no libdevice: there, ``-m / (2 + m)``
+    with ``m = expm1(-2|x|)`` and x's sign, which keeps the same relative precision."""
+    if INTERPRETED:
+        m = expm1(-2.0 * tl.abs(x))
+        t = -m / (2.0 + m)
+        return tl.where(x < 0, -t, t)
+    else:
+        return libdevice.tanh(x)
+
+
+@triton.jit
+def grouped_tile(pid, n_row_blocks, n_cols, GROUP_N: tl.constexpr):
+    """``(row block, column)`` of program ``pid`` in grouped order (the Triton matmul
+    tutorial's swizzle): programs walk ``GROUP_N`` token blocks down one column (a
+    vocabulary tile or split) before the next column.  The ~one wave of co-resident
+    programs then covers ``GROUP_N`` token blocks x a few columns, so each column's weight
+    rows are shared by ``GROUP_N`` programs and each token block's hidden rows (and
+    gradient rows) by the others, in L2, instead of every program of the wave sharing one
+    column and sweeping all token blocks."""
+    per_group = GROUP_N * n_cols
+    first = (pid // per_group) * GROUP_N
+    size = tl.minimum(n_row_blocks - first, GROUP_N)
+    local = pid % per_group
+    return first + local % size, local // size
 
 
 @triton.jit

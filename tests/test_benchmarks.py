@@ -157,6 +157,25 @@ def test_targets_run_measures_its_plan(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "m.json").read_text())["targets"] == result["targets"]
 
 
+def test_targets_by_shape_write_as_they_go(tmp_path, monkeypatch):
+    from benchmarks import compare, targets
+
+    monkeypatch.setattr(targets, "PLAN", (("hardfocus", "irdro", "tiny", "random", "frozen"),
+                                          ("hardfocus", "irdro", "cpu", "random", "frozen")))
+    written = []
+    real_run = compare.run
+
+    def spy(args, cases, on_case):
+        def record(result):
+            written.append(json.loads((tmp_path / "s.json").read_text()) if on_case(result) is None else None)
+        return real_run(args, cases, record)
+
+    monkeypatch.setattr(compare, "run", spy)
+    result = targets.main(["--iters", "1", "--out", str(tmp_path), "--tag", "s", "--shapes", "tiny"])
+    assert {r["shape"] for r in result["rows"]} == {"tiny"}          # the other shape is not measured
+    assert len(written) == 1 and len(written[0]["rows"]) == 3          # the file existed after the case
+
+
 def test_gpu_session_script_parses():
     done = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_session.sh")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -169,3 +188,26 @@ def test_skip_analysis_drops_tiles_and_measures_the_cost():
     coarse, exact = rows
     assert 0 < coarse["tiles_kept"] < 1 and coarse["grad_hidden_err_norm"] > 1e-3
     assert exact["tiles_kept"] == 1 and exact["grad_hidden_err_max"] == exact["grad_weight_err_max"] == 0
+
+
+def test_sweep_writes_a_row_per_case(tmp_path, monkeypatch):
+    """The sweep's cases on a micro head (CPU, interpreter): every case is timed, the JSON
+    is rewritten after each, and an exhausted time budget records the cases it skipped."""
+    from benchmarks import sweep
+    from benchmarks.shapes import Shape
+    from hardfocus_fused.kernels import KernelConfig
+
+    monkeypatch.setitem(sweep.SHAPES, "micro", Shape("micro", 32, 16, 64, seq_len=16))
+    monkeypatch.setattr(sweep, "FORWARD", (None, KernelConfig(block_n=16, block_v=32, block_h=16)))
+    monkeypatch.setattr(sweep, "BACKWARD", (None,))
+    monkeypatch.setattr(sweep, "MATMUL_CHUNKS", (2**20,))
+    result = sweep.main(["--out", str(tmp_path), "--heads", "micro"])
+    rows = result["rows"]
+    assert [(r["pass"], r["strategy"]) for r in rows] == [("fwd", "-"), ("fwd", "-"), ("bwd", "fused"),
+                                                         ("bwd", "matmul")]
+    assert all(r["ms"] > 0 and "error" not in r for r in rows)
+    assert "(default)" in rows[0]["config"] and "16x32x16" in rows[1]["config"]
+    (written,) = tmp_path.glob("sweep-cpu-*.json")
+    assert json.loads(written.read_text())["rows"] == rows
+    skipped = sweep.main(["--out", str(tmp_path), "--heads", "micro", "--budget-s", "0"])["rows"]
+    assert len(skipped) == 4 and all(r["error"] == "time budget" for r in skipped)

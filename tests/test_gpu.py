@@ -19,11 +19,13 @@ def head_batch(batch, seq, hidden, vocab, dtype, seed=0):
     return h, w, labels
 
 
+@pytest.mark.parametrize("backward_impl", ["fused", "matmul"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("method", ["irdro", "midranking", "mean"])
-def test_default_configs_match_reference(dtype, method):
+def test_default_configs_match_reference(dtype, method, backward_impl):
     h, w, labels = head_batch(8, 256, 512, 32003, dtype)
-    loss, stats = hardfocus_loss(h, w, labels, method=method, impl="triton", return_stats=True)
+    loss, stats = hardfocus_loss(h, w, labels, method=method, impl="triton", return_stats=True,
+                                 backward_impl=backward_impl)
     ref, ref_seq, ref_w, _ = reference_loss(h, w, labels, method=method)
     tol_loss, tol_grad = TOLERANCES[dtype]
     assert rel_err(loss, ref) <= tol_loss
@@ -126,3 +128,18 @@ def test_hf_patch_in_bf16_on_the_gpu():
     want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     got = patched(input_ids=ids, attention_mask=mask, labels=labels).loss
     assert rel_err(got, want) <= 2e-2
+
+
+def test_matmul_strategy_uses_fp32_accumulating_library_matmuls():
+    """On CUDA the "matmul" backward multiplies half-precision operands with fp32 output
+    (``out_dtype``), not widened copies; it matches the fused backward's gradients."""
+    from hardfocus_fused.kernels import backward_matmul
+
+    h, w, labels = head_batch(4, 512, 1024, 50000, torch.bfloat16, seed=5)
+    grads = {}
+    for backward_impl in ("fused", "matmul"):
+        loss = hardfocus_loss(h, w, labels, impl="triton", backward_impl=backward_impl)
+        grads[backward_impl] = grads_of(loss, (h, w))
+    assert backward_matmul.widened_matmuls() == 0
+    for a, b in zip(grads["fused"], grads["matmul"]):
+        assert rel_err(a, b) <= 1e-2

@@ -1,0 +1,280 @@
+"""Resources of the kernels as they are launched, compiled for Hopper without a GPU.
+
+The package's own launchers run on the benchmark head shapes with CPU tensors (nothing
+is computed: each kernel launch is recorded instead of run), and each recorded launch is
+compiled for sm_90 exactly as Triton's JIT would compile it at that launch: the same
+binder specialises the arguments (integers equal to 1 become constants, integers and
+pointers divisible by 16 get ``tt.divisibility=16``), with the launch's ``num_warps`` and
+``num_stages``.  For each compiled variant it reports registers, spills (stack and
+local memory), shared memory, and from the SASS (the bundled ``cuobjdump``) the memory
+barriers and the global reductions/atomics.
+
+    python -m benchmarks.kernel_resources --out benchmarks/results
+
+writes ``kernel-resources-sm90-DATE.md`` / ``.json``.  ``tests/test_compile.py`` runs the
+same compilation and asserts: no spills, shared memory within a Hopper SM's 227 KiB, and
+no ``MEMBAR`` in the atomic backward kernel.  Run it without ``TRITON_INTERPRET``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import create_function_from_signature
+
+from hardfocus_fused._tokens import partition_active
+from hardfocus_fused.kernels import HeadProblem, backward, backward_deterministic, backward_matmul, forward
+from hardfocus_fused.kernels.config import default_configs
+
+HOPPER_MAX_SHARED_BYTES = 232448        # 227 KiB of shared memory per block on sm_90
+HOPPER_SMS = 132                        # H100 SXM and H200: the forward's split count depends on it
+# (N, H, V): the benchmark heads, and a small batch on the Llama-3 head (the small-N class).
+HEADS = {"gemma2-2b": (8192, 2304, 256000), "llama3-8b": (16384, 4096, 128256), "llama3-8b-n512": (512, 4096, 128256)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+KERNELS = {
+    "forward": forward._lse_forward_kernel,
+    "backward": backward._lce_backward_kernel,
+    "grad_hidden (det.)": backward_deterministic._grad_hidden_kernel,
+    "grad_weight (det.)": backward_deterministic._grad_weight_kernel,
+    "dlogits (matmul)": backward_matmul._dlogits_kernel,
+}
+
+
+@dataclass
+class Variant:
+    """One compiled launch and what it uses."""
+
+    head: str
+    dtype: str
+    kernel: str
+    flags: str
+    blocks: str
+    num_warps: int
+    num_stages: int
+    registers: int
+    stack: int
+    local: int
+    shared: int
+    membar: int
+    red: int
+    atom: int
+
+    @property
+    def spills(self) -> bool:
+        return self.stack > 0 or self.local > 0
+
+
+class _Recorder:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` is recorded."""
+
+    def __init__(self, name: str, kernel, launches: list) -> None:
+        self.name, self.kernel, self.launches = name, kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.name, self.kernel, args, kwargs))
+
+
+@contextlib.contextmanager
+def recording(launches: list):
+    """Every kernel launch of the package's launchers is appended to ``launches``, and
+    nothing large is computed (gradient buffers are left uninitialised, the library
+    matmuls of the ``"matmul"`` strategy are skipped); the forward's split count is
+    sized for a Hopper GPU."""
+    modules = {"forward": (forward, "_lse_forward_kernel"), "backward": (backward, "_lce_backward_kernel"),
+               "grad_hidden (det.)": (backward_deterministic, "_grad_hidden_kernel"),
+               "grad_weight (det.)": (backward_deterministic, "_grad_weight_kernel"),
+               "dlogits (matmul)": (backward_matmul, "_dlogits_kernel")}
+    saved = []
+    try:
+        for name, (module, attr) in modules.items():
+            saved.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, _Recorder(name, getattr(module, attr), launches))
+        for module, attr, value in ((forward, "device_sm_count", lambda device: HOPPER_SMS),
+                                    (backward, "_fp32_zeros", _uninitialised),
+                                    (backward_matmul, "_mm", _skip_mm)):
+            saved.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, value)
+        yield launches
+    finally:
+        for module, attr, value in reversed(saved):
+            setattr(module, attr, value)
+
+
+def _uninitialised(problem, *shape):
+    return torch.empty(shape, dtype=torch.float32)
+
+
+def _skip_mm(a, b, out=None, accumulate=False):
+    return out if out is not None else torch.empty((a.shape[0], b.shape[1]), dtype=torch.float32)
+
+
+def launches_of(head: str, dtype: torch.dtype, configs=None) -> list:
+    """The launches of a forward and of every backward variant on ``head`` in ``dtype``
+    (with ``configs``, default: the package's): with and without bias and soft-cap,
+    trainable and frozen head, the deterministic kernels, and the ``"matmul"`` strategy's
+    elementwise kernel."""
+    n_tokens, n_hidden, n_vocab = HEADS[head]
+    configs = configs or default_configs(n_tokens, n_vocab, n_hidden, dtype)
+    hidden = torch.empty((n_tokens, n_hidden), dtype=dtype)     # never touched: no memory is committed
+    weight = torch.empty((n_vocab, n_hidden), dtype=dtype)
+    bias = torch.empty(n_vocab, dtype=dtype)
+    targets = torch.zeros(n_tokens, dtype=torch.int64)
+    order, n_active = partition_active(torch.ones(n_tokens, dtype=torch.bool))
+    stats = torch.empty((n_tokens, 2))
+    coef = torch.ones(n_tokens)
+    launches: list = []
+
+    def problem(config, with_bias=True):
+        return HeadProblem(hidden, weight, bias if with_bias else None, targets, order, n_active,
+                           30.0 if with_bias else None, dtype, config)
+
+    with recording(launches):
+        forward.lse_forward(problem(configs.forward))
+        forward.lse_forward(problem(configs.forward, with_bias=False))
+        backward.lce_backward(problem(configs.backward), stats, coef)
+        backward.lce_backward(problem(configs.backward), stats, coef, need_weight=False)
+        backward.lce_backward(problem(configs.deterministic), stats, coef, deterministic=True)
+        backward_matmul.matmul_backward(problem(configs.backward), stats, coef, configs.matmul_chunk_bytes)
+    return launches
+
+
+def compile_launch(kernel, args: tuple, kwargs: dict, capability: int = 90):
+    """``kernel`` compiled for ``sm_<capability>`` as the JIT compiles it for this launch."""
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    backend = CUDABackend(GPUTarget("cuda", capability, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    source = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(source, target=backend.target, options=options.__dict__)
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def resources(compiled) -> dict:
+    """Registers, stack and local memory (``cuobjdump -res-usage``), shared memory, and the
+    SASS counts of memory barriers, reductions and atomics of a compiled kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(f.name)
+    field = lambda key: int(re.search(rf"\b{key}:(\d+)", usage).group(1))
+    opcodes = [line.split(";")[0] for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
+    count = lambda op: sum(bool(re.search(rf"\b{op}\b", line)) for line in opcodes)
+    return dict(registers=field("REG"), stack=field("STACK"), local=field("LOCAL"), shared=compiled.metadata.shared,
+                membar=count("MEMBAR"), red=count(r"REDG?(\.\S+)?"), atom=count(r"ATOMG?(\.\S+)?"))
+
+
+_FLAGS = ("HAS_BIAS", "HAS_SOFTCAP", "GRAD_HIDDEN", "GRAD_WEIGHT", "GRAD_BIAS")
+
+
+def variants(heads=tuple(HEADS), dtypes=tuple(DTYPES), capability: int = 90) -> list[Variant]:
+    """Every distinct launched variant on ``heads`` x ``dtypes``, compiled and measured."""
+    seen, out = set(), []
+    for head in heads:
+        for dtype_name in dtypes:
+            for name, kernel, args, kwargs in launches_of(head, DTYPES[dtype_name]):
+                compiled = compile_launch(kernel, args, kwargs, capability)
+                if compiled.hash in seen:
+                    continue
+                seen.add(compiled.hash)
+                flags = " ".join(f for f in _FLAGS if kwargs.get(f)) or "-"
+                blocks = "x".join(str(kwargs[b]) for b in ("BLOCK_N", "BLOCK_V", "BLOCK_H") if b in kwargs)
+                out.append(Variant(head, dtype_name, name, flags, blocks, compiled.metadata.num_warps,
+                                   compiled.metadata.num_stages, **resources(compiled)))
+    return out
+
+
+def launched(heads=("gemma2-2b", "llama3-8b")) -> list[dict]:
+    """On a GPU: the kernels the JIT actually compiled for a forward and backward of each
+    head in bf16 (both backward strategies and the deterministic kernels), with the
+    registers, spills and shared memory the driver reports."""
+    from hardfocus_fused.lce import token_nll
+
+    for head in heads:
+        n_tokens, n_hidden, n_vocab = HEADS[head]
+        hidden = (torch.randn(n_tokens, n_hidden, device="cuda") * 0.1).bfloat16().requires_grad_()
+        weight = (torch.randn(n_vocab, n_hidden, device="cuda") * 0.02).bfloat16().requires_grad_()
+        targets = torch.randint(0, n_vocab, (n_tokens,), device="cuda")
+        for backward_impl, deterministic in (("fused", False), ("fused", True), ("matmul", False)):
+            nll = token_nll(hidden, weight, targets, None, -100, None, "triton", deterministic=deterministic,
+                            backward_impl=backward_impl)
+            torch.autograd.grad(nll.mean(), (hidden, weight))
+        del hidden, weight
+        torch.cuda.empty_cache()
+    rows = []
+    for name, kernel in KERNELS.items():
+        for cache in kernel.device_caches.values():
+            for compiled in cache[0].values():
+                rows.append(dict(kernel=name, num_warps=compiled.metadata.num_warps,
+                                 num_stages=compiled.metadata.num_stages, registers=compiled.n_regs,
+                                 spills=compiled.n_spills, shared=compiled.metadata.shared))
+    return rows
+
+
+def markdown(rows: list[Variant], meta: dict) -> str:
+    lines = [f"# Kernel resources, sm_{meta['capability']}, launch-time specialisation", "",
+             f"{meta['date']}; triton {meta['triton']}, torch {meta['torch']}; compiled on a CPU-only machine "
+             f"with Triton's bundled ptxas (no GPU: nothing here is a timing). "
+             f"`python -m benchmarks.kernel_resources`. One row per distinct compiled kernel: a launch that "
+             f"specialises exactly like one above (another head with the same argument divisibility) is not "
+             f"repeated. stack/local: bytes of spilled registers; RED/ATOM/MEMBAR: global reductions, atomics "
+             f"and memory barriers in the SASS.", "",
+             "| head | dtype | kernel | flags | blocks N x V x H | warps | stages | regs | stack | local | "
+             "shared KiB | MEMBAR | RED | ATOM |", "|" + "---|" * 14]
+    for r in rows:
+        lines.append(f"| {r.head} | {r.dtype} | {r.kernel} | {r.flags} | {r.blocks} | {r.num_warps} | "
+                     f"{r.num_stages} | {r.registers} | {r.stack} | {r.local} | {r.shared / 1024:.0f} | "
+                     f"{r.membar} | {r.red} | {r.atom} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--capability", type=int, default=90)
+    parser.add_argument("--launched", action="store_true",
+                        help="on a GPU: report the kernels the JIT compiled for real launches on both heads")
+    args = parser.parse_args(argv)
+    if args.launched:
+        rows = launched()
+        path = Path(args.out) / f"kernel-resources-launched-{datetime.date.today().isoformat()}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), triton=triton.__version__,
+                                        torch=torch.__version__, rows=rows), indent=1))
+        for row in rows:
+            print(row)
+        return
+    rows = variants(capability=args.capability)
+    meta = dict(date=datetime.date.today().isoformat(), triton=triton.__version__, torch=torch.__version__,
+                capability=args.capability)
+    stem = Path(args.out) / f"kernel-resources-sm{args.capability}-{meta['date']}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta, variants=[asdict(r) for r in rows]), indent=1))
+    stem.with_suffix(".md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
