@@ -124,8 +124,8 @@ def _skip_mm(a, b, out=None, accumulate=False):
 def launches_of(head: str, dtype: torch.dtype, configs=None) -> list:
     """The launches of a forward and of every backward variant on ``head`` in ``dtype``
     (with ``configs``, default: the package's): with and without bias and soft-cap,
-    trainable and frozen head, the deterministic kernels, and the ``"matmul"`` strategy's
-    elementwise kernel."""
+    trainable and frozen head, the deterministic kernels, the ``"matmul"`` strategy's
+    elementwise kernel, and each with every extra loss term on (``ce_terms``)."""
     n_tokens, n_hidden, n_vocab = HEADS[head]
     configs = configs or default_configs(n_tokens, n_vocab, n_hidden, dtype)
     hidden = torch.empty((n_tokens, n_hidden), dtype=dtype)     # never touched: no memory is committed
@@ -137,9 +137,13 @@ def launches_of(head: str, dtype: torch.dtype, configs=None) -> list:
     coef = torch.ones(n_tokens)
     launches: list = []
 
-    def problem(config, with_bias=True):
+    class_weight = torch.empty(n_vocab)
+    rich = torch.empty((n_tokens, 3))
+
+    def problem(config, with_bias=True, terms=False):
         return HeadProblem(hidden, weight, bias if with_bias else None, targets, order, n_active,
-                           30.0 if with_bias else None, dtype, config)
+                           30.0 if with_bias else None, dtype, config, class_weight=class_weight if terms else None,
+                           smooth=terms, argmax=terms, rich_coef=terms)
 
     with recording(launches):
         forward.lse_forward(problem(configs.forward))
@@ -148,6 +152,11 @@ def launches_of(head: str, dtype: torch.dtype, configs=None) -> list:
         backward.lce_backward(problem(configs.backward), stats, coef, need_weight=False)
         backward.lce_backward(problem(configs.deterministic), stats, coef, deterministic=True)
         backward_matmul.matmul_backward(problem(configs.backward), stats, coef, configs.matmul_chunk_bytes)
+        # Every extra loss term on (label smoothing with class weights, argmax, rich coefficients).
+        forward.lse_forward(problem(configs.forward, terms=True))
+        backward.lce_backward(problem(configs.backward, terms=True), stats, rich)
+        backward.lce_backward(problem(configs.deterministic, terms=True), stats, rich, deterministic=True)
+        backward_matmul.matmul_backward(problem(configs.backward, terms=True), stats, rich, configs.matmul_chunk_bytes)
     return launches
 
 
@@ -186,7 +195,8 @@ def resources(compiled) -> dict:
                 membar=count("MEMBAR"), red=count(r"REDG?(\.\S+)?"), atom=count(r"ATOMG?(\.\S+)?"))
 
 
-_FLAGS = ("HAS_BIAS", "HAS_SOFTCAP", "GRAD_HIDDEN", "GRAD_WEIGHT", "GRAD_BIAS")
+_FLAGS = ("HAS_BIAS", "HAS_SOFTCAP", "GRAD_HIDDEN", "GRAD_WEIGHT", "GRAD_BIAS", "SMOOTH", "CLASS_WEIGHT", "ARGMAX",
+          "RICH_COEF")
 
 
 def variants(heads=tuple(HEADS), dtypes=tuple(DTYPES), capability: int = 90) -> list[Variant]:

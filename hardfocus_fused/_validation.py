@@ -92,6 +92,56 @@ def check_shift(shift) -> int:
     return int(shift)
 
 
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _finite_number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_loss_terms(label_smoothing, class_weight, lse_square_scale, n_vocab: int, device: torch.device | None):
+    """The cross-entropy variant's options as a ``ce_terms.LossTerms`` (class weights as
+    fp32; on ``device`` unless it is None)."""
+    from .ce_terms import LossTerms
+
+    label_smoothing = _finite_number("label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    lse_square_scale = _finite_number("lse_square_scale", lse_square_scale)
+    if lse_square_scale < 0:
+        raise ValueError(f"lse_square_scale must be >= 0, got {lse_square_scale}")
+    if class_weight is not None:
+        check_tensor("class_weight", class_weight, 1)
+        check_float("class_weight", class_weight)
+        if class_weight.shape[0] != n_vocab:
+            raise ValueError(f"class_weight has {class_weight.shape[0]} entries but the head has {n_vocab} classes "
+                             f"(one weight per class)")
+        if device is not None and class_weight.device != device:
+            raise ValueError(f"class_weight is on {class_weight.device} but weight is on {device}")
+        if class_weight.requires_grad:
+            raise ValueError("class_weight must not require grad (it is a constant, as in F.cross_entropy)")
+        class_weight = class_weight.float().contiguous()
+    return LossTerms(label_smoothing, class_weight, lse_square_scale)
+
+
+def check_data_weight(name: str, value, shape: tuple[int, ...], device: torch.device, check_values: bool) -> None:
+    """Non-negative finite float weights of ``shape`` on ``device`` (the value check reads one
+    flag back from the device; ``check_values=False`` skips it)."""
+    check_tensor(name, value, len(shape))
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but hidden is on {device}")
+    if check_values and value.numel() and not bool((torch.isfinite(value) & (value >= 0)).all()):
+        raise ValueError(f"{name} must be finite and >= 0")
+
+
 def check_softcap(softcap) -> None:
     if softcap is None:
         return

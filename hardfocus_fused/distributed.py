@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .weighting import with_sample_weights
+
 
 def _all_gather_varlen(values: torch.Tensor, group) -> list[torch.Tensor]:
     """Every rank's 1-D ``values`` (lengths may differ), in rank order."""
@@ -26,12 +28,17 @@ def _all_gather_varlen(values: torch.Tensor, group) -> list[torch.Tensor]:
     return [piece[: int(n.item())] for piece, n in zip(pieces, lengths)]
 
 
-def global_weights(seq_loss: torch.Tensor, n_tokens: torch.Tensor, group, weigh) -> tuple[torch.Tensor, int]:
+def global_weights(seq_loss: torch.Tensor, counts: torch.Tensor, group, weigh,
+                   sample_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """``(this rank's weights, world size)``: ``weigh(all_losses, all_counts)`` over the
-    group's concatenated batch (rank order), sliced to this rank's sequences."""
+    group's concatenated batch (rank order), times the gathered ``sample_weight`` and
+    renormalised when given, sliced to this rank's sequences.  ``counts`` are token counts
+    or (fractional) token masses; their dtype is kept."""
     losses = _all_gather_varlen(seq_loss.detach().float(), group)
-    counts = _all_gather_varlen(n_tokens.to(torch.int64), group)
+    gathered = _all_gather_varlen(counts if counts.is_floating_point() else counts.to(torch.int64), group)
     rank = dist.get_rank(group)
     start = sum(piece.numel() for piece in losses[:rank])
-    weights = weigh(torch.cat(losses), torch.cat(counts))
+    weights = weigh(torch.cat(losses), torch.cat(gathered))
+    if sample_weight is not None:
+        weights = with_sample_weights(weights, torch.cat(_all_gather_varlen(sample_weight.float(), group)))
     return weights[start: start + seq_loss.numel()], dist.get_world_size(group)

@@ -119,6 +119,9 @@ def apply_hardfocus(
     deterministic: bool | None = None,
     group=None,
     backward_impl: str = "auto",
+    label_smoothing: float = 0.0,
+    class_weight: torch.Tensor | None = None,
+    lse_square_scale: float = 0.0,
     eval_logits: bool = True,
     verify: bool = True,
 ) -> nn.Module:
@@ -150,9 +153,13 @@ def apply_hardfocus(
     Args:
         model: the model to patch (or a PEFT, DDP or FSDP1 wrapper around it); returned,
             patched in place.
-        method, r, n1, n2, seq_reduction, impl, deterministic, group, backward_impl: as for
-            :func:`hardfocus_loss` (``group``: weights over a data-parallel group's global
-            batch).
+        method, r, n1, n2, seq_reduction, impl, deterministic, group, backward_impl,
+            label_smoothing, class_weight, lse_square_scale: as for :func:`hardfocus_loss`
+            (``group``: weights over a data-parallel group's global batch).  The batch
+            columns ``token_weight`` (aligned with ``labels``) and ``sample_weight`` (one
+            per row), when the model is called with them, are ``hardfocus_loss``'s; the
+            Trainer keeps them (the patched forward's signature names them) and
+            ``hf_trainer.WeightColumns`` pads them in a collator.
         eval_logits: return the logits from evaluation forwards (what ``compute_metrics``
             needs; as much memory as the unpatched model's evaluation).  ``False`` keeps
             evaluation logit-free too (``logits=None``).
@@ -184,8 +191,10 @@ def apply_hardfocus(
     if not hasattr(target, "loss_function"):
         raise ValueError(f"{type(target).__name__} has no loss_function; apply_hardfocus needs a transformers "
                          f"causal LM that computes its loss through self.loss_function")
+    check.check_loss_terms(label_smoothing, class_weight, lse_square_scale, head.out_features, None)
     options = dict(method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction, impl=impl,
-                   deterministic=deterministic, group=group, backward_impl=backward_impl)
+                   deterministic=deterministic, group=group, backward_impl=backward_impl,
+                   label_smoothing=label_smoothing, class_weight=class_weight, lse_square_scale=lse_square_scale)
     patch = HardFocusPatch(target, head, _backbone(target), options, eval_logits=eval_logits)
     patch.install()
     if verify:

@@ -19,16 +19,18 @@ class Targets:
     targets: torch.Tensor
     position_ids: torch.Tensor | None
     attention_mask: torch.Tensor | None
+    token_weight: torch.Tensor | None = None
 
 
 def call_targets(labels, shift_labels, position_ids, attention_mask, logits_to_keep, device,
-                 ignore_index: int = -100) -> Targets:
+                 ignore_index: int = -100, token_weight: torch.Tensor | None = None) -> Targets:
     """Targets of the positions ``lm_head`` sees, from the arguments the model was called with.
 
     ``labels`` are shifted by one, never across a document boundary of packed rows
     (``position_ids``, with ``attention_mask`` marking padding); ``shift_labels`` are used as
     given.  ``logits_to_keep`` (an int, or a 1-D tensor of positions) keeps the positions
-    the model gives to ``lm_head``.
+    the model gives to ``lm_head``.  ``token_weight`` (aligned with ``labels``, or with
+    ``shift_labels`` when those are given) is shifted and kept alike.
     """
     labels = labels.to(device)
     if position_ids is not None:
@@ -37,6 +39,10 @@ def call_targets(labels, shift_labels, position_ids, attention_mask, logits_to_k
         attention_mask = None     # a 4-D mask, or padding told by the labels alone
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)
+    if token_weight is not None:
+        token_weight = token_weight.to(device).float()
+        if shift_labels is None:
+            token_weight = shift_targets(token_weight, 0)
     if shift_labels is not None:
         targets = shift_labels.to(device)
     else:
@@ -49,7 +55,7 @@ def call_targets(labels, shift_labels, position_ids, attention_mask, logits_to_k
     else:
         raise ValueError("with labels, logits_to_keep must be an int or a 1-D tensor of positions")
     keep = lambda t: t[:, index] if t is not None else None
-    return Targets(keep(targets), keep(position_ids), keep(attention_mask))
+    return Targets(keep(targets), keep(position_ids), keep(attention_mask), keep(token_weight))
 
 
 def token_mean(stats: HardFocusStats, seq_reduction: str) -> torch.Tensor:

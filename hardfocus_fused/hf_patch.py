@@ -17,10 +17,14 @@ from .hf_stats_log import StatsLog
 from .loss import HardFocusStats, hardfocus_loss
 
 ATTRIBUTE = "_hardfocus_patch"
+# Batch columns the patched forward takes (and the model never sees): per-token and
+# per-row weights of the data (see hardfocus_loss's token_weight and sample_weight).
+DATA_COLUMNS = ("token_weight", "sample_weight")
 
 BYPASS_HELP = (
-    "The transformers Trainer removes the labels from the model call when label_smoothing_factor > 0 or a "
-    "compute_loss_func is set (drop those options); TRL's SFTTrainer computes its own loss with its own fused head (use "
+    "The transformers Trainer removes the labels from the model call when label_smoothing_factor > 0 (call "
+    "HardFocusCallback.attach(trainer), which moves the label smoothing into the fused loss) or a "
+    "compute_loss_func is set (drop it); TRL's SFTTrainer computes its own loss with its own fused head (use "
     "hardfocus_fused.trl.HardFocusSFTTrainer).  To compute a loss of your own from the logits, call "
     "remove_hardfocus(model) or run inside `with hardfocus_patch(model).disabled():`."
 )
@@ -36,6 +40,8 @@ class _Call:
     attention_mask: torch.Tensor | None
     logits_to_keep: int | torch.Tensor
     evaluating: bool                          # no grad, eval mode: plain loss, logits kept if eval_logits
+    token_weight: torch.Tensor | None = None  # the batch's weight columns (DATA_COLUMNS)
+    sample_weight: torch.Tensor | None = None
     head_calls: int = 0
     loss: torch.Tensor | None = None          # computed by lm_head
     stats: HardFocusStats | None = None
@@ -57,7 +63,13 @@ class PatchedForward:
     def __init__(self, forward) -> None:
         bound = inspect.signature(forward)
         receiver = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        self.__signature__ = bound.replace(parameters=[receiver, *bound.parameters.values()])
+        params = [receiver, *bound.parameters.values()]
+        # The batch's weight columns, keyword-only before any **kwargs (the Trainer keeps
+        # the dataset columns the forward's signature names).
+        at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
+        columns = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+                   for name in DATA_COLUMNS if name not in bound.parameters]
+        self.__signature__ = bound.replace(parameters=params[:at] + columns + params[at:])
         self.__name__ = getattr(forward, "__name__", "forward")
         self.__qualname__ = getattr(forward, "__qualname__", "forward")
         self.__doc__ = getattr(forward, "__doc__", None)
@@ -106,6 +118,7 @@ class HardFocusPatch:
     # -- installed on the instance -------------------------------------------------------
 
     def patched_forward(self, *args, **kwargs):
+        columns = {name: kwargs.pop(name) for name in DATA_COLUMNS if name in kwargs}   # never the model's
         if self.mode == "off":
             return self._forward(*args, **kwargs)
         bound = self._signature.bind_partial(*args, **kwargs).arguments
@@ -121,7 +134,7 @@ class HardFocusPatch:
         self.call = _Call(labels=labels, shift_labels=argument("shift_labels"),
                           position_ids=argument("position_ids"), attention_mask=argument("attention_mask"),
                           logits_to_keep=argument("logits_to_keep", 0),
-                          evaluating=not self.model.training and not torch.is_grad_enabled())
+                          evaluating=not self.model.training and not torch.is_grad_enabled(), **columns)
         try:
             out = self._forward(*args, **kwargs)
             if not self.call.loss_returned:
@@ -206,7 +219,7 @@ class HardFocusPatch:
     def compute(self, hidden: torch.Tensor, call: _Call, **overrides) -> tuple[torch.Tensor, HardFocusStats]:
         """``hardfocus_loss`` of the hidden states ``lm_head`` was given, with the options."""
         where = call_targets(call.labels, call.shift_labels, call.position_ids, call.attention_mask,
-                             call.logits_to_keep, hidden.device)
+                             call.logits_to_keep, hidden.device, token_weight=call.token_weight)
         if where.targets.shape != hidden.shape[:2]:
             raise ValueError(f"labels give targets of shape {tuple(where.targets.shape)} but lm_head saw hidden "
                              f"states of shape {tuple(hidden.shape[:2])}")
@@ -218,8 +231,10 @@ class HardFocusPatch:
             hidden = hidden * self.scale
             bias = bias * self.scale if bias is not None else None
         options = dict(self.options, **overrides)
+        sample_weight = call.sample_weight.to(hidden.device).float() if call.sample_weight is not None else None
         return hardfocus_loss(hidden, weight, where.targets, bias=bias, shift=False, position_ids=where.position_ids,
                               attention_mask=where.attention_mask if where.position_ids is not None else None,
+                              token_weight=where.token_weight, sample_weight=sample_weight,
                               softcap=self.softcap, ignore_index=-100, return_stats=True, **options)
 
     @contextlib.contextmanager

@@ -124,7 +124,9 @@ def _measure(patch, runner) -> None:
     patch.mode = "off"
     reference = runner(input_ids=ids, labels=ids).loss
     patch.mode = "loss"
-    with patch.options_for(method="mean", seq_reduction="mean", group=None):
+    # The model's own loss is plain cross-entropy: compared with the plain fused loss.
+    with patch.options_for(method="mean", seq_reduction="mean", group=None, label_smoothing=0.0, class_weight=None,
+                           lse_square_scale=0.0):
         # The training path (with grad: the stand-in logits) and the evaluation path.
         with torch.enable_grad():
             ours = runner(input_ids=ids, labels=ids).loss.detach()

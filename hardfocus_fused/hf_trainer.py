@@ -23,8 +23,12 @@ class HardFocusCallback(TrainerCallback):
 
     @classmethod
     def attach(cls, trainer: Trainer) -> "HardFocusCallback":
+        """Add the callback first among ``trainer``'s callbacks, and move the Trainer's
+        label smoothing (``label_smoothing_factor``) into the fused loss: the Trainer would
+        otherwise call the model without labels and smooth full logits itself."""
         callback = cls()
         trainer.callback_handler.callbacks.insert(0, callback)
+        take_label_smoothing(trainer)
         return callback
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
@@ -41,6 +45,53 @@ class HardFocusCallback(TrainerCallback):
         logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
+
+
+def take_label_smoothing(trainer: Trainer) -> None:
+    """Move ``trainer``'s label smoothing into the patch of its model (the same semantics:
+    PyTorch's ``label_smoothing``), so the Trainer passes the labels to the model."""
+    patch = hardfocus_patch(trainer.model)
+    smoother = getattr(trainer, "label_smoother", None)
+    if patch is None or smoother is None:
+        return
+    patch.options = dict(patch.options, label_smoothing=float(smoother.epsilon))
+    trainer.label_smoother = None
+
+
+class WeightColumns:
+    """A data collator that carries the weight columns ``apply_hardfocus`` reads from a
+    batch: ``sample_weight`` (one number per example) and ``token_weight`` (one per token,
+    aligned with ``input_ids``/``labels``), around any ``collator`` that pads the rest.
+
+    ``token_weight`` is padded with 0 on ``padding_side`` (the tokenizer's, usually) to the
+    batch's sequence length; both come back as float tensors.
+    """
+
+    def __init__(self, collator, padding_side: str = "right") -> None:
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        self.collator, self.padding_side = collator, padding_side
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        features = [dict(f) for f in features]
+        token_weight = [f.pop("token_weight", None) for f in features]
+        sample_weight = [f.pop("sample_weight", None) for f in features]
+        batch = self.collator(features)
+        if all(w is not None for w in sample_weight):
+            batch["sample_weight"] = torch.as_tensor([float(w) for w in sample_weight], dtype=torch.float32)
+        if all(w is not None for w in token_weight):
+            length = batch["input_ids"].shape[1]
+            rows = []
+            for w in token_weight:
+                w = torch.as_tensor(w, dtype=torch.float32).flatten()
+                if w.numel() > length:
+                    raise ValueError(f"a token_weight of {w.numel()} entries for a batch of {length} positions")
+                pad = torch.zeros(length - w.numel())
+                rows.append(torch.cat([w, pad] if self.padding_side == "right" else [pad, w]))
+            batch["token_weight"] = torch.stack(rows)
+        return batch
 
 
 class AccumulationCallback(TrainerCallback):

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from typing import NamedTuple
+
 from . import _validation as check
 from ._tokens import shift_targets
+from .ce_terms import LossTerms
 from .torch_op import TorchLinearCrossEntropy
 from .triton_op import TritonLinearCrossEntropy
 
@@ -70,7 +73,7 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
-def token_nll(
+def token_terms(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
@@ -81,23 +84,49 @@ def token_nll(
     deterministic: bool | None = None,
     kernel_config=None,
     backward_impl: str = "auto",
-) -> torch.Tensor:
-    """Per-token NLL (N,) for 2-D ``hidden`` and 1-D ``targets`` of already-checked inputs.
+    terms: LossTerms = LossTerms(),
+    argmax: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-token ``(loss, lse, argmax)`` (N,) for 2-D ``hidden`` and 1-D ``targets`` of
+    already-checked inputs: the loss of ``terms`` (plain cross-entropy by default) and the
+    log-sum-exp, both differentiable and 0 where not scored, and the argmax (-1 where not
+    scored; None unless ``argmax``).
 
     Under autocast the op keeps its own dtype rules instead of autocast's: the Triton path
     multiplies in the autocast dtype when it is lower than the inputs' (as autocast's
     ``lm_head`` would, without a cast copy of the weight), the torch path in fp32 as
-    always; the NLL is fp32 and each gradient has its input's dtype either way.
+    always; the loss is fp32 and each gradient has its input's dtype either way.
     """
     check.check_choice("backward_impl", backward_impl, check.BACKWARD_IMPLS)
     which = resolve_impl(impl, hidden.device, hidden.dtype)
     deterministic = resolve_deterministic(deterministic)  # the torch path always is
     targets = targets.to(torch.int64).contiguous()
     if which == "triton" and hidden.shape[0] > 0:   # no token: nothing to launch
-        return TritonLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, softcap, deterministic,
-                                              kernel_config, autocast_dtype(hidden.device.type),
-                                              resolve_backward(backward_impl))
-    return TorchLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, softcap)
+        loss, lse, best = TritonLinearCrossEntropy.apply(
+            hidden, weight, bias, targets, ignore_index, softcap, deterministic, kernel_config,
+            autocast_dtype(hidden.device.type), resolve_backward(backward_impl), terms, argmax)
+    else:
+        loss, lse, best = TorchLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, softcap, terms,
+                                                        argmax)
+    return loss, lse, best if argmax else None
+
+
+def token_nll(hidden, weight, targets, bias, ignore_index, softcap, impl, deterministic=None, kernel_config=None,
+              backward_impl="auto") -> torch.Tensor:
+    """Per-token NLL (N,): ``token_terms``' loss for plain cross-entropy."""
+    return token_terms(hidden, weight, targets, bias, ignore_index, softcap, impl, deterministic, kernel_config,
+                       backward_impl)[0]
+
+
+class LCEOutput(NamedTuple):
+    """What :func:`linear_cross_entropy` returns when any ``return_*`` option is set
+    (fields not asked for are None)."""
+
+    loss: torch.Tensor
+    lse: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    token_accuracy: torch.Tensor | None = None
+    predicted_tokens: torch.Tensor | None = None
 
 
 def linear_cross_entropy(
@@ -110,11 +139,18 @@ def linear_cross_entropy(
     softcap: float | None = None,
     shift: bool | int = False,
     reduction: str = "none",
+    label_smoothing: float = 0.0,
+    class_weight: torch.Tensor | None = None,
+    lse_square_scale: float = 0.0,
+    return_lse: bool = False,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
     impl: str = "auto",
     validate: bool = True,
     deterministic: bool | None = None,
     backward_impl: str = "auto",
-) -> torch.Tensor:
+) -> torch.Tensor | LCEOutput:
     """Cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``targets``, fused.
 
     Args:
@@ -122,15 +158,33 @@ def linear_cross_entropy(
         weight: (V, H) classifier (lm_head) weight.
         targets: (...) integer class ids, ``ignore_index`` for positions to skip.
         bias: optional (V,) bias.
-        ignore_index: target value that is skipped (NLL 0, no gradient); as in PyTorch it
+        ignore_index: target value that is skipped (loss 0, no gradient); as in PyTorch it
             may be any integer, a vocabulary id included.
         softcap: if set, logits are ``softcap * tanh(logits / softcap)`` (Gemma-2).
         shift: if True (or 1), position t is scored against ``targets[..., t + 1]``
             (causal-LM labels) and the last position has no target; an integer ``k >= 0``
             scores position t against ``targets[..., t + k]`` (the last k have none).
-        reduction: ``"none"`` returns the fp32 per-token NLL with the shape of ``targets``
-            (0 at ignored positions); ``"sum"``; ``"mean"`` over non-ignored positions
-            (0.0, not NaN, when there are none).
+        reduction: ``"none"`` returns the fp32 per-token loss with the shape of ``targets``
+            (0 at ignored positions); ``"sum"``; ``"mean"`` over non-ignored positions, or
+            with ``class_weight`` divided by the class weights of their targets, as
+            PyTorch does (0.0, not NaN, when there are none).
+        label_smoothing: as ``F.cross_entropy``'s: the loss is ``(1 - eps)`` times the
+            cross-entropy plus ``eps`` times the cross-entropy against the uniform
+            distribution (with ``class_weight``, weighted as PyTorch weighs it).
+        class_weight: (V,) weight of each class, as ``F.cross_entropy``'s ``weight``
+            (Liger's ``ce_weight``): each token's loss is multiplied by its target's weight.
+        lse_square_scale: z-loss coefficient ``s`` (Liger's): ``s * lse^2`` is added to
+            each scored token's loss.
+        return_lse: also return the per-token log-sum-exp (shape of ``targets``, fp32, 0
+            where not scored; differentiable: a loss built on it, such as a z-loss of your
+            own, backpropagates through the fused kernels).
+        return_z_loss: also return the z-loss part of the loss, reduced like the loss.
+        return_token_accuracy: also return whether each scored token's largest logit is
+            its target: per token (1.0 / 0.0, 0 where not scored) for ``"none"``, their
+            count for ``"sum"``, their fraction for ``"mean"``.  Computed in the forward's
+            pass over the vocabulary, no logits kept.
+        return_predicted_tokens: also return each position's argmax (int64, the first
+            maximum; -1 where not scored), shaped like ``targets``.
         impl: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton for CUDA tensors).
         validate: check that every target is in ``[0, V)`` or ``ignore_index`` (one host
             synchronisation on GPU). ``False`` skips it; an out-of-range target then gives
@@ -143,8 +197,13 @@ def linear_cross_entropy(
             ``"auto"`` picks), or ``"matmul"`` (cuBLAS matmuls over budgeted vocabulary
             chunks, a Triton kernel for the elementwise part; see :func:`resolve_backward`).
 
+    Returns:
+        The loss; with any ``return_*`` option an :class:`LCEOutput` ``(loss, lse, z_loss,
+        token_accuracy, predicted_tokens)`` whose fields not asked for are None.
+
     The backward accepts an arbitrary upstream gradient for each token, so any weighting
-    can be built on the ``"none"`` output.  The (tokens x V) logits are never allocated.
+    can be built on the ``"none"`` output.  The (tokens x V) logits are never allocated,
+    and options left at their defaults cost nothing (the kernels are specialised on them).
     """
     check.check_tensor("hidden", hidden, tuple(range(1, 9)))
     check.check_head(hidden, weight, bias)
@@ -152,16 +211,43 @@ def linear_cross_entropy(
     check.check_choice("reduction", reduction, check.REDUCTIONS)
     check.check_labels("targets", targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device,
                        check_values=validate)
+    terms = check.check_loss_terms(label_smoothing, class_weight, lse_square_scale, weight.shape[0], weight.device)
+    for name, flag in (("return_lse", return_lse), ("return_z_loss", return_z_loss),
+                       ("return_token_accuracy", return_token_accuracy),
+                       ("return_predicted_tokens", return_predicted_tokens)):
+        check.check_flag(name, flag)
     shift = check.check_shift(shift)
     if shift:
         if targets.dim() == 0:
             raise ValueError(f"shift={shift} needs targets with a sequence dimension")
         targets = shift_targets(targets, ignore_index, shift=shift)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    nll = token_nll(flat, weight, targets.reshape(-1), bias, ignore_index, softcap, impl, deterministic,
-                    backward_impl=backward_impl)
-    if reduction == "none":
-        return nll.view(targets.shape)
-    if reduction == "sum":
-        return nll.sum()
-    return nll.sum() / (targets != ignore_index).sum().clamp_min(1)
+    flat_targets = targets.reshape(-1)
+    want_argmax = return_token_accuracy or return_predicted_tokens
+    loss, lse, best = token_terms(flat, weight, flat_targets, bias, ignore_index, softcap, impl, deterministic,
+                                  backward_impl=backward_impl, terms=terms, argmax=want_argmax)
+    valid = flat_targets != ignore_index
+
+    def reduce(per_token: torch.Tensor) -> torch.Tensor:
+        if reduction == "none":
+            return per_token.view(targets.shape)
+        if reduction == "sum":
+            return per_token.sum()
+        denominator = terms.denominator(flat_targets, valid)
+        return per_token.sum() / torch.where(denominator > 0, denominator, 1)
+
+    out = reduce(loss)
+    if not (return_lse or return_z_loss or want_argmax):
+        return out
+    correct = (best == flat_targets) & valid if want_argmax else None
+    accuracy = None
+    if return_token_accuracy:
+        accuracy = correct.float().view(targets.shape) if reduction == "none" else (
+            correct.sum().float() if reduction == "sum" else correct.sum() / valid.sum().clamp_min(1))
+    return LCEOutput(
+        loss=out,
+        lse=lse.view(targets.shape) if return_lse else None,
+        z_loss=reduce(terms.z_loss(lse.detach(), valid)) if return_z_loss else None,
+        token_accuracy=accuracy,
+        predicted_tokens=best.view(targets.shape) if return_predicted_tokens else None,
+    )

@@ -10,8 +10,8 @@ from torch import nn
 
 from . import _validation as check
 from ._tokens import document_starts, segment_bounds, segment_sums, shift_targets
-from .lce import token_nll
-from .weighting import sequence_weights
+from .lce import token_terms
+from .weighting import sequence_weights, with_sample_weights
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ def hardfocus_loss(
     attention_mask: torch.Tensor | None = None,
     group=None,
     backward_impl: str = "auto",
+    label_smoothing: float = 0.0,
+    class_weight: torch.Tensor | None = None,
+    lse_square_scale: float = 0.0,
+    token_weight: torch.Tensor | None = None,
+    sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, HardFocusStats]:
     """Sequence-reweighted language-model loss computed without materialising logits.
 
@@ -102,6 +107,20 @@ def hardfocus_loss(
             hold this rank's sequences with their global weights.
         backward_impl: the Triton path's backward strategy, ``"auto"`` (``"fused"``),
             ``"fused"`` or ``"matmul"`` (see :func:`~hardfocus_fused.linear_cross_entropy`).
+        label_smoothing, class_weight, lse_square_scale: the per-token loss, as for
+            :func:`~hardfocus_fused.linear_cross_entropy` (PyTorch's label smoothing and
+            class weights, Liger's z-loss).  With class weights a sequence's mean divides
+            by its targets' weights (PyTorch's weighted mean), and ``method="mean"`` is
+            ``F.cross_entropy(..., weight=class_weight)`` over the batch.
+        token_weight: (B, T) non-negative weights of the positions (aligned with
+            ``labels``, before the shift: the weight of position t's target label
+            ``labels[:, t + shift]`` is ``token_weight[:, t + shift]``), multiplying each
+            token's loss; a sequence's mean divides by its token weights' sum, so they
+            are relative weights within the sequence; 0 drops a token.
+        sample_weight: (B,) non-negative weights of the rows (of each row's documents with
+            ``position_ids``): the method's sequence weights are multiplied by them and
+            renormalised to sum 1 (for IR-DRO, the DRO solution with ``sample_weight`` as
+            the reference distribution).  Not with a weighting rule (callable ``method``).
 
     Returns:
         The 0-dim fp32 loss ``sum_i w_i L_i`` (weights are constants for autograd), and the
@@ -115,6 +134,15 @@ def hardfocus_loss(
                        check_values=validate)
 
     shift = check.check_shift(shift)
+    terms = check.check_loss_terms(label_smoothing, class_weight, lse_square_scale, weight.shape[0], weight.device)
+    if token_weight is not None:
+        check.check_data_weight("token_weight", token_weight, labels.shape, hidden.device, validate)
+        token_weight = shift_targets(token_weight, 0, shift=shift) if shift else token_weight
+    if sample_weight is not None:
+        check.check_data_weight("sample_weight", sample_weight, labels.shape[:1], hidden.device, validate)
+        if callable(method):
+            raise ValueError("sample_weight is not supported with a weighting rule (callable method): fold the "
+                             "sample weights into the rule")
     starts = None
     if position_ids is not None:
         check.check_position_ids("position_ids", position_ids, labels)
@@ -125,33 +153,64 @@ def hardfocus_loss(
         raise ValueError("attention_mask is only used with position_ids (to tell padding from documents); "
                          "padding is otherwise marked by ignore_index labels")
     n_seq, seq_len, n_hidden = hidden.shape
-    targets = shift_targets(labels, ignore_index, starts, shift)
-    nll = token_nll(hidden.reshape(-1, n_hidden), weight, targets.reshape(-1), bias, ignore_index, softcap, impl,
-                    deterministic, backward_impl=backward_impl)
+    targets = shift_targets(labels, ignore_index, starts, shift).reshape(-1)
+    token_loss = token_terms(hidden.reshape(-1, n_hidden), weight, targets, bias, ignore_index, softcap, impl,
+                             deterministic, backward_impl=backward_impl, terms=terms)[0]
     valid = targets != ignore_index
+    # Each token's share of its sequence: 1, times its target's class weight and its token
+    # weight (from the data and from a token-level rule).
+    token_scale = _token_scale(method, token_weight, token_loss, valid, (n_seq, seq_len))
+    mass = terms.target_weight(targets, valid)
+    mass = valid.float() if mass is None else mass
+    if token_scale is not None:
+        token_loss, mass = token_loss * token_scale, mass * token_scale
+        valid = valid & (token_scale > 0)
     if starts is None:
-        n_tokens = valid.sum(dim=1)
-        seq_loss = nll.view(n_seq, seq_len).sum(dim=1, dtype=torch.float32)
+        n_tokens = valid.view(n_seq, seq_len).sum(dim=1)
+        seq_loss = token_loss.view(n_seq, seq_len).sum(dim=1, dtype=torch.float32)
+        seq_mass = mass.view(n_seq, seq_len).sum(dim=1, dtype=torch.float32)
+        rows = None
     else:
         bounds = segment_bounds(starts.reshape(-1))
-        n_tokens = segment_sums(valid.reshape(-1), bounds).round().long()
-        seq_loss = segment_sums(nll, bounds)
+        n_tokens = segment_sums(valid, bounds).round().long()
+        seq_loss, seq_mass = segment_sums(token_loss, bounds), segment_sums(mass, bounds)
+        rows = bounds[:-1] // seq_len                   # each document's row
     if seq_reduction == "mean":
-        seq_loss = seq_loss / n_tokens.clamp_min(1)
+        seq_loss = seq_loss / torch.where(seq_mass > 0, seq_mass, 1.0)
     if callable(method):
         weigh = method
     else:
         weigh = functools.partial(sequence_weights, method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction)
+    # The token mean weighs sequences by their mass (their token count when unweighted).
+    counts = seq_mass if method == "mean" else n_tokens
+    if sample_weight is not None and rows is not None:
+        sample_weight = sample_weight[rows]             # a row's weight for each of its documents
     if group is None:
-        weights, scale = weigh(seq_loss, n_tokens), 1
+        weights, scale = with_sample_weights(weigh(seq_loss, counts), sample_weight), 1
     else:
         from .distributed import global_weights
 
-        weights, scale = global_weights(seq_loss, n_tokens, group, weigh)
+        weights, scale = global_weights(seq_loss, counts, group, weigh, sample_weight)
     loss = (weights * seq_loss).sum() * scale
     if not return_stats:
         return loss
     return loss, HardFocusStats(seq_loss=seq_loss.detach(), weights=weights, n_tokens=n_tokens)
+
+
+def _token_scale(method, token_weight, token_loss, valid, shape) -> torch.Tensor | None:
+    """The data's token weights times a token-level rule's (``method.token_weights``), flat,
+    or None when there are neither."""
+    scale = token_weight.reshape(-1).float() if token_weight is not None else None
+    rule = getattr(method, "token_weights", None) if callable(method) else None
+    if rule is not None:
+        chosen = rule(token_loss.detach().view(shape), valid.view(shape))
+        if chosen is not None:
+            if not isinstance(chosen, torch.Tensor) or chosen.shape != shape:
+                raise ValueError(f"{type(method).__name__}.token_weights must return a ({shape[0]}, {shape[1]}) "
+                                 f"tensor, got {getattr(chosen, 'shape', type(chosen).__name__)}")
+            chosen = chosen.detach().reshape(-1).float()
+            scale = chosen if scale is None else scale * chosen
+    return scale
 
 
 class HardFocusLoss(nn.Module):
@@ -174,6 +233,9 @@ class HardFocusLoss(nn.Module):
         deterministic: bool | None = None,
         group=None,
         backward_impl: str = "auto",
+        label_smoothing: float = 0.0,
+        class_weight: torch.Tensor | None = None,
+        lse_square_scale: float = 0.0,
     ) -> None:
         super().__init__()
         check.check_weighting(method, r, n1, n2, seq_reduction)
@@ -181,16 +243,21 @@ class HardFocusLoss(nn.Module):
         check.check_choice("impl", impl, check.IMPLS)
         check.check_shift(shift)
         check.check_choice("backward_impl", backward_impl, check.BACKWARD_IMPLS)
+        check.check_loss_terms(label_smoothing, class_weight, lse_square_scale,
+                               class_weight.shape[0] if isinstance(class_weight, torch.Tensor) else 0, None)
         self.options = dict(method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction,
                             ignore_index=ignore_index, shift=shift, softcap=softcap, impl=impl,
                             return_stats=return_stats, validate=validate, deterministic=deterministic,
-                            group=group, backward_impl=backward_impl)
+                            group=group, backward_impl=backward_impl, label_smoothing=label_smoothing,
+                            class_weight=class_weight, lse_square_scale=lse_square_scale)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 bias: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None):
+                attention_mask: torch.Tensor | None = None, token_weight: torch.Tensor | None = None,
+                sample_weight: torch.Tensor | None = None):
         return hardfocus_loss(hidden, weight, labels, bias=bias, position_ids=position_ids,
-                              attention_mask=attention_mask, **self.options)
+                              attention_mask=attention_mask, token_weight=token_weight, sample_weight=sample_weight,
+                              **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -14,6 +14,8 @@ import contextlib
 
 import torch
 
+from .ce_terms import LossTerms
+
 DEFAULT_CHUNK_BUDGET_BYTES = 16 * 2**20
 
 
@@ -45,59 +47,82 @@ def without_autocast(device: torch.device):
 
 
 class TorchLinearCrossEntropy(torch.autograd.Function):
-    """Per-token NLL (N,); the backward accepts any per-token upstream gradient."""
+    """Per-token ``(loss, lse, argmax)``, as ``TritonLinearCrossEntropy`` returns them; the
+    backward accepts any per-token upstream gradients."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, softcap):
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, softcap, terms=LossTerms(), argmax=False):
         with without_autocast(hidden.device):
-            return TorchLinearCrossEntropy._forward(ctx, hidden, weight, bias, targets, ignore_index, softcap)
+            return TorchLinearCrossEntropy._forward(ctx, hidden, weight, bias, targets, ignore_index, softcap, terms,
+                                                    argmax)
 
     @staticmethod
-    def backward(ctx, grad_nll):
-        with without_autocast(grad_nll.device):
-            return TorchLinearCrossEntropy._backward(ctx, grad_nll)
+    def backward(ctx, grad_loss, grad_lse, _):
+        with without_autocast(ctx.saved_tensors[0].device):
+            return TorchLinearCrossEntropy._backward(ctx, grad_loss, grad_lse)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, targets, ignore_index, softcap):
+    def _forward(ctx, hidden, weight, bias, targets, ignore_index, softcap, terms, argmax):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         w, b = _head_in(acc, weight, bias)
+        c = terms.class_weight.to(acc) if terms.class_weight is not None else None
         valid = targets != ignore_index
         lse = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
         nll = torch.zeros_like(lse)
+        smooth = torch.zeros_like(lse) if terms.smooth else None
+        best = torch.full_like(targets, -1) if argmax else torch.empty(0, dtype=torch.long, device=hidden.device)
         step = chunk_tokens(weight.shape[0], DEFAULT_CHUNK_BUDGET_BYTES, w.element_size())
         for idx in valid.nonzero().squeeze(1).split(step):
             z = _logits(hidden[idx].to(acc), w, b, softcap)
-            row_max, best = z.max(dim=1)
-            terms = torch.exp(z - row_max[:, None])
-            terms.scatter_(1, best[:, None], 0.0)      # the max's own 1, left out of the sum
-            log_total = torch.log1p(terms.sum(dim=1))
+            if smooth is not None:
+                smooth[idx] = z.sum(dim=1) if c is None else z @ c
+            row_max, top = z.max(dim=1)
+            if argmax:
+                best[idx] = z.argmax(dim=1)      # the first maximum
+            terms_ = torch.exp(z - row_max[:, None])
+            terms_.scatter_(1, top[:, None], 0.0)      # the max's own 1, left out of the sum
+            log_total = torch.log1p(terms_.sum(dim=1))
             lse[idx] = row_max + log_total
             # (max - z_target) + log1p(rest), not lse - z_target: keeps a small NLL (a
             # confident prediction) to its own precision; see kernels/forward.py.
             nll[idx] = (row_max - z.gather(1, targets[idx, None]).squeeze(1)) + log_total
+        loss = terms.token_loss(lse, nll, smooth, targets, valid, weight.shape[0])
         ctx.save_for_backward(hidden, weight, bias, targets, lse, nll, valid)
-        ctx.softcap, ctx.step = softcap, step
-        return nll
+        ctx.softcap, ctx.step, ctx.terms = softcap, step, terms
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(best)
+        return loss, lse, best
 
     @staticmethod
-    def _backward(ctx, grad_nll):
+    def _backward(ctx, grad_loss, grad_lse):
         hidden, weight, bias, targets, lse, nll, valid = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = lse.dtype
         w, b = _head_in(acc, weight, bias)
-        coef = torch.where(valid, grad_nll.to(acc), 0.0)
+        if grad_loss is None:
+            grad_loss = torch.zeros_like(lse)
+        coef = ctx.terms.coefficients(grad_loss.to(acc), grad_lse.to(acc) if grad_lse is not None else None, lse,
+                                      targets, valid, weight.shape[0])
+        rich = coef.dim() == 2
+        c = ctx.terms.class_weight.to(acc) if ctx.terms.class_weight is not None else None
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
-        for idx in (coef != 0).nonzero().squeeze(1).split(ctx.step):
+        active = (coef != 0).any(dim=1) if rich else coef != 0
+        for idx in active.nonzero().squeeze(1).split(ctx.step):
             h = hidden[idx].to(acc)
             z = _logits(h, w, b, ctx.softcap)
-            dz = torch.exp(z - lse[idx, None])
+            prob = torch.exp(z - lse[idx, None])
+            dz = prob.clone()
             # p_t - 1 without cancelling against 1 (see kernels/tiles.py, dlogit_tile).
             dz[torch.arange(idx.numel(), device=idx.device), targets[idx]] = torch.expm1(-nll[idx])
+            if rich:   # a (p - onehot) + e p - u c, see ce_terms
+                a, e, u = coef[idx].unbind(1)
+                dz = dz * a[:, None] + prob * e[:, None] - u[:, None] * (c[None, :] if c is not None else 1.0)
+            else:
+                dz *= coef[idx, None]
             if ctx.softcap is not None:
                 dz *= 1.0 - (z / ctx.softcap) ** 2
-            dz *= coef[idx, None]
             if need_h:
                 grad_h[idx] = dz @ w
             if need_w:
@@ -108,5 +133,5 @@ class TorchLinearCrossEntropy(torch.autograd.Function):
             grad_h.to(hidden.dtype) if need_h else None,
             grad_w.to(weight.dtype) if need_w else None,
             grad_b.to(bias.dtype) if need_b else None,
-            None, None, None,
+            None, None, None, None, None,
         )

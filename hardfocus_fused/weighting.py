@@ -89,8 +89,20 @@ def sequence_weights(
         return ranking_weights(seq_loss, live, method, n1, n2)
     if method == "uniform":
         return live.float() / live.sum().clamp_min(1)
-    if method == "mean":
-        total = n_tokens.sum().clamp_min(1)
+    if method == "mean":   # n_tokens may be fractional token masses (class or token weights)
+        total = n_tokens.sum()
         per_seq = n_tokens if seq_reduction == "mean" else live
-        return per_seq.float() / total
+        return per_seq.float() / torch.where(total > 0, total, 1).float()
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def with_sample_weights(weights: torch.Tensor, sample_weight: torch.Tensor | None) -> torch.Tensor:
+    """``weights`` times ``sample_weight``, renormalised to sum 1 (unchanged without sample
+    weights; all 0 when every weighted sequence has sample weight 0).  For IR-DRO this is
+    the solution of the KL-regularised DRO problem with ``sample_weight / sum`` as the
+    reference distribution in place of the uniform one."""
+    if sample_weight is None:
+        return weights
+    weighted = weights * sample_weight.to(weights.device, torch.float32)
+    total = weighted.sum()
+    return weighted / torch.where(total > 0, total, 1.0)

@@ -32,12 +32,12 @@ from .types import HeadProblem
 
 @triton.jit
 def _lce_backward_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, order_ptr, n_active_ptr, stats_ptr, coef_ptr,
+    hidden_ptr, weight_ptr, bias_ptr, class_weight_ptr, targets_ptr, order_ptr, n_active_ptr, stats_ptr, coef_ptr,
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
     n_tokens, v_start, v_stop, n_hidden,
     stride_hn, stride_hh, stride_wv, stride_wh, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, RICH_COEF: tl.constexpr, CLASS_WEIGHT: tl.constexpr,
     GRAD_HIDDEN: tl.constexpr, GRAD_WEIGHT: tl.constexpr, GRAD_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
@@ -59,7 +59,8 @@ def _lce_backward_kernel(
         n_hidden, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
         HAS_BIAS, HAS_SOFTCAP, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
     )
-    dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, softcap, HAS_SOFTCAP)
+    dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, class_weight_ptr, softcap,
+                         HAS_SOFTCAP, RICH_COEF, CLASS_WEIGHT)
 
     if GRAD_BIAS:
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
@@ -169,7 +170,7 @@ def _launch(problem, stats, coef, grad_hidden, grad_weight, grad_bias, v_start: 
         *(grad if grad is not None else placeholder for grad in (grad_hidden, grad_weight, grad_bias)),
         problem.n_tokens, v_start, v_stop, problem.n_hidden, *problem.layout(),
         **problem.constants(GRAD_HIDDEN=grad_hidden is not None, GRAD_WEIGHT=grad_weight is not None,
-                            GRAD_BIAS=grad_bias is not None, GROUP_N=config.group_n),
+                            GRAD_BIAS=grad_bias is not None, GROUP_N=config.group_n, **problem.backward_terms()),
         **problem.launch_options(),
     )
 

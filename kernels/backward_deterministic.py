@@ -52,12 +52,12 @@ def add_product(out_rows, out_mask, a, b_rows, stride_bh, b_mask, n_hidden,
 
 @triton.jit
 def _grad_hidden_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, order_ptr, n_active_ptr, stats_ptr, coef_ptr,
+    hidden_ptr, weight_ptr, bias_ptr, class_weight_ptr, targets_ptr, order_ptr, n_active_ptr, stats_ptr, coef_ptr,
     grad_hidden_ptr,
     n_vocab, n_hidden,
     stride_hn, stride_hh, stride_wv, stride_wh, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, RICH_COEF: tl.constexpr, CLASS_WEIGHT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -73,7 +73,8 @@ def _grad_hidden_kernel(
             n_hidden, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
             HAS_BIAS, HAS_SOFTCAP, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )
-        dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, softcap, HAS_SOFTCAP)
+        dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, class_weight_ptr, softcap,
+                         HAS_SOFTCAP, RICH_COEF, CLASS_WEIGHT)
         dz = to_compute(dz, COMPUTE_DTYPE, DOT_UPCAST)
         add_product(gh_rows, row_mask, dz, weight_ptr + cols[:, None] * stride_wv, stride_wh, col_mask,
                     n_hidden, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_H)
@@ -82,12 +83,12 @@ def _grad_hidden_kernel(
 
 @triton.jit
 def _grad_weight_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, order_ptr, n_active_ptr, stats_ptr, coef_ptr,
+    hidden_ptr, weight_ptr, bias_ptr, class_weight_ptr, targets_ptr, order_ptr, n_active_ptr, stats_ptr, coef_ptr,
     grad_weight_ptr, grad_bias_ptr,
     n_vocab, n_hidden,
     stride_hn, stride_hh, stride_wv, stride_wh, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, RICH_COEF: tl.constexpr, CLASS_WEIGHT: tl.constexpr,
     GRAD_WEIGHT: tl.constexpr, GRAD_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -103,7 +104,8 @@ def _grad_weight_kernel(
             n_hidden, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
             HAS_BIAS, HAS_SOFTCAP, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )
-        dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, softcap, HAS_SOFTCAP)
+        dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, class_weight_ptr, softcap,
+                         HAS_SOFTCAP, RICH_COEF, CLASS_WEIGHT)
         if GRAD_BIAS:
             grad_bias += tl.sum(dz, axis=0)
         if GRAD_WEIGHT:
@@ -126,7 +128,8 @@ def deterministic_backward(
     sizes = (problem.n_vocab, problem.n_hidden, *problem.layout())
     if grad_hidden is not None:
         _grad_hidden_kernel[(triton.cdiv(problem.n_tokens, problem.config.block_n),)](
-            *problem.inputs(), stats, coef, grad_hidden, *sizes, **problem.constants(), **problem.launch_options())
+            *problem.inputs(), stats, coef, grad_hidden, *sizes, **problem.constants(**problem.backward_terms()),
+            **problem.launch_options())
     if grad_weight is not None or grad_bias is not None:
         placeholder = coef  # any fp32 tensor; never dereferenced when its flag is off
         _grad_weight_kernel[(triton.cdiv(problem.n_vocab, problem.config.block_v),)](
@@ -134,6 +137,7 @@ def deterministic_backward(
             grad_weight if grad_weight is not None else placeholder,
             grad_bias if grad_bias is not None else placeholder,
             *sizes,
-            **problem.constants(GRAD_WEIGHT=grad_weight is not None, GRAD_BIAS=grad_bias is not None),
+            **problem.constants(GRAD_WEIGHT=grad_weight is not None, GRAD_BIAS=grad_bias is not None,
+                                **problem.backward_terms()),
             **problem.launch_options(),
         )

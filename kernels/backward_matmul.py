@@ -39,9 +39,10 @@ DLOGITS_BLOCK_N, DLOGITS_BLOCK_V = 64, 32
 
 @triton.jit
 def _dlogits_kernel(
-    z_ptr, dz_ptr, grad_bias_ptr, bias_ptr, targets_ptr, order_ptr, stats_ptr, coef_ptr,
+    z_ptr, dz_ptr, grad_bias_ptr, bias_ptr, class_weight_ptr, targets_ptr, order_ptr, stats_ptr, coef_ptr,
     n_rows, n_cols, v_start, stride_z, stride_dz, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GRAD_BIAS: tl.constexpr,
+    RICH_COEF: tl.constexpr, CLASS_WEIGHT: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # One program owns BLOCK_V columns of the chunk and walks all its rows, so it sums its
@@ -64,7 +65,8 @@ def _dlogits_kernel(
             z += bias[None, :]
         if HAS_SOFTCAP:
             z = softcap * tanh(z / softcap)
-        dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, softcap, HAS_SOFTCAP)
+        dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, class_weight_ptr,
+                         softcap, HAS_SOFTCAP, RICH_COEF, CLASS_WEIGHT)
         if GRAD_BIAS:
             grad_bias += tl.sum(dz, axis=0)
         tl.store(dz_ptr + rows[:, None] * stride_dz + local[None, :], to_compute(dz, COMPUTE_DTYPE, DOT_UPCAST),
@@ -110,10 +112,12 @@ def matmul_backward(
         grid = (triton.cdiv(v_stop - v_start, DLOGITS_BLOCK_V),)
         _dlogits_kernel[grid](
             z_c, dz_c, grad_bias if need_bias else coef, bias if bias is not None else coef,
+            problem.class_weight if problem.class_weight is not None else coef,
             problem.targets, problem.order, stats, coef,
             n_active, v_stop - v_start, v_start, z_c.stride(0), dz_c.stride(0),
             float(problem.softcap) if problem.softcap is not None else 1.0,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=problem.softcap is not None, GRAD_BIAS=need_bias,
+            **problem.backward_terms(),
             COMPUTE_DTYPE=constants["COMPUTE_DTYPE"], DOT_UPCAST=constants["DOT_UPCAST"],
             BLOCK_N=DLOGITS_BLOCK_N, BLOCK_V=DLOGITS_BLOCK_V, num_warps=4,
         )

@@ -96,8 +96,11 @@ _HALF = HeadConfigs(
     deterministic=KernelConfig(block_n=64, block_v=128, block_h=64, num_warps=8, num_stages=3),
 )
 # fp32 (exact "ieee" dots): 64 x 64 x 32 spills at 4 warps (a 4.4 KB stack in the
-# backward) and at 8 (128 registers a thread); 64 x 64 x 16 at 8 warps does not.
-_FP32 = HeadConfigs.of(KernelConfig(block_n=64, block_v=64, block_h=16, num_warps=8, num_stages=2))
+# backward) and at 8 (128 registers a thread); 64 x 64 x 16 at 8 warps does not, except in
+# the deterministic weight-gradient kernel with the extra loss terms, where 64 x 32 x 16
+# does not either.
+_FP32_TILE = KernelConfig(block_n=64, block_v=64, block_h=16, num_warps=8, num_stages=2)
+_FP32 = HeadConfigs(forward=_FP32_TILE, backward=_FP32_TILE, deterministic=dataclasses.replace(_FP32_TILE, block_v=32))
 # Few tokens (decoding-sized batches, a handful of sequences): 64-token blocks waste less
 # on masked rows.
 SMALL_N = 512

@@ -18,6 +18,8 @@ target column ``p_t - 1 = expm1(-nll)`` depends on exactly that.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -29,13 +31,14 @@ from .types import HeadProblem
 
 @triton.jit
 def _lse_forward_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, order_ptr, n_active_ptr,
+    hidden_ptr, weight_ptr, bias_ptr, class_weight_ptr, targets_ptr, order_ptr, n_active_ptr,
     part_ptr, target_logit_ptr,
     n_tokens, n_vocab, n_hidden, tiles_per_split, n_splits,
     stride_hn, stride_hh, stride_wv, stride_wh, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+    SMOOTH: tl.constexpr, ARGMAX: tl.constexpr, CLASS_WEIGHT: tl.constexpr,
 ):
     # A 1-D grid of (token block, split) pairs in grouped order (see tiles.grouped_tile).
     pid_n, split = grouped_tile(tl.program_id(0), tl.cdiv(n_tokens, BLOCK_N), n_splits, GROUP_N)
@@ -53,6 +56,8 @@ def _lse_forward_kernel(
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_rest = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_smooth = tl.zeros((BLOCK_N,), dtype=tl.float32)    # SMOOTH: sum of c_v * z_v (c: class weights or 1)
+    run_arg = tl.zeros((BLOCK_N,), dtype=tl.int32)         # ARGMAX: column of the first maximum
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols, col_mask = vocab_block(v0, v_end, BLOCK_V)
         z = logit_tile(
@@ -60,7 +65,16 @@ def _lse_forward_kernel(
             n_hidden, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
             HAS_BIAS, HAS_SOFTCAP, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )
+        if SMOOTH:
+            if CLASS_WEIGHT:
+                c = tl.load(class_weight_ptr + cols, mask=col_mask, other=0.0)
+                run_smooth += tl.sum(tl.where(col_mask[None, :], z * c[None, :], 0.0), axis=1)
+            else:
+                run_smooth += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
         z = tl.where(col_mask[None, :], z, float("-inf"))
+        if ARGMAX:   # strictly greater: the first maximum over the columns walked in order
+            tile_max, tile_arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            run_arg = tl.where(tile_max > run_max, (v0 + tile_arg).to(tl.int32), run_arg)
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         moved = new_max > run_max               # this tile holds the new max: its 1 is left out
         at_max = z == new_max[:, None]
@@ -71,19 +85,38 @@ def _lse_forward_kernel(
         is_target = cols[None, :] == target[:, None]
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
 
-    part = part_ptr + (tok * n_splits + split) * 2   # (max, rest) per split
+    # Per split: (max, rest), then the smoothing sum and the argmax (as fp32, exact below
+    # 2**24 columns) when asked for.
+    PART: tl.constexpr = 2 + SMOOTH + ARGMAX
+    part = part_ptr + (tok * n_splits + split) * PART
     tl.store(part, run_max, mask=row_mask)
     tl.store(part + 1, run_rest, mask=row_mask)
+    if SMOOTH:
+        tl.store(part + 2, run_smooth, mask=row_mask)
+    if ARGMAX:
+        tl.store(part + 2 + SMOOTH, run_arg.to(tl.float32), mask=row_mask)
     # Exactly one split holds each target column, so exactly one program writes it.
     owns_target = (target >= v_begin) & (target < v_end)
     tl.store(target_logit_ptr + tok, target_logit, mask=row_mask & owns_target)
 
 
-def lse_forward(problem: HeadProblem) -> torch.Tensor:
-    """Per-token fp32 ``(lse, nll)`` as an (N, 2) tensor for the active tokens of
-    ``problem`` (see the module docstring for how ``nll`` keeps its precision); entries of
-    inactive tokens are 0.  The vocabulary split fills whole waves of the device's
-    multiprocessors (``config.whole_wave_splits``) unless the config fixes it."""
+@dataclass
+class ForwardStats:
+    """What the forward computes per token: ``stats`` (N, 2) fp32 ``(lse, nll)``, and when
+    the problem asks for them ``smooth`` (N,) fp32, the sum over columns of ``c_v * z_v``
+    (``c`` the class weights, or 1), and ``argmax`` (N,) int64, the first column of the
+    largest logit.  Inactive tokens get 0."""
+
+    stats: torch.Tensor
+    smooth: torch.Tensor | None = None
+    argmax: torch.Tensor | None = None
+
+
+def lse_forward(problem: HeadProblem) -> ForwardStats:
+    """Per-token statistics of the active tokens of ``problem`` (see ``ForwardStats``, and
+    the module docstring for how ``nll`` keeps its precision).  The vocabulary split fills
+    whole waves of the device's multiprocessors (``config.whole_wave_splits``) unless the
+    config fixes it."""
     config = problem.config
     n_tiles = triton.cdiv(problem.n_vocab, config.block_v)
     n_row_blocks = triton.cdiv(problem.n_tokens, config.block_n)
@@ -95,14 +128,21 @@ def lse_forward(problem: HeadProblem) -> torch.Tensor:
     n_splits = triton.cdiv(n_tiles, tiles_per_split)  # no split may be empty
 
     device = problem.hidden.device
-    part = torch.zeros((problem.n_tokens, n_splits, 2), dtype=torch.float32, device=device)
+    width = 2 + problem.smooth + problem.argmax
+    part = torch.zeros((problem.n_tokens, n_splits, width), dtype=torch.float32, device=device)
     target_logit = torch.zeros(problem.n_tokens, dtype=torch.float32, device=device)
     _lse_forward_kernel[(n_row_blocks * n_splits,)](
         *problem.inputs(), part, target_logit,
         problem.n_tokens, problem.n_vocab, problem.n_hidden, tiles_per_split, n_splits, *problem.layout(),
-        **problem.constants(GROUP_N=config.group_n), **problem.launch_options(),
+        **problem.constants(GROUP_N=config.group_n, **problem.forward_terms()), **problem.launch_options(),
     )
-    return merge_splits(part[..., 0], part[..., 1], target_logit)
+    out = ForwardStats(merge_splits(part[..., 0], part[..., 1], target_logit))
+    if problem.smooth:
+        out.smooth = part[..., 2].sum(dim=1)
+    if problem.argmax:
+        best = part[..., 0].argmax(dim=1, keepdim=True)        # the first split holding the maximum
+        out.argmax = part[..., 2 + problem.smooth].gather(1, best).squeeze(1).long()
+    return out
 
 
 def merge_splits(part_max: torch.Tensor, part_rest: torch.Tensor, target_logit: torch.Tensor) -> torch.Tensor:

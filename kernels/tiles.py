@@ -134,12 +134,19 @@ def expm1(x):
 
 
 @triton.jit
-def dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, softcap,
-                HAS_SOFTCAP: tl.constexpr):
-    """fp32 tile of ``dloss/dlogits = coef * (softmax(z) - onehot(target))``.
+def dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, class_weight_ptr, softcap,
+                HAS_SOFTCAP: tl.constexpr, RICH_COEF: tl.constexpr, CLASS_WEIGHT: tl.constexpr):
+    """fp32 tile of ``dloss/dlogits``.
+
+    Plain cross-entropy (``RICH_COEF`` off): ``coef * (softmax(z) - onehot(target))`` with
+    one coefficient per token.  With ``RICH_COEF`` each token has three, ``(a, e, u)``
+    (``coef`` is (N, 3)), for the terms label smoothing, z-loss and a differentiable
+    log-sum-exp add (see ``hardfocus_fused.ce_terms``):
+
+        a * (p - onehot) + e * p - u * c        (c: the class weights, or 1 per column)
 
     ``stats`` holds ``(lse, nll)`` per token (see ``forward.lse_forward``).  The target
-    column is ``p_t - 1 = expm1(-nll)``: for a confident prediction (``p_t`` near 1),
+    column's ``p_t - 1 = expm1(-nll)``: for a confident prediction (``p_t`` near 1),
     ``exp(z_t - lse) - 1`` would cancel and leave only the rounding of ``lse``, an
     absolute error of ``ulp(lse)`` on a value of size ``1 - p_t``.  ``z`` is the
     (softcapped) logit tile from :func:`logit_tile`; with a softcap the derivative of
@@ -148,11 +155,24 @@ def dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_p
     """
     lse = tl.load(stats_ptr + 2 * tok, mask=row_mask, other=0.0)
     nll = tl.load(stats_ptr + 2 * tok + 1, mask=row_mask, other=0.0)
-    coef = tl.load(coef_ptr + tok, mask=row_mask, other=0.0)
     target = tl.load(targets_ptr + tok, mask=row_mask, other=-1)
     prob = tl.exp(z - lse[:, None])
     is_target = cols[None, :] == target[:, None]
-    dz = tl.where(is_target, expm1(-nll)[:, None], prob) * coef[:, None]
+    if RICH_COEF:
+        coef = tl.load(coef_ptr + 3 * tok, mask=row_mask, other=0.0)
+        extra = tl.load(coef_ptr + 3 * tok + 1, mask=row_mask, other=0.0)
+        uniform = tl.load(coef_ptr + 3 * tok + 2, mask=row_mask, other=0.0)
+        # The target column is a per-row value (p_t = exp(-nll)): one tile stays live.
+        at_target = coef * expm1(-nll) + extra * tl.exp(-nll)
+        dz = tl.where(is_target, at_target[:, None], prob * (coef + extra)[:, None])
+        if CLASS_WEIGHT:
+            c = tl.load(class_weight_ptr + cols, mask=col_mask, other=0.0)
+            dz -= uniform[:, None] * c[None, :]
+        else:
+            dz -= uniform[:, None]
+    else:
+        coef = tl.load(coef_ptr + tok, mask=row_mask, other=0.0)
+        dz = tl.where(is_target, expm1(-nll)[:, None], prob) * coef[:, None]
     if HAS_SOFTCAP:
         capped = z / softcap
         dz = dz * (1.0 - capped * capped)

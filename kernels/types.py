@@ -60,6 +60,14 @@ class HeadProblem:
     softcap: float | None
     compute_dtype: torch.dtype
     config: KernelConfig
+    # The extra loss terms (``hardfocus_fused.ce_terms``): class weights (V,) fp32 or None;
+    # the forward sums ``class_weight . z`` (or ``sum z``) per token for label smoothing
+    # (``smooth``) and finds each token's argmax (``argmax``); the backward's coefficients
+    # are (N, 3) ``(a, e, u)`` (``rich_coef``) instead of (N,).
+    class_weight: torch.Tensor | None = None
+    smooth: bool = False
+    argmax: bool = False
+    rich_coef: bool = False
 
     @property
     def n_tokens(self) -> int:
@@ -74,10 +82,12 @@ class HeadProblem:
         return self.hidden.shape[1]
 
     def inputs(self) -> tuple:
-        """``(hidden, weight, bias, targets, order, n_active)``, the first arguments of every
-        kernel (``hidden`` stands in for a missing bias; ``HAS_BIAS`` is then False)."""
+        """``(hidden, weight, bias, class_weight, targets, order, n_active)``, the first
+        arguments of every kernel (``hidden`` stands in for a missing bias or class weight;
+        ``HAS_BIAS`` / ``CLASS_WEIGHT`` are then False)."""
         bias = self.bias if self.bias is not None else self.hidden
-        return (self.hidden, self.weight, bias, self.targets, self.order, self.n_active)
+        class_weight = self.class_weight if self.class_weight is not None else self.hidden
+        return (self.hidden, self.weight, bias, class_weight, self.targets, self.order, self.n_active)
 
     def layout(self) -> tuple:
         """``(stride_hn, stride_hh, stride_wv, stride_wh, softcap)``, the arguments every
@@ -89,6 +99,14 @@ class HeadProblem:
         """The compile-time constants of ``tile_constants``, plus ``flags``."""
         return dict(tile_constants(self.bias is not None, self.softcap is not None, self.compute_dtype,
                                    self.config), **flags)
+
+    def forward_terms(self) -> dict:
+        """The forward kernel's constants for the extra loss terms."""
+        return dict(SMOOTH=self.smooth, ARGMAX=self.argmax, CLASS_WEIGHT=self.class_weight is not None)
+
+    def backward_terms(self) -> dict:
+        """The backward kernels' constants for the extra loss terms (``tiles.dlogit_tile``)."""
+        return dict(RICH_COEF=self.rich_coef, CLASS_WEIGHT=self.class_weight is not None)
 
     def launch_options(self) -> dict:
         return self.config.launch_options()

@@ -101,7 +101,8 @@ def test_trainer_options_that_drop_the_labels_are_refused(option, tmp_path):
     args_option = {k: v for k, v in option.items() if k != "compute_loss_func"}
     trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path, 4, 1, **args_option),
                                    train_dataset=Rows(), compute_loss_func=option.get("compute_loss_func"))
-    with pytest.raises(ValueError, match="label_smoothing_factor > 0 or a compute_loss_func"):
+    with pytest.raises(ValueError, match=r"label_smoothing_factor > 0 \(call HardFocusCallback.attach\(trainer\).*"
+                                         r"compute_loss_func is set"):
         trainer.train()
     assert all(torch.equal(before[k], v) for k, v in state_of(model).items())   # no step was taken
 
@@ -171,6 +172,24 @@ def test_hardfocus_sft_trainer_trains_on_the_weighted_loss(tmp_path):
     assert logs[0]["hardfocus/max_weight"] > 0.26       # not uniform over the 4 sequences
 
 
+def test_hardfocus_sft_trainer_reads_sample_weights_from_the_dataset(tmp_path):
+    trl, model, tokenizer, dataset, args = _sft_setup(tmp_path)
+    from hardfocus_fused.trl import HardFocusSFTTrainer
+
+    dataset = dataset.add_column("sample_weight", [1.0, 4.0, 0.5, 2.0])
+    apply_hardfocus(model, method="irdro", r=0.5, impl="torch")
+    trainer = HardFocusSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert sorted(batch["sample_weight"].tolist()) == [0.5, 1.0, 2.0, 4.0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(**batch).loss
+        unweighted = model(**{k: v for k, v in batch.items() if k != "sample_weight"}).loss
+    trainer.train()
+    first = next(h for h in trainer.state.log_history if "loss" in h)
+    assert first["loss"] == pytest.approx(expected.item(), rel=1e-4)
+    assert abs(expected.item() - unweighted.item()) > 1e-3
+
+
 def test_hardfocus_sft_trainer_needs_a_patched_model(tmp_path):
     trl, model, tokenizer, dataset, args = _sft_setup(tmp_path)
     from hardfocus_fused.trl import HardFocusSFTTrainer
@@ -200,12 +219,17 @@ def test_accelerate_unwrap_without_fp32_wrapper_keeps_the_patch():
 
 
 def test_forward_keeps_the_model_signature():
+    """The model's own parameters, plus the data's weight columns (so that the Trainer keeps
+    them), keyword-only before **kwargs."""
     import inspect
 
     model = tiny_model("llama")
-    want = inspect.signature(model.forward)
+    want = list(inspect.signature(model.forward).parameters.values())
     apply_hardfocus(model, impl="torch")
-    assert inspect.signature(model.forward) == want
+    got = list(inspect.signature(model.forward).parameters.values())
+    columns = [p for p in got if p.name in ("token_weight", "sample_weight")]
+    assert [p for p in got if p not in columns] == want
+    assert [p.kind for p in columns] == [inspect.Parameter.KEYWORD_ONLY] * 2 and got[-1].kind == want[-1].kind
 
 
 # -- clear refusals ------------------------------------------------------------------------------
