@@ -19,9 +19,11 @@ setup(
         "hf": ["transformers>=5.0"],
         "train": ["transformers>=5.0", "tqdm", "matplotlib"],
         "trl": ["trl>=1.10", "transformers>=5.0"],
-        "test": ["pytest>=8", "pytest-benchmark", "hypothesis>=6", "triton>=3.2", "transformers>=5.0", "peft", "accelerate", "trl>=1.10",
+        "eval": ["lm-eval>=0.4.9", "transformers>=5.0", "tqdm", "matplotlib"],
+        "test": ["pytest>=8", "pytest-benchmark", "hypothesis>=6", "triton>=3.2", "transformers>=5.0", "peft", "accelerate", "trl>=1.10", "lm-eval>=0.4.9",
                  "tqdm", "matplotlib"],
     },
     entry_points={"console_scripts": ["hardfocus-demo=hardfocus_fused.demo:main",
-                                      "hardfocus-train=hardfocus_fused.train:main"]},
+                                      "hardfocus-train=hardfocus_fused.train:main",
+                                      "hardfocus-compare=hardfocus_fused.compare:main"]},
 )

@@ -1,7 +1,7 @@
 """hardfocus-fused: IR-DRO / MidRanking sample-reweighted LM loss on fused Triton kernels."""
 
 from .hf import apply_hardfocus, hardfocus_patch, remove_hardfocus
-from .lce import linear_cross_entropy
+from .lce import LCEOutput, linear_cross_entropy
 from .loss import HardFocusLoss, HardFocusStats, hardfocus_loss
 from .weighting import METHODS, sequence_weights
 
@@ -10,6 +10,7 @@ __all__ = [
     "HardFocusLoss",
     "HardFocusStats",
     "linear_cross_entropy",
+    "LCEOutput",
     "sequence_weights",
     "METHODS",
     "apply_hardfocus",

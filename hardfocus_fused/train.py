@@ -1,15 +1,19 @@
-"""``hardfocus-train``: the paper's continual-training loop on a Hugging Face causal LM.
+"""``hardfocus-train``: the paper's continual training of a trained model, one run.
 
-Load a model, stream text in fixed-length chunks, train ``--num-batches`` batches with
-AdamW on the sample-reweighted loss (fused, no logits), and write to ``--output-dir``:
-the final model (``save_pretrained``), ``log.json`` (per-step loss, weights, effective
-sample size, tokens/s, peak memory; held-out loss before and after), ``training.png``
-and a ``checkpoint/`` that ``--resume`` continues from.
-
-With no arguments it trains a small built-in model on the built-in corpus, offline, in
-well under three minutes on a CPU.  The paper's setting on a real model::
+With no arguments it continues the built-in base model (trained once on the built-in
+corpus and cached; see ``base.py``) on the part of the corpus's stream the base never saw,
+in a seeded order, one document per sequence with the padding masked, and reports the
+held-out loss on each kind of document (common, informative-hard, noise) and on the
+mixture, before and after.  It writes to ``--output-dir``: the model
+(``save_pretrained``), ``log.json`` (per-step loss, weights with each sequence's kind,
+effective sample size, tokens/s, peak memory; held-out losses), ``training.png`` and a
+``checkpoint/`` that ``--resume`` continues from.  ``hardfocus-compare`` runs several
+methods and seeds side by side.  The paper's setting on a real model::
 
     hardfocus-train --model facebook/opt-125m --dataset allenai/c4 --method irdro --lr 5e-7 --r 10
+
+User errors (bad options, a missing file, an output directory that already holds a run)
+are one-line messages, given before any slow work.
 """
 
 from __future__ import annotations
@@ -19,23 +23,28 @@ import itertools
 import json
 import random
 import resource
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .hf import apply_hardfocus, hardfocus_patch
 from .weighting import METHODS
 
 BUILTIN = "builtin"
-_RESUMED_FROM_COMMAND_LINE = ("num_batches", "output_dir", "resume", "quiet")
+_RESUMED_FROM_COMMAND_LINE = ("num_batches", "output_dir", "resume", "quiet", "overwrite")
+PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported in one line, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hardfocus-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=BUILTIN, help="hub id or local path of a causal LM; 'builtin' = a small "
-                   "randomly initialised Llama-style model with a tokenizer trained on the built-in corpus")
+    p.add_argument("--model", default=BUILTIN, help="hub id or local path of a causal LM; 'builtin' = the built-in "
+                   "base model (trained once on the built-in corpus and cached)")
     p.add_argument("--dataset", default=BUILTIN, help="a Hugging Face dataset name (streamed), a local .txt/.jsonl "
                    "file, or 'builtin' (synthetic, offline)")
     p.add_argument("--dataset-config", default=None, help="dataset configuration ('en' is used for allenai/c4)")
@@ -45,87 +54,150 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n2", type=float, default=0.25, help="ranking methods: fraction of sequences kept")
     p.add_argument("--num-batches", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per chunk (default 128 built-in, 1024 otherwise)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-3 for the built-in "
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per document, longer ones are cut (default "
+                   "128 built-in, 512 otherwise, as the authors' code)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3 for the built-in "
                    "model, the paper's 5e-7 otherwise)")
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches evaluated before and after")
+    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches of each kind, before and after")
     p.add_argument("--impl", default="auto", choices=["auto", "triton", "torch"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto: bfloat16 for a hub model on a GPU, float32 otherwise")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16-autocast for a hub model on a GPU, fp32 otherwise; bf16-autocast keeps fp32 "
+                   "master weights; bf16 (bf16 weights) is refused below the learning rate bf16 can represent")
+    p.add_argument("--eval-tasks", default=None, help="comma-separated lm-evaluation-harness tasks evaluated 0-shot "
+                   "before and after training (the paper's: piqa,hellaswag,winogrande,arc_challenge,boolq,mmlu; "
+                   "'builtin_facts': the built-in corpus's new facts, offline); needs the [eval] extra")
+    p.add_argument("--eval-include", default=None, help="a folder of lm-evaluation-harness task YAMLs of your own")
+    p.add_argument("--eval-limit", type=int, default=None, help="examples per task (all by default)")
     p.add_argument("--save-every", type=int, default=25, help="checkpoint every this many batches")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the data order (and the run's randomness)")
     p.add_argument("--output-dir", default="hardfocus-run")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint "
                    "(its settings are kept; --num-batches may extend it)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no messages")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # The options given on the command line (a resumed run may only change some).
+    tokens = sys.argv[1:] if argv is None else argv
+    args.given = sorted({action.dest for action in parser._actions for option in action.option_strings
+                         for token in tokens if token == option or token.startswith(option + "=")})
     if args.seq_len is None:
-        args.seq_len = 128 if args.model == BUILTIN else 1024
+        args.seq_len = 128 if args.model == BUILTIN else 512
     if args.lr is None:
-        args.lr = 2e-3 if args.model == BUILTIN else 5e-7
+        args.lr = 1e-3 if args.model == BUILTIN else 5e-7
+    check_args(args)
     return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Option values that cannot work, before any slow work."""
+    positive = ("num_batches", "batch_size", "seq_len", "save_every")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not args.r > 0:
+        raise UserError(f"--r must be > 0, got {args.r}")
+    for name in ("n1", "n2"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    if args.eval_batches < 0:
+        raise UserError(f"--eval-batches must be >= 0, got {args.eval_batches}")
+    if args.impl == "triton" and not torch.cuda.is_available():
+        raise UserError("--impl triton needs a CUDA GPU; use --impl auto or torch on this machine")
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    if args.eval_tasks:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise UserError("--eval-tasks needs lm-evaluation-harness: pip install 'hardfocus-fused[eval]'") from None
+        if args.eval_include and not Path(args.eval_include).is_dir():
+            raise UserError(f"--eval-include {args.eval_include}: no such folder")
+    path = Path(args.dataset)
+    if args.dataset != BUILTIN and path.suffix in (".txt", ".jsonl"):
+        if not path.is_file():
+            raise UserError(f"--dataset {args.dataset}: no such file")
+        if path.suffix == ".jsonl":
+            first = next((line for line in path.open(encoding="utf-8") if line.strip()), None)
+            try:
+                row = json.loads(first) if first else None
+            except json.JSONDecodeError as error:
+                raise UserError(f"--dataset {args.dataset}: line 1 is not JSON ({error})") from None
+            if not isinstance(row, dict) or "text" not in row:
+                raise UserError(f"--dataset {args.dataset}: each line needs a \"text\" field")
+    model = Path(args.model)
+    if args.model != BUILTIN and model.exists() and not (model / "config.json").is_file():
+        raise UserError(f"--model {args.model}: not a model directory (no config.json)")
 
 
 # -- model and data ------------------------------------------------------------------------
 
-def load_model_and_tokenizer(args: argparse.Namespace, device: torch.device, source: str | None = None):
-    """The model (from ``source`` if given, e.g. a checkpoint) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def precision_of(args: argparse.Namespace, device: torch.device) -> str:
+    if args.precision != "auto":
+        return args.precision
+    return "bf16-autocast" if device.type == "cuda" and args.model != BUILTIN else "fp32"
 
-    from .corpus import train_builtin_tokenizer
 
-    dtype = torch.float32
-    if args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda" and args.model != BUILTIN):
-        dtype = torch.bfloat16
-    if source is None and args.model == BUILTIN:
-        tokenizer = train_builtin_tokenizer()
-        torch.manual_seed(args.seed)
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=args.seq_len,
-                             tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-        model = LlamaForCausalLM(config).to(dtype)
-    else:
-        source = source or args.model
+def load_model_and_tokenizer(args: argparse.Namespace, device: torch.device, source: str | Path | None = None,
+                             say=print):
+    """The model (from ``source`` if given, e.g. a checkpoint; else ``--model``, the built-in
+    base when ``"builtin"``) and its tokenizer; parameters in fp32 unless ``--precision
+    bf16``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .base import ensure_base
+
+    if source is None:
+        source = ensure_base(say=say) if args.model == BUILTIN else args.model
+    dtype = torch.bfloat16 if precision_of(args, device) == "bf16" else torch.float32
+    try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load --model {source}: {str(error).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
 
 
+def check_bf16_learning_rate(model, lr: float) -> None:
+    """bf16 weights move only by updates above half their spacing: refuse a learning rate
+    below that for the typical weight (Adam's steps are about ``lr`` in size)."""
+    magnitudes = torch.cat([p.detach().abs().flatten().float()[:100_000] for p in model.parameters() if p.dim() == 2])
+    typical = magnitudes.median().item()
+    smallest = typical * 2.0**-9
+    if lr < smallest:
+        raise UserError(f"--lr {lr:g} is below what bf16 weights can represent for this model (a typical weight of "
+                        f"{typical:.3g} moves only by steps above {smallest:.2g}): the weights would not change; use "
+                        f"--precision bf16-autocast (fp32 master weights)")
+
+
 def data_streams(args: argparse.Namespace, tokenizer):
-    """``(heldout, train)``: a list of held-out batches and an iterator of training batches."""
-    from .corpus import batches, builtin_documents, documents
+    """``(heldout, train)``: held-out batches by name (each kind and the mixture, or
+    ``"data"`` for a user dataset: its first batches) and an iterator of training batches,
+    one document per row."""
+    from .base import BaseRecipe, heldout_batches
+    from .corpus import builtin_examples, document_batches, documents, shuffled
 
-    make = lambda docs: batches(docs, tokenizer, args.seq_len, args.batch_size)
+    make = lambda examples: document_batches(examples, tokenizer, args.seq_len, args.batch_size)
     if args.dataset == BUILTIN:
-        heldout = list(itertools.islice(make(builtin_documents("heldout")), args.eval_batches))
-        return heldout, make(builtin_documents("train"))
-    stream = make(documents(args.dataset, args.dataset_config))
-    heldout = list(itertools.islice(stream, args.eval_batches))   # the first batches are held out
-    return heldout, stream
-
-
-@torch.no_grad()
-def heldout_loss(model, heldout: list[torch.Tensor], device: torch.device) -> float:
-    """Mean token NLL over the held-out batches (fused, no logits)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    patch = hardfocus_patch(model)
-    eval_logits, patch.eval_logits = patch.eval_logits, False     # the evaluation loss only, no logits
+        heldout = heldout_batches(tokenizer, args.seq_len, args.batch_size, args.eval_batches)
+        unseen = itertools.islice(builtin_examples("train"), BaseRecipe().documents, None)  # after the base's
+        return heldout, make(shuffled(unseen, args.seed))
     try:
-        for batch in heldout:
-            batch = batch.to(device)
-            out = model(input_ids=batch, labels=batch)            # eval mode, no grad: the token mean
-            n = int(out.hardfocus_stats.n_tokens.sum())
-            total += out.loss.item() * n
-            count += n
-    finally:
-        patch.eval_logits = eval_logits
-        model.train(was_training)
-    patch.pop_eval_log_values()   # held-out losses are not training statistics
-    return total / max(count, 1)
+        examples = (("data", text) for text in documents(args.dataset, args.dataset_config))
+        stream = make(examples)
+        heldout = {"data": list(itertools.islice(stream, args.eval_batches))}   # the first batches are held out
+    except (OSError, ConnectionError, ValueError) as error:
+        raise UserError(f"cannot read --dataset {args.dataset}: {str(error).splitlines()[0]}") from None
+    return heldout, stream
 
 
 # -- checkpoints ---------------------------------------------------------------------------
@@ -134,18 +206,33 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, args, log: dict)
     ckpt = run_dir / "checkpoint"
     model.save_pretrained(ckpt)
     tokenizer.save_pretrained(ckpt)
-    state = {"optimizer": optimizer.state_dict(), "args": vars(args), "log": log,
+    state = {"optimizer": optimizer.state_dict(), "args": _saved_args(args), "log": log,
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
     tmp = ckpt / "state.pt.tmp"
     torch.save(state, tmp)
     tmp.replace(ckpt / "state.pt")   # a crash mid-save leaves the previous state intact
 
 
+def _saved_args(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "given"}
+
+
 def load_checkpoint(run_dir: Path) -> dict:
     path = run_dir / "checkpoint" / "state.pt"
     if not path.is_file():
-        raise SystemExit(f"--resume: no checkpoint in {run_dir} (expected {path})")
+        raise UserError(f"--resume: no checkpoint in {run_dir} (expected {path})")
     return torch.load(path, weights_only=False)
+
+
+def resumed_args(args: argparse.Namespace, state: dict) -> argparse.Namespace:
+    """The saved run's settings; options given now that would change them are refused."""
+    saved = {k: v for k, v in state["args"].items() if k not in _RESUMED_FROM_COMMAND_LINE}
+    changed = [name for name in args.given if name in saved and getattr(args, name) != saved[name]]
+    if changed:
+        listing = ", ".join(f"--{n.replace('_', '-')} {getattr(args, n)} (the run has {saved[n]})" for n in changed)
+        raise UserError(f"--resume keeps the run's settings; these differ: {listing}. Only --num-batches, "
+                        f"--output-dir and --quiet may change")
+    return argparse.Namespace(**{**vars(args), **saved})
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -157,45 +244,104 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # kB on Linux
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Run (or resume) the loop; returns the log that is also written to ``log.json``."""
+def heldout_losses(model, heldout: dict[str, list[dict]], device: torch.device) -> dict[str, float]:
+    """The plain token-mean NLL on each held-out set (fused, no logits)."""
+    from .base import token_mean_loss
+    from .hf import hardfocus_patch
+
+    patch = hardfocus_patch(model)
+    eval_logits, patch.eval_logits = patch.eval_logits, False
+    try:
+        losses = {name: token_mean_loss(model, batches, device) for name, batches in heldout.items() if batches}
+    finally:
+        patch.eval_logits = eval_logits
+    patch.pop_eval_log_values()   # held-out losses are not training statistics
+    return losses
+
+
+def weight_shares(weights: list[float], kinds: list[str]) -> dict[str, float]:
+    """The share of the batch's weight on each kind of document."""
+    shares = {kind: 0.0 for kind in dict.fromkeys(kinds)}
+    for w, kind in zip(weights, kinds):
+        shares[kind] += w
+    return shares
+
+
+def prepare_run_dir(args: argparse.Namespace) -> Path:
+    run_dir = Path(args.output_dir)
+    if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
+        if not args.overwrite:
+            raise UserError(f"--output-dir {run_dir} already holds a run; pass --resume to continue it or "
+                            f"--overwrite to replace it")
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def train(args: argparse.Namespace, save: bool = True) -> dict:
+    """Run (or resume) the loop; returns the log that is also written to ``log.json``
+    (``save=False``: nothing is written, for ``hardfocus-compare``)."""
     from tqdm.auto import tqdm
 
+    from .hf import apply_hardfocus, hardfocus_patch
     from .plots import plot_run
 
+    say = (lambda *a: None) if args.quiet else print
+    if args.quiet:   # transformers' and the hub's own progress bars too
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
     run_dir = Path(args.output_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state = None
     if args.resume:
         state = load_checkpoint(run_dir)
-        saved = {k: v for k, v in state["args"].items() if k not in _RESUMED_FROM_COMMAND_LINE}
-        args = argparse.Namespace(**{**vars(args), **saved})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model_and_tokenizer(args, device, run_dir / "checkpoint" if state else None)
+        args = resumed_args(args, state)
+    elif save:
+        run_dir = prepare_run_dir(args)
+    model, tokenizer = load_model_and_tokenizer(args, device, run_dir / "checkpoint" if state else None,
+                                                say=None if args.quiet else print)
+    precision = precision_of(args, device)
+    if precision == "bf16":
+        check_bf16_learning_rate(model, args.lr)
+    heldout, stream = data_streams(args, tokenizer)
+    first = next(stream, None)
+    if first is None:
+        raise UserError(f"--dataset {args.dataset} has fewer than --batch-size {args.batch_size} documents after "
+                        f"the held-out batches: nothing to train on")
+    stream = itertools.chain([first], stream)
     apply_hardfocus(model, method=args.method, r=args.r, n1=args.n1, n2=args.n2, impl=args.impl)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    heldout, stream = data_streams(args, tokenizer)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
 
     if state is None:
         torch.manual_seed(args.seed)
         random.seed(args.seed)
-        log = {"args": vars(args), "heldout_before": heldout_loss(model, heldout, device), "steps": []}
+        log = {"args": _saved_args(args), "precision": precision, "heldout_before": heldout_losses(model, heldout, device),
+               "steps": []}
     else:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         log = state["log"]
         log["args"]["num_batches"] = args.num_batches
+    if args.eval_tasks and "downstream_before" not in log:
+        log["downstream_before"] = downstream(model, tokenizer, args)
     done = len(log["steps"])
     stream = itertools.islice(stream, done, args.num_batches)   # skip what the checkpoint has seen
-    print(f"held-out loss before training: {log['heldout_before']:.4f}")
+    say("held-out loss before: " + _losses(log["heldout_before"]))
 
     model.train()
     bar = tqdm(stream, total=args.num_batches, initial=done, disable=args.quiet, desc=f"{args.method}")
     for step, batch in enumerate(bar, start=done + 1):
-        batch = batch.to(device)
         start = time.perf_counter()
-        out = model(input_ids=batch, labels=batch)
+        with autocast:
+            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                        labels=batch["labels"].to(device))
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -204,30 +350,82 @@ def train(args: argparse.Namespace) -> dict:
         seconds = time.perf_counter() - start
         stats = out.hardfocus_stats
         values = {k.split("/")[1]: v for k, v in hardfocus_patch(model).pop_log_values().items()}
+        weights = stats.weights.tolist()
         record = {"step": step, "loss": out.loss.item(), **values,
                   "tokens_per_s": int(stats.n_tokens.sum()) / seconds, "peak_memory_mb": peak_memory_mb(device),
-                  "weights": stats.weights.tolist(), "seq_loss": stats.seq_loss.tolist()}
+                  "weights": weights, "seq_loss": stats.seq_loss.tolist(), "kinds": batch["kinds"],
+                  "weight_share": weight_shares(weights, batch["kinds"])}
         log["steps"].append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", max_w=f"{record.get('max_weight', 0):.2f}",
                         ess=f"{record.get('ess', 0):.1f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if step % args.save_every == 0 or step == args.num_batches:
+        if save and (step % args.save_every == 0 or step == args.num_batches):
             save_checkpoint(run_dir, model, tokenizer, optimizer, args, log)
     bar.close()
 
-    log["heldout_after"] = heldout_loss(model, heldout, device)
-    print(f"held-out loss after {len(log['steps'])} batches ({args.method}): {log['heldout_after']:.4f}")
-    save_checkpoint(run_dir, model, tokenizer, optimizer, args, log)
-    final = run_dir / "model"
-    model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    (run_dir / "log.json").write_text(json.dumps(log, indent=1))
-    plot_run(log, run_dir / "training.png")
-    print(f"saved the model to {final}, the log to {run_dir / 'log.json'}, the plot to {run_dir / 'training.png'}")
+    log["heldout_after"] = heldout_losses(model, heldout, device)
+    say(f"held-out loss after {len(log['steps'])} batches ({args.method}): " + _losses(log["heldout_after"]))
+    if args.eval_tasks:
+        log["downstream_after"] = downstream(model, tokenizer, args)
+        say(downstream_table(log))
+    if save:
+        save_checkpoint(run_dir, model, tokenizer, optimizer, args, log)
+        final = run_dir / "model"
+        from .hf import remove_hardfocus
+
+        remove_hardfocus(model)
+        model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        (run_dir / "log.json").write_text(json.dumps(log, indent=1))
+        if args.eval_tasks:
+            (run_dir / "downstream.md").write_text(downstream_table(log))
+        plot_run(log, run_dir / "training.png")
+        say(f"saved the model to {final}, the log to {run_dir / 'log.json'}, the plot to {run_dir / 'training.png'}")
     return log
 
 
-def main(argv: list[str] | None = None) -> None:
-    train(parse_args(argv))
+def downstream(model, tokenizer, args: argparse.Namespace) -> dict:
+    """lm-evaluation-harness metrics of the model as it is now (``--eval-tasks``)."""
+    from .downstream import evaluate
+
+    tasks = [t.strip() for t in args.eval_tasks.split(",") if t.strip()]
+    try:
+        return evaluate(model, tokenizer, tasks, include_path=args.eval_include, limit=args.eval_limit,
+                        batch_size=args.batch_size)
+    except (OSError, ConnectionError, KeyError) as error:
+        raise UserError(f"--eval-tasks {args.eval_tasks}: {str(error).splitlines()[0]}") from None
+
+
+def downstream_table(log: dict) -> str:
+    """The downstream metrics before and after, as a markdown table."""
+    before, after = log.get("downstream_before", {}), log.get("downstream_after", {})
+    lines = ["| task | metric | before | after |", "|---|---|---:|---:|"]
+    for task, metrics in after.items():
+        for metric, value in metrics.items():
+            lines.append(f"| {task} | {metric} | {before.get(task, {}).get(metric, float('nan')):.4f} | {value:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _losses(losses: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4f}" for name, value in losses.items())
+
+
+def check_extra() -> None:
+    """The CLI's own dependencies (the ``[train]`` extra), named when missing."""
+    for module in ("transformers", "tqdm", "matplotlib"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise UserError(f"hardfocus-train needs {module}: pip install 'hardfocus-fused[train]'") from None
+
+
+def main(argv: list[str] | None = None, run=train) -> None:
+    prog = "hardfocus-train"
+    try:
+        check_extra()
+        run(parse_args(argv))
+    except UserError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

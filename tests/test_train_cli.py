@@ -1,4 +1,4 @@
-"""hardfocus-train: outputs, resume without lost progress, local text files."""
+"""hardfocus-train and hardfocus-compare: outputs, resume, the user's mistakes, precision."""
 
 import json
 
@@ -9,9 +9,17 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from hardfocus_fused.train import parse_args, train  # noqa: E402
+from hardfocus_fused import base  # noqa: E402
+from hardfocus_fused.train import UserError, main, parse_args, train  # noqa: E402
 
 SMALL = ["--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--quiet", "--impl", "torch"]
+
+
+@pytest.fixture(autouse=True)
+def tiny_base(tmp_path_factory, monkeypatch):
+    """A quickly trained base model in a cache of the test session's own."""
+    monkeypatch.setenv("HARDFOCUS_CACHE", str(tmp_path_factory.getbasetemp() / "hardfocus-cache"))
+    monkeypatch.setattr(base, "DEFAULT_RECIPE", base.BaseRecipe(steps=20, batch_size=8))
 
 
 def run(tmp_path, name, *extra):
@@ -23,7 +31,9 @@ def test_outputs(tmp_path):
 
     log = run(tmp_path, "run", "--num-batches", "3", "--method", "midranking", "--n2", "0.5")
     out = tmp_path / "run"
-    assert json.loads((out / "log.json").read_text())["steps"][-1]["step"] == 3
+    saved = json.loads((out / "log.json").read_text())
+    assert saved["steps"][-1]["step"] == 3
+    assert set(saved["heldout_before"]) == {"common", "informative", "noise", "mix"}
     assert (out / "training.png").stat().st_size > 10_000
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
@@ -31,11 +41,30 @@ def test_outputs(tmp_path):
     step = log["steps"][0]
     assert sorted(step["weights"]) == [0.0, 1.0]           # MidRanking keeps max(1, floor(0.5 * 2)) = 1
     assert step["max_weight"] == 1.0 and step["ess"] == 1.0
+    assert len(step["kinds"]) == 2 and abs(sum(step["weight_share"].values()) - 1) < 1e-6
     assert step["tokens_per_s"] > 0 and step["peak_memory_mb"] > 0
-    assert log["heldout_after"] < log["heldout_before"]
+    assert all(torch.isfinite(torch.tensor(list(log["heldout_after"].values()))))
     # A saved run is a model directory the CLI (and transformers) can load as --model.
     again = run(tmp_path, "again", "--model", str(out / "model"), "--num-batches", "1", "--lr", "1e-3")
-    assert again["heldout_before"] == pytest.approx(log["heldout_after"], rel=1e-4)
+    assert again["heldout_before"]["mix"] == pytest.approx(log["heldout_after"]["mix"], rel=1e-4)
+
+
+def test_one_document_per_row_and_unseen_positions():
+    from hardfocus_fused.corpus import NEW_FACTS_FROM, builtin_examples, train_builtin_tokenizer
+    from hardfocus_fused.train import data_streams
+
+    args = parse_args([*SMALL, "--batch-size", "3"])
+    tokenizer = train_builtin_tokenizer()
+    _, stream = data_streams(args, tokenizer)
+    batch = next(stream)
+    assert batch["input_ids"].shape[0] == 3 and len(batch["kinds"]) == 3
+    assert torch.equal(batch["labels"] == -100, batch["attention_mask"] == 0)        # padding masked
+    seen_by_base = {text for _, text in __import__("itertools").islice(builtin_examples("train"), NEW_FACTS_FROM)}
+    rows = [tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    assert not any(row in seen_by_base for row in rows)
+    # Another seed, another order.
+    other = next(data_streams(parse_args([*SMALL, "--batch-size", "3", "--seed", "1"]), tokenizer)[1])
+    assert not torch.equal(other["input_ids"][:, :5], batch["input_ids"][:, :5])
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -54,13 +83,107 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_resume_refuses_changed_settings(tmp_path):
+    run(tmp_path, "r", "--num-batches", "1")
+    with pytest.raises(UserError, match=r"--resume keeps the run's settings; these differ: --method midranking"):
+        train(parse_args(["--output-dir", str(tmp_path / "r"), "--resume", "--method", "midranking", "--quiet"]))
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path):
+    run(tmp_path, "o", "--num-batches", "1")
+    with pytest.raises(UserError, match="already holds a run; pass --resume .* or --overwrite"):
+        run(tmp_path, "o", "--num-batches", "1")
+    assert len(run(tmp_path, "o", "--num-batches", "2", "--overwrite")["steps"]) == 2
+
+
 def test_local_text_file(tmp_path):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(f"document {i}: " + "lorem ipsum dolor sit amet " * 20 for i in range(40)))
+    corpus.write_text("\n\n".join(f"document {i}: " + "lorem ipsum dolor sit amet " * 5 for i in range(40)))
     log = run(tmp_path, "txt", "--dataset", str(corpus), "--num-batches", "2")
-    assert len(log["steps"]) == 2
+    assert len(log["steps"]) == 2 and set(log["heldout_before"]) == {"data"}
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no checkpoint"):
-        train(parse_args(["--output-dir", str(tmp_path / "nothing"), "--resume"]))
+def test_a_dataset_too_small_for_one_batch(tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("one document only")
+    with pytest.raises(UserError, match="fewer than --batch-size 2 documents"):
+        run(tmp_path, "small", "--dataset", str(corpus), "--eval-batches", "0")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--r", "-1"], "--r must be > 0"),
+    (["--num-batches", "0"], "--num-batches must be > 0"),
+    (["--impl", "triton"], "--impl triton needs a CUDA GPU"),
+    (["--dataset", "missing.jsonl"], "no such file"),
+    (["--resume", "--overwrite"], "exclude each other"),
+])
+def test_user_errors_are_one_line(argv, message, capsys, tmp_path):
+    if "--impl" in argv and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--output-dir", str(tmp_path / "x")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hardfocus-train: error: ") and message in err and "\n" not in err
+
+
+def test_input_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"content": "no text field"}\n')
+    not_a_model = tmp_path / "folder"
+    not_a_model.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for argv, message in (([f"--dataset={bad}"], 'needs a "text" field'),
+                          ([f"--model={not_a_model}"], "not a model directory"),
+                          (["--model", "nobody/no-such-model", "--output-dir", str(tmp_path / "hub")],
+                           "cannot load --model nobody/no-such-model")):
+        with pytest.raises(SystemExit):
+            main([*SMALL, *argv])
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("hardfocus-train: error: ") and message in err and "\n" not in err, err
+
+
+def test_quiet_is_quiet(tmp_path, capsys):
+    main([*SMALL, "--num-batches", "1", "--output-dir", str(tmp_path / "q")])
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_fp32_master_weights_move_at_the_papers_learning_rate(tmp_path):
+    """lr 5e-7 (the paper's, for OPT): with bf16 autocast over fp32 weights an update
+    changes the weights; bf16 weights would not move, and are refused."""
+    from safetensors.torch import load_file
+
+    run(tmp_path, "lr", "--num-batches", "1", "--lr", "5e-7", "--precision", "bf16-autocast")
+    before = load_file(base.ensure_base(say=None) / "model.safetensors")
+    after = load_file(tmp_path / "lr" / "model" / "model.safetensors")
+    changed = sum(int((after[k] != before[k]).sum()) for k in before)
+    assert changed / sum(v.numel() for v in before.values()) > 0.9
+    with pytest.raises(UserError, match="below what bf16 weights can represent.*--precision bf16-autocast"):
+        run(tmp_path, "bf16", "--num-batches", "1", "--lr", "5e-7", "--precision", "bf16")
+
+
+def test_compare_writes_table_json_and_plot(tmp_path):
+    from hardfocus_fused.compare import main as compare
+
+    result = compare(["--methods", "uniform,midranking", "--seeds", "2", "--output-dir", str(tmp_path / "c"),
+                      *SMALL, "--num-batches", "2"])
+    assert [(r["method"], r["seed"]) for r in result["runs"]] == [("uniform", 0), ("midranking", 0), ("uniform", 1),
+                                                                  ("midranking", 1)]
+    table = (tmp_path / "c" / "compare.md").read_text()
+    assert "| midranking |" in table and "| base model |" in table and "±" in table
+    assert (tmp_path / "c" / "compare.png").stat().st_size > 10_000
+    summary = json.loads((tmp_path / "c" / "compare.json").read_text())["summary"]
+    assert set(summary["uniform"]["delta"]) == {"common", "informative", "noise", "mix"}
+    with pytest.raises(SystemExit):
+        compare(["--methods", "uniform,best", "--output-dir", str(tmp_path / "d")])
+
+
+def test_downstream_evaluation_before_and_after(tmp_path):
+    """lm-evaluation-harness on the in-memory model, offline: the built-in facts task."""
+    pytest.importorskip("lm_eval")
+    log = run(tmp_path, "eval", "--num-batches", "2", "--eval-tasks", "builtin_facts", "--eval-limit", "10")
+    for when in ("downstream_before", "downstream_after"):
+        assert 0.0 <= log[when]["builtin_facts"]["acc"] <= 1.0
+    table = (tmp_path / "eval" / "downstream.md").read_text()
+    assert "| builtin_facts | acc |" in table
