@@ -1,9 +1,9 @@
 """The built-in base model: a small Llama-style model trained once on the built-in corpus
 and cached, so that ``hardfocus-train`` continues a *trained* model, as the paper does.
 
-The base trains with the plain token-mean loss on the first ``BaseRecipe.documents``
-documents of the built-in training stream (a cosine schedule to a small learning rate:
-the curve is flat at the end); continual training reads the stream after them.  It is
+The base trains with the plain token-mean loss on the first ``corpus.NEW_FACTS_FROM``
+documents of the built-in training stream (the old facts; a cosine schedule to a small
+learning rate, flat at the end); continual training reads the stream after them.  It is
 saved under ``cache_dir() / recipe.name`` (``$HARDFOCUS_CACHE``, default
 ``~/.cache/hardfocus-fused``) with ``base.json`` (its recipe, the time it took and its
 held-out losses per kind); a recipe change trains a new one.
@@ -38,12 +38,6 @@ class BaseRecipe:
     lr: float = 3e-3
     warmup: int = 30
     seed: int = 0
-
-    @property
-    def documents(self) -> int:
-        """How many documents of the training stream the base has seen (the corpus's new
-        facts start after them)."""
-        return NEW_FACTS_FROM
 
     @property
     def name(self) -> str:

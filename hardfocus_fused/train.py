@@ -183,13 +183,13 @@ def data_streams(args: argparse.Namespace, tokenizer):
     """``(heldout, train)``: held-out batches by name (each kind and the mixture, or
     ``"data"`` for a user dataset: its first batches) and an iterator of training batches,
     one document per row."""
-    from .base import BaseRecipe, heldout_batches
-    from .corpus import builtin_examples, document_batches, documents, shuffled
+    from .base import heldout_batches
+    from .corpus import NEW_FACTS_FROM, builtin_examples, document_batches, documents, shuffled
 
     make = lambda examples: document_batches(examples, tokenizer, args.seq_len, args.batch_size)
     if args.dataset == BUILTIN:
         heldout = heldout_batches(tokenizer, args.seq_len, args.batch_size, args.eval_batches)
-        unseen = itertools.islice(builtin_examples("train"), BaseRecipe().documents, None)  # after the base's
+        unseen = itertools.islice(builtin_examples("train"), NEW_FACTS_FROM, None)   # after the base's part
         return heldout, make(shuffled(unseen, args.seed))
     try:
         examples = (("data", text) for text in documents(args.dataset, args.dataset_config))
