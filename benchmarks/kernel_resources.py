@@ -44,13 +44,15 @@ HOPPER_SMS = 132                        # H100 SXM and H200: the forward's split
 # (N, H, V): the benchmark heads, and a small batch on the Llama-3 head (the small-N class).
 HEADS = {"gemma2-2b": (8192, 2304, 256000), "llama3-8b": (16384, 4096, 128256), "llama3-8b-n512": (512, 4096, 128256)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-KERNELS = {
-    "forward": forward._lse_forward_kernel,
-    "backward": backward._lce_backward_kernel,
-    "grad_hidden (det.)": backward_deterministic._grad_hidden_kernel,
-    "grad_weight (det.)": backward_deterministic._grad_weight_kernel,
-    "dlogits (matmul)": backward_matmul._dlogits_kernel,
+# Every kernel the launchers launch: its name here, and where the launcher finds it.
+_LAUNCHED = {
+    "forward": (forward, "_lse_forward_kernel"),
+    "backward": (backward, "_lce_backward_kernel"),
+    "grad_hidden (det.)": (backward_deterministic, "_grad_hidden_kernel"),
+    "grad_weight (det.)": (backward_deterministic, "_grad_weight_kernel"),
+    "dlogits (matmul)": (backward_matmul, "_dlogits_kernel"),
 }
+KERNELS = {name: getattr(module, attr) for name, (module, attr) in _LAUNCHED.items()}
 
 
 @dataclass
@@ -93,13 +95,9 @@ def recording(launches: list):
     nothing large is computed (gradient buffers are left uninitialised, the library
     matmuls of the ``"matmul"`` strategy are skipped); the forward's split count is
     sized for a Hopper GPU."""
-    modules = {"forward": (forward, "_lse_forward_kernel"), "backward": (backward, "_lce_backward_kernel"),
-               "grad_hidden (det.)": (backward_deterministic, "_grad_hidden_kernel"),
-               "grad_weight (det.)": (backward_deterministic, "_grad_weight_kernel"),
-               "dlogits (matmul)": (backward_matmul, "_dlogits_kernel")}
     saved = []
     try:
-        for name, (module, attr) in modules.items():
+        for name, (module, attr) in _LAUNCHED.items():
             saved.append((module, attr, getattr(module, attr)))
             setattr(module, attr, _Recorder(name, getattr(module, attr), launches))
         for module, attr, value in ((forward, "device_sm_count", lambda device: HOPPER_SMS),

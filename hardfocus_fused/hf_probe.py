@@ -1,7 +1,8 @@
 """Patch-time probe: measure how a model turns ``lm_head`` outputs into logits, and check
 that the patched loss equals the model's own.
 
-Three kinds of no-grad forward on ``_PROBE_TOKENS`` random tokens, in eval mode:
+Three kinds of forward on ``_PROBE_TOKENS`` random tokens, in eval mode and without grad
+(except the training path of step 3):
 
 1. logits driven small (``|lm_head(h)| <= 0.01``, where soft-capping is linear): fit the
    constant ``scale`` in ``logits = scale * lm_head(h)``, then snap it to 1 or to a logit
