@@ -21,7 +21,7 @@ setup(
         "trl": ["trl>=1.10", "transformers>=5.0"],
         "eval": ["lm-eval>=0.4.9", "transformers>=5.0", "tqdm", "matplotlib"],
         "test": ["pytest>=8", "pytest-benchmark", "hypothesis>=6", "triton>=3.2", "transformers>=5.0", "peft", "accelerate", "trl>=1.10", "lm-eval>=0.4.9",
-                 "tqdm", "matplotlib"],
+                 "liger-kernel>=0.8.5", "tqdm", "matplotlib"],
     },
     entry_points={"console_scripts": ["hardfocus-demo=hardfocus_fused.demo:main",
                                       "hardfocus-train=hardfocus_fused.train:main",

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .compare import accuracy, device_name
-from .peers import unavailable
+from .peers import IMPLS, unavailable
 from .shapes import make_inputs, SHAPES
 
 
@@ -24,7 +24,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    p.add_argument("--impls", nargs="+", default=["eager", "torch_native", "hardfocus"])
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), help="those that cannot run here are noted, skipped")
     p.add_argument("--shapes", nargs="+", default=["mid"] if cuda else ["cpu"])
     p.add_argument("--data", nargs="+", default=["random", "trained-like"])
     p.add_argument("--methods", nargs="+", default=["irdro", "midranking"])

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from .peers import IMPLS, loss_fn, shifted, unavailable, _eager
-from .shapes import HEADS, SHAPES, SWEEP, make_inputs
+from .shapes import HEADS, SHAPES, SWEEP, fresh_inputs, make_inputs
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 MATMULS = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
@@ -133,7 +133,7 @@ def measure(impl, method, shape_name, data, head, dtype, device, iters, with_acc
     """Rows for every pass of one case.  With ``cpu_peak_pass`` (CPU, in a fresh process):
     only that pass's peak RSS growth, as ``{"peak_mb": ...}`` in a one-element list."""
     shape = SHAPES[shape_name]
-    hidden, weight, labels = make_inputs(shape, data, dtype, device)
+    hidden, weight, labels = fresh_inputs(shape, data, dtype, device)
     if head == "frozen":
         weight.requires_grad_(False)
     tensors = (hidden, weight)
@@ -242,8 +242,12 @@ def run(args: argparse.Namespace, cases=None, on_case=None) -> dict:
     why_not = {impl: unavailable(impl, args.device) for impl in dict.fromkeys(key[0] for key in cases)}
     result = new_result(args)
     result["notes"] += [f"skipped {impl}: {why}" for impl, why in why_not.items() if why]
+    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
     for key in cases:
         if why_not[key[0]]:
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            result["notes"].append(f"{' '.join(key)}: not measured (time budget of {args.budget_s:g} s spent)")
             continue
         case = (*key, getattr(torch, args.dtype), args.device, args.iters, key[2] in args.accuracy_shapes)
         rows = measure_cpu(*case) if args.device == "cpu" else _guarded(case)
@@ -285,6 +289,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=20 if cuda else 5)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--tag", default=None, help="file name stem (default: <device>-<date>)")
+    p.add_argument("--budget-s", type=float, default=None, help="start no case after this many seconds")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 

@@ -214,6 +214,36 @@ def variants(heads=tuple(HEADS), dtypes=tuple(DTYPES), capability: int = 90) -> 
     return out
 
 
+def sweep_candidates(head: str = "llama3-8b", capability: int = 90) -> list[dict]:
+    """Each ``"fused"`` candidate of ``benchmarks.sweep`` on ``head`` in bf16, compiled as
+    the sweep launches it (no bias, no soft-cap, no extra loss terms): ``{"pass",
+    "config", **resources}``.  A candidate that spills is not worth a GPU's time."""
+    from .sweep import cases
+
+    n_tokens, n_hidden, n_vocab = HEADS[head]
+    dtype = torch.bfloat16
+    hidden = torch.empty((n_tokens, n_hidden), dtype=dtype)
+    weight = torch.empty((n_vocab, n_hidden), dtype=dtype)
+    targets = torch.zeros(n_tokens, dtype=torch.int64)
+    order, n_active = partition_active(torch.ones(n_tokens, dtype=torch.bool))
+    stats, coef = torch.empty((n_tokens, 2)), torch.ones(n_tokens)
+    rows = []
+    for kind, strategy, configs, label in cases(default_configs(n_tokens, n_vocab, n_hidden, dtype)):
+        if strategy == "matmul":
+            continue
+        config = configs.forward if kind == "fwd" else configs.backward
+        problem = HeadProblem(hidden, weight, None, targets, order, n_active, None, dtype, config)
+        launches: list = []
+        with recording(launches):
+            if kind == "fwd":
+                forward.lse_forward(problem)
+            else:
+                backward.lce_backward(problem, stats, coef)
+        _, kernel, args, kwargs = launches[0]
+        rows.append({"pass": kind, "config": label, **resources(compile_launch(kernel, args, kwargs, capability))})
+    return rows
+
+
 def launched(heads=("gemma2-2b", "llama3-8b")) -> list[dict]:
     """On a GPU: the kernels the JIT actually compiled for a forward and backward of each
     head in bf16 (both backward strategies and the deterministic kernels), with the
@@ -264,7 +294,13 @@ def main(argv=None) -> None:
     parser.add_argument("--capability", type=int, default=90)
     parser.add_argument("--launched", action="store_true",
                         help="on a GPU: report the kernels the JIT compiled for real launches on both heads")
+    parser.add_argument("--sweep-candidates", action="store_true",
+                        help="print the resources of benchmarks.sweep's candidates (JSON lines)")
     args = parser.parse_args(argv)
+    if args.sweep_candidates:
+        for row in sweep_candidates(capability=args.capability):
+            print(json.dumps(row))
+        return
     if args.launched:
         rows = launched()
         path = Path(args.out) / f"kernel-resources-launched-{datetime.date.today().isoformat()}.json"

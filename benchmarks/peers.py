@@ -13,7 +13,11 @@ import torch.nn.functional as F
 
 from hardfocus_fused import hardfocus_loss, sequence_weights
 
-IMPLS = ("eager", "torch_compile", "liger", "cce", "torch_native", "hardfocus")
+IMPLS = ("eager", "torch_compile", "liger", "cce", "cce_exact", "torch_native", "hardfocus")
+# Cut Cross-Entropy twice: ``cce`` at its default, which skips gradient blocks whose
+# probabilities fall below a threshold (``filter_eps="high"``), and ``cce_exact`` with
+# ``filter_eps=None``, the exact gradients every other implementation computes.
+CCE_FILTER = {"cce": "high", "cce_exact": None}
 
 
 def shifted(labels: torch.Tensor) -> torch.Tensor:
@@ -42,10 +46,10 @@ _compiled = {}
 
 def unavailable(impl: str, device: str) -> str | None:
     """Why ``impl`` cannot run here, or None."""
-    if impl in ("liger", "cce"):
+    if impl in ("liger", *CCE_FILTER):
         if device != "cuda":
             return f"{impl} needs CUDA"
-        module = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}[impl]
+        module = "liger_kernel" if impl == "liger" else "cut_cross_entropy"
         try:
             __import__(module)
         except ImportError as err:
@@ -81,9 +85,9 @@ def loss_fn(impl: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch
             out = module(weight, flat_h, flat_t)
             return weighted((out[0] if isinstance(out, tuple) else out).view(batch, seq), targets, method)
         return liger
-    if impl == "cce":
+    if impl in CCE_FILTER:
         from cut_cross_entropy import linear_cross_entropy
 
-        return lambda: weighted(linear_cross_entropy(flat_h, weight, flat_t, reduction="none").view(batch, seq),
-                                targets, method)
+        return lambda: weighted(linear_cross_entropy(flat_h, weight, flat_t, reduction="none",
+                                                     filter_eps=CCE_FILTER[impl]).view(batch, seq), targets, method)
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

@@ -16,8 +16,10 @@ values).  Cases, per head:
 ``DIR/sweep-<device>-<date>.json`` is rewritten after every case, so a run stopped by its
 time limit keeps what it measured; ``--budget-s`` stops starting new cases after that
 many seconds.  Each row: ``{"head", "pass", "strategy", "config", "ms", "tflops"}`` or an
-``"error"``.  The fastest row per (head, pass) is what the defaults in
-``kernels/config.py`` should become; nothing here changes them.
+``"error"``, with the candidate's ``KernelConfig`` fields as ``"params"`` (or the
+``"matmul_chunk_bytes"`` of a ``"matmul"`` row).  The fastest row per (head, pass) is what
+the defaults in ``kernels/config.py`` should become; nothing here changes them
+(``benchmarks.tuned`` applies them within one process, for ``benchmarks.targets``).
 """
 
 from __future__ import annotations
@@ -39,19 +41,20 @@ from .peers import shifted
 from .shapes import SHAPES, make_inputs
 
 K = KernelConfig
-# Forward candidates (bf16): the default (128 x 128 x 64, 8 warps, 3 stages) first.
+# Candidates (bf16), the default first; each compiles for sm_90 without spills at the
+# Llama-3-8B head (tests/test_compile.py; 64 x 128 x 64 at 4 warps and 4 stages did not).
 FORWARD = (
     None,
     K(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=4),
     K(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3, group_n=1),
     K(block_n=128, block_v=256, block_h=64, num_warps=8, num_stages=3),
     K(block_n=64, block_v=256, block_h=64, num_warps=8, num_stages=3),
-    K(block_n=64, block_v=128, block_h=64, num_warps=4, num_stages=4),
+    K(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=5),
 )
 BACKWARD = (
     None,
     K(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3, group_n=1),
-    K(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3, group_n=16),
+    K(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=4),
     K(block_n=64, block_v=128, block_h=64, num_warps=8, num_stages=3),
     K(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3),
 )
@@ -108,6 +111,10 @@ def run_head(head: str, device: str, dtype: torch.dtype, timer, record, deadline
             record({"head": head, "pass": kind, "strategy": strategy, "config": label, "error": "time budget"})
             continue
         row = {"head": head, "pass": kind, "strategy": strategy, "config": label}
+        if strategy == "matmul":
+            row["matmul_chunk_bytes"] = configs.matmul_chunk_bytes
+        else:
+            row["params"] = dataclasses.asdict(configs.forward if kind == "fwd" else configs.backward)
         try:
             backward = strategy if strategy != "-" else "fused"
             forward = lambda: token_nll(flat, weight, targets, None, -100, None, "triton", kernel_config=configs,
@@ -128,7 +135,7 @@ def run_head(head: str, device: str, dtype: torch.dtype, timer, record, deadline
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    parser.add_argument("--heads", default="gemma2-2b,llama3-8b")
+    parser.add_argument("--heads", default="llama3-8b,gemma2-2b")
     parser.add_argument("--budget-s", type=float, default=480.0)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"

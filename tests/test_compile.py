@@ -67,3 +67,19 @@ def test_pipelining_is_what_the_config_asks(variants):
     3-stage pipelined kernel (the unspecialised compile came out with 1 stage, 24 KB)."""
     half_forward = [v for v in variants if v["kernel"] == "forward" and v["dtype"] == "bf16"]
     assert half_forward and all(v["num_stages"] == 3 and v["shared"] >= 64 * 1024 for v in half_forward)
+
+
+def test_sweep_candidates_compile_without_spills():
+    """``benchmarks.sweep`` spends GPU time only on candidates that could be the default."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import sweep
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--sweep-candidates"], env=env,
+                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(sweep.FORWARD) + len(sweep.BACKWARD)
+    assert not [r for r in rows if r["stack"] or r["local"]], rows
+    assert max(r["shared"] for r in rows) <= 232448
