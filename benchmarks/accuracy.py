@@ -24,7 +24,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), help="those that cannot run here are noted, skipped")
+    p.add_argument("--impls", nargs="+", default=list(IMPLS) if cuda else ["eager", "torch_native", "hardfocus"],
+                   help="those that cannot run here are noted and skipped")
     p.add_argument("--shapes", nargs="+", default=["mid"] if cuda else ["cpu"])
     p.add_argument("--data", nargs="+", default=["random", "trained-like"])
     p.add_argument("--methods", nargs="+", default=["irdro", "midranking"])

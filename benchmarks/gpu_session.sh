@@ -11,7 +11,7 @@
 #   targets  every target's cases (peers included), measured with the sweep's
 #            fastest configs (benchmarks.tuned), Llama-3-8B head first          <= 200 s
 #   profile  Nsight Compute on our forward and backward kernels, Llama-3-8B    <=  45 s
-# At most 7.9 minutes, about 9.5 with the machine's start.
+# At most 7.8 minutes (465 s), about 9.5 with the machine's start.
 #
 # What comes back (at most 8 files may): $OUT/session.log (everything, live), $OUT/gpu.txt
 # (device, clocks, versions, each stage's exit status) and $OUT/results.tar.gz, rewritten

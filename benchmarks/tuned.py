@@ -79,7 +79,7 @@ class Applied:
             step()
         self.undo_steps.clear()
 
-    def describe(self) -> list[dict]:
+    def describe(self) -> dict:
         return {"strategy": self.strategy,
                 "heads": [{"head": c.head, "forward": c.forward and dataclasses.asdict(c.forward),
                            "backward": c.backward and dataclasses.asdict(c.backward),
