@@ -119,29 +119,41 @@ def _skip_mm(a, b, out=None, accumulate=False):
     return out if out is not None else torch.empty((a.shape[0], b.shape[1]), dtype=torch.float32)
 
 
+class _Placeholders:
+    """Tensors of ``head``'s shapes in ``dtype`` for the launchers to launch on: never
+    touched (the launches are recorded, not run), so no memory is committed."""
+
+    def __init__(self, head: str, dtype: torch.dtype) -> None:
+        n_tokens, n_hidden, n_vocab = HEADS[head]
+        self.dtype = dtype
+        self.hidden = torch.empty((n_tokens, n_hidden), dtype=dtype)
+        self.weight = torch.empty((n_vocab, n_hidden), dtype=dtype)
+        self.bias = torch.empty(n_vocab, dtype=dtype)
+        self.targets = torch.zeros(n_tokens, dtype=torch.int64)
+        self.order, self.n_active = partition_active(torch.ones(n_tokens, dtype=torch.bool))
+        self.stats = torch.empty((n_tokens, 2))
+        self.coef = torch.ones(n_tokens)
+        self.class_weight = torch.empty(n_vocab)
+        self.rich = torch.empty((n_tokens, 3))
+        self.default_configs = default_configs(n_tokens, n_vocab, n_hidden, dtype)
+
+    def problem(self, config, with_bias=True, terms=False) -> HeadProblem:
+        """With a bias and a soft-cap (or neither), and every extra loss term (or none)."""
+        return HeadProblem(self.hidden, self.weight, self.bias if with_bias else None, self.targets, self.order,
+                           self.n_active, 30.0 if with_bias else None, self.dtype, config,
+                           class_weight=self.class_weight if terms else None, smooth=terms, argmax=terms,
+                           rich_coef=terms)
+
+
 def launches_of(head: str, dtype: torch.dtype, configs=None) -> list:
     """The launches of a forward and of every backward variant on ``head`` in ``dtype``
     (with ``configs``, default: the package's): with and without bias and soft-cap,
     trainable and frozen head, the deterministic kernels, the ``"matmul"`` strategy's
     elementwise kernel, and each with every extra loss term on (``ce_terms``)."""
-    n_tokens, n_hidden, n_vocab = HEADS[head]
-    configs = configs or default_configs(n_tokens, n_vocab, n_hidden, dtype)
-    hidden = torch.empty((n_tokens, n_hidden), dtype=dtype)     # never touched: no memory is committed
-    weight = torch.empty((n_vocab, n_hidden), dtype=dtype)
-    bias = torch.empty(n_vocab, dtype=dtype)
-    targets = torch.zeros(n_tokens, dtype=torch.int64)
-    order, n_active = partition_active(torch.ones(n_tokens, dtype=torch.bool))
-    stats = torch.empty((n_tokens, 2))
-    coef = torch.ones(n_tokens)
+    head_tensors = _Placeholders(head, dtype)
+    configs = configs or head_tensors.default_configs
+    problem, stats, coef, rich = head_tensors.problem, head_tensors.stats, head_tensors.coef, head_tensors.rich
     launches: list = []
-
-    class_weight = torch.empty(n_vocab)
-    rich = torch.empty((n_tokens, 3))
-
-    def problem(config, with_bias=True, terms=False):
-        return HeadProblem(hidden, weight, bias if with_bias else None, targets, order, n_active,
-                           30.0 if with_bias else None, dtype, config, class_weight=class_weight if terms else None,
-                           smooth=terms, argmax=terms, rich_coef=terms)
 
     with recording(launches):
         forward.lse_forward(problem(configs.forward))
@@ -220,25 +232,18 @@ def sweep_candidates(head: str = "llama3-8b", capability: int = 90) -> list[dict
     "config", **resources}``.  A candidate that spills is not worth a GPU's time."""
     from .sweep import cases
 
-    n_tokens, n_hidden, n_vocab = HEADS[head]
-    dtype = torch.bfloat16
-    hidden = torch.empty((n_tokens, n_hidden), dtype=dtype)
-    weight = torch.empty((n_vocab, n_hidden), dtype=dtype)
-    targets = torch.zeros(n_tokens, dtype=torch.int64)
-    order, n_active = partition_active(torch.ones(n_tokens, dtype=torch.bool))
-    stats, coef = torch.empty((n_tokens, 2)), torch.ones(n_tokens)
+    head_tensors = _Placeholders(head, torch.bfloat16)
     rows = []
-    for kind, strategy, configs, label in cases(default_configs(n_tokens, n_vocab, n_hidden, dtype)):
+    for kind, strategy, configs, label in cases(head_tensors.default_configs):
         if strategy == "matmul":
             continue
-        config = configs.forward if kind == "fwd" else configs.backward
-        problem = HeadProblem(hidden, weight, None, targets, order, n_active, None, dtype, config)
+        problem = head_tensors.problem(configs.forward if kind == "fwd" else configs.backward, with_bias=False)
         launches: list = []
         with recording(launches):
             if kind == "fwd":
                 forward.lse_forward(problem)
             else:
-                backward.lce_backward(problem, stats, coef)
+                backward.lce_backward(problem, head_tensors.stats, head_tensors.coef)
         _, kernel, args, kwargs = launches[0]
         rows.append({"pass": kind, "config": label, **resources(compile_launch(kernel, args, kwargs, capability))})
     return rows

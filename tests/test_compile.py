@@ -26,14 +26,21 @@ def nvidia_backend_available() -> bool:
     return True
 
 
+def kernel_resources(*args: str) -> str:
+    """``python -m benchmarks.kernel_resources ARGS``'s output, run without the interpreter
+    (which the suite turns on, and which would give the interpreter's configs)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", *args], env=env,
+                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory):
     out = tmp_path_factory.mktemp("resources")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--out", str(out)], env=env,
-                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
-    assert done.returncode == 0, done.stdout + done.stderr
+    kernel_resources("--out", str(out))
     (result,) = out.glob("kernel-resources-sm90-*.json")
     return json.loads(result.read_text())["variants"]
 
@@ -74,12 +81,7 @@ def test_sweep_candidates_compile_without_spills():
     sys.path.insert(0, str(ROOT))
     from benchmarks import sweep
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--sweep-candidates"], env=env,
-                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in kernel_resources("--sweep-candidates").splitlines() if line.startswith("{")]
     assert len(rows) == len(sweep.FORWARD) + len(sweep.BACKWARD)
     assert not [r for r in rows if r["stack"] or r["local"]], rows
     assert max(r["shared"] for r in rows) <= 232448
