@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["hardfocus_fused", "hardfocus_fused.kernels"],
+    packages=["hardfocus_fused", "hardfocus_fused.hf", "hardfocus_fused.experiment", "hardfocus_fused.kernels"],
     # ``kernels/`` ships as ``hardfocus_fused.kernels``: a top-level ``kernels`` would shadow
     # the Hugging Face ``kernels`` package that transformers probes for.
     package_dir={"hardfocus_fused": "hardfocus_fused", "hardfocus_fused.kernels": "kernels"},
@@ -23,7 +23,7 @@ setup(
         "test": ["pytest>=8", "pytest-benchmark", "hypothesis>=6", "triton>=3.2", "transformers>=5.0", "peft", "accelerate", "trl>=1.10", "lm-eval>=0.4.9",
                  "liger-kernel>=0.8.5", "tqdm", "matplotlib"],
     },
-    entry_points={"console_scripts": ["hardfocus-demo=hardfocus_fused.demo:main",
-                                      "hardfocus-train=hardfocus_fused.train:main",
-                                      "hardfocus-compare=hardfocus_fused.compare:main"]},
+    entry_points={"console_scripts": ["hardfocus-demo=hardfocus_fused.experiment.demo:main",
+                                      "hardfocus-train=hardfocus_fused.experiment.train:main",
+                                      "hardfocus-compare=hardfocus_fused.experiment.compare:main"]},
 )

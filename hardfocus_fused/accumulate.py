@@ -4,7 +4,7 @@ Per-micro-batch weights (what a plain accumulation loop gets) are a different ob
 from the paper's weights over the whole step's batch.  Both helpers here are weighting
 rules: pass one as ``method=`` to :func:`hardfocus_loss`, :class:`HardFocusLoss` or
 :func:`apply_hardfocus`, and call ``reset()`` before each optimizer step's first
-micro-batch (``hardfocus_fused.hf_trainer.AccumulationCallback`` does that under the
+micro-batch (``hardfocus_fused.hf.trainer.AccumulationCallback`` does that under the
 ``transformers.Trainer``).
 
 - :class:`AccumulatedIRDRO`: exact IR-DRO over all K micro-batches with one forward and

@@ -16,11 +16,21 @@ loss and ``g_lse`` of a returned log-sum-exp,
 
 The kernels take ``(a, e, u)`` per token (``tiles.dlogit_tile``); plain cross-entropy
 needs ``a`` alone.
+
+Reductions follow Liger's definition: class weights weigh the cross-entropy (with its
+smoothing), not the z-loss.  A mean over scored tokens ``T`` is therefore
+
+    mean = sum_T ce / sum_T c_y  +  sum_T s lse^2 / |T|
+
+(with no class weights both denominators are ``|T|`` and it is the plain mean of the
+per-token loss).  With class weights and a z-loss together the callers get the z-loss out
+of the kernels' loss (``kernel_terms``) and add it from the differentiable log-sum-exp
+(``z_loss``), so each part can have its own denominator.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,6 +51,17 @@ class LossTerms:
     def smooth(self) -> bool:
         """The forward must sum ``c_v z_v``."""
         return self.label_smoothing > 0
+
+    @property
+    def separate_z_loss(self) -> bool:
+        """Whether a mean needs the z-loss apart from the rest: class weights and a z-loss
+        together (the two parts have different denominators)."""
+        return self.class_weight is not None and bool(self.lse_square_scale)
+
+    def kernel_terms(self) -> LossTerms:
+        """The terms the kernels compute: all of them, or all but the z-loss when it must
+        stay apart (``separate_z_loss``; callers add ``z_loss`` of the differentiable lse)."""
+        return replace(self, lse_square_scale=0.0) if self.separate_z_loss else self
 
     def class_total(self, n_vocab: int) -> torch.Tensor | float:
         return self.class_weight.sum() if self.class_weight is not None else float(n_vocab)
@@ -66,7 +87,8 @@ class LossTerms:
         return torch.where(valid, loss, 0.0)
 
     def z_loss(self, lse: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """The z-loss part ``s lse^2`` of each token's loss (0 where not scored)."""
+        """The z-loss part ``s lse^2`` of each token's loss (0 where not scored);
+        differentiable when ``lse`` is."""
         return torch.where(valid, self.lse_square_scale * lse * lse, 0.0)
 
     def coefficients(self, grad_loss: torch.Tensor, grad_lse: torch.Tensor | None, lse: torch.Tensor,
@@ -85,8 +107,15 @@ class LossTerms:
             e = e + torch.where(valid, grad_lse, 0.0)
         return torch.stack([a, e, u], dim=1)
 
-    def denominator(self, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """What ``reduction="mean"`` divides by: the class weights of the scored targets
-        (PyTorch's weighted mean), or their count."""
+    def mean(self, loss: torch.Tensor, z_loss: torch.Tensor | None, targets: torch.Tensor,
+             valid: torch.Tensor) -> torch.Tensor:
+        """``reduction="mean"`` of per-token values: ``loss`` (the kernels' loss) divided by
+        the scored targets' class weights (PyTorch's weighted mean) or their count, plus
+        ``z_loss`` (the separate z-loss, or None) divided by the count (Liger's)."""
+        count = valid.sum()
         weight = self.target_weight(targets, valid)
-        return valid.sum() if weight is None else weight.sum()
+        mass = count if weight is None else weight.sum()
+        out = loss.sum() / torch.where(mass > 0, mass, 1)
+        if z_loss is not None:
+            out = out + z_loss.sum() / count.clamp_min(1)
+        return out

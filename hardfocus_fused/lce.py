@@ -167,18 +167,21 @@ def linear_cross_entropy(
         reduction: ``"none"`` returns the fp32 per-token loss with the shape of ``targets``
             (0 at ignored positions); ``"sum"``; ``"mean"`` over non-ignored positions, or
             with ``class_weight`` divided by the class weights of their targets, as
-            PyTorch does (0.0, not NaN, when there are none).
+            PyTorch does (0.0, not NaN, when there are none); the z-loss part is always
+            divided by the count of non-ignored positions (Liger's definition: class
+            weights weigh the cross-entropy, not the z-loss).
         label_smoothing: as ``F.cross_entropy``'s: the loss is ``(1 - eps)`` times the
             cross-entropy plus ``eps`` times the cross-entropy against the uniform
             distribution (with ``class_weight``, weighted as PyTorch weighs it).
         class_weight: (V,) weight of each class, as ``F.cross_entropy``'s ``weight``
             (Liger's ``ce_weight``): each token's loss is multiplied by its target's weight.
         lse_square_scale: z-loss coefficient ``s`` (Liger's): ``s * lse^2`` is added to
-            each scored token's loss.
+            each scored token's loss, unweighted by ``class_weight``.
         return_lse: also return the per-token log-sum-exp (shape of ``targets``, fp32, 0
             where not scored; differentiable: a loss built on it, such as a z-loss of your
             own, backpropagates through the fused kernels).
-        return_z_loss: also return the z-loss part of the loss, reduced like the loss.
+        return_z_loss: also return the z-loss part of the loss, reduced as in the loss
+            (not differentiable: for logging).
         return_token_accuracy: also return whether each scored token's largest logit is
             its target: per token (1.0 / 0.0, 0 where not scored) for ``"none"``, their
             count for ``"sum"``, their fraction for ``"mean"``.  Computed in the forward's
@@ -225,18 +228,20 @@ def linear_cross_entropy(
     flat_targets = targets.reshape(-1)
     want_argmax = return_token_accuracy or return_predicted_tokens
     loss, lse, best = token_terms(flat, weight, flat_targets, bias, ignore_index, softcap, impl, deterministic,
-                                  backward_impl=backward_impl, terms=terms, argmax=want_argmax)
+                                  backward_impl=backward_impl, terms=terms.kernel_terms(), argmax=want_argmax)
     valid = flat_targets != ignore_index
+    # With class weights and a z-loss together, the z-loss is added here from the
+    # differentiable lse: a mean divides it by the token count, the rest by the class weights.
+    z_apart = terms.z_loss(lse, valid) if terms.separate_z_loss else None
 
-    def reduce(per_token: torch.Tensor) -> torch.Tensor:
-        if reduction == "none":
-            return per_token.view(targets.shape)
-        if reduction == "sum":
-            return per_token.sum()
-        denominator = terms.denominator(flat_targets, valid)
-        return per_token.sum() / torch.where(denominator > 0, denominator, 1)
+    def reduce(per_token: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        if reduction == "mean":
+            return terms.mean(per_token, z, flat_targets, valid)
+        if z is not None:
+            per_token = per_token + z
+        return per_token.view(targets.shape) if reduction == "none" else per_token.sum()
 
-    out = reduce(loss)
+    out = reduce(loss, z_apart)
     if not (return_lse or return_z_loss or want_argmax):
         return out
     correct = (best == flat_targets) & valid if want_argmax else None
@@ -247,7 +252,17 @@ def linear_cross_entropy(
     return LCEOutput(
         loss=out,
         lse=lse.view(targets.shape) if return_lse else None,
-        z_loss=reduce(terms.z_loss(lse.detach(), valid)) if return_z_loss else None,
+        z_loss=_reduced_z_loss(terms, lse.detach(), valid, reduction, targets.shape) if return_z_loss else None,
         token_accuracy=accuracy,
         predicted_tokens=best.view(targets.shape) if return_predicted_tokens else None,
     )
+
+
+def _reduced_z_loss(terms: LossTerms, lse: torch.Tensor, valid: torch.Tensor, reduction: str,
+                    shape: torch.Size) -> torch.Tensor:
+    """The z-loss part of the loss, reduced as it is inside the loss (a mean over the scored
+    tokens' count, whatever the class weights)."""
+    z = terms.z_loss(lse, valid)
+    if reduction == "none":
+        return z.view(shape)
+    return z.sum() if reduction == "sum" else z.sum() / valid.sum().clamp_min(1)

@@ -20,7 +20,10 @@ class HardFocusStats:
     entry per document, in order, when ``position_ids`` marked packed documents).
 
     ``loss == (weights * seq_loss).sum()`` for every method (times the world size with a
-    ``group``).  Sequences without a target token have ``n_tokens == 0``,
+    ``group``), except ``method="mean"`` with ``class_weight`` and ``lse_square_scale``
+    together: there ``weights`` are the cross-entropy's shares of the class-weight mass,
+    and the z-loss part of each ``seq_loss`` is weighted by token counts (see
+    ``ce_terms``).  Sequences without a target token have ``n_tokens == 0``,
     ``seq_loss == 0`` and ``weights == 0``.
     """
 
@@ -110,8 +113,10 @@ def hardfocus_loss(
         label_smoothing, class_weight, lse_square_scale: the per-token loss, as for
             :func:`~hardfocus_fused.linear_cross_entropy` (PyTorch's label smoothing and
             class weights, Liger's z-loss).  With class weights a sequence's mean divides
-            by its targets' weights (PyTorch's weighted mean), and ``method="mean"`` is
-            ``F.cross_entropy(..., weight=class_weight)`` over the batch.
+            its cross-entropy by its targets' weights (PyTorch's weighted mean) and its
+            z-loss by its token count (Liger's), and ``method="mean"`` is
+            ``linear_cross_entropy(..., class_weight=..., reduction="mean")`` over the
+            batch.
         token_weight: (B, T) non-negative weights of the positions (aligned with
             ``labels``, before the shift: the weight of position t's target label
             ``labels[:, t + shift]`` is ``token_weight[:, t + shift]``), multiplying each
@@ -154,47 +159,68 @@ def hardfocus_loss(
                          "padding is otherwise marked by ignore_index labels")
     n_seq, seq_len, n_hidden = hidden.shape
     targets = shift_targets(labels, ignore_index, starts, shift).reshape(-1)
-    token_loss = token_terms(hidden.reshape(-1, n_hidden), weight, targets, bias, ignore_index, softcap, impl,
-                             deterministic, backward_impl=backward_impl, terms=terms)[0]
+    token_loss, lse, _ = token_terms(hidden.reshape(-1, n_hidden), weight, targets, bias, ignore_index, softcap,
+                                     impl, deterministic, backward_impl=backward_impl, terms=terms.kernel_terms())
     valid = targets != ignore_index
+    # With class weights and a z-loss, the z-loss is kept apart (from the differentiable lse):
+    # a sequence's mean divides it by the token count, the cross-entropy by the class weights.
+    z_loss = terms.z_loss(lse, valid) if terms.separate_z_loss else None
     # Each token's share of its sequence: 1, times its target's class weight and its token
     # weight (from the data and from a token-level rule).
-    token_scale = _token_scale(method, token_weight, token_loss, valid, (n_seq, seq_len))
+    token_scale = _token_scale(method, token_weight, token_loss if z_loss is None else token_loss + z_loss, valid,
+                               (n_seq, seq_len))
+    count = valid.float()
     mass = terms.target_weight(targets, valid)
-    mass = valid.float() if mass is None else mass
+    mass = count if mass is None else mass
     if token_scale is not None:
-        token_loss, mass = token_loss * token_scale, mass * token_scale
+        token_loss, mass, count = token_loss * token_scale, mass * token_scale, count * token_scale
+        z_loss = z_loss * token_scale if z_loss is not None else None
         valid = valid & (token_scale > 0)
     if starts is None:
         n_tokens = valid.view(n_seq, seq_len).sum(dim=1)
-        seq_loss = token_loss.view(n_seq, seq_len).sum(dim=1, dtype=torch.float32)
-        seq_mass = mass.view(n_seq, seq_len).sum(dim=1, dtype=torch.float32)
+        per_seq = lambda values: values.view(n_seq, seq_len).sum(dim=1, dtype=torch.float32)  # noqa: E731
         rows = None
     else:
         bounds = segment_bounds(starts.reshape(-1))
         n_tokens = segment_sums(valid, bounds).round().long()
-        seq_loss, seq_mass = segment_sums(token_loss, bounds), segment_sums(mass, bounds)
+        per_seq = functools.partial(segment_sums, bounds=bounds)
         rows = bounds[:-1] // seq_len                   # each document's row
+    # L_i = its cross-entropy part (over its mass) + its separate z-loss part (over its count).
+    seq_ce, seq_mass = per_seq(token_loss), per_seq(mass)
+    seq_z = per_seq(z_loss) if z_loss is not None else None
+    seq_count = per_seq(count) if z_loss is not None else None
     if seq_reduction == "mean":
-        seq_loss = seq_loss / torch.where(seq_mass > 0, seq_mass, 1.0)
+        seq_ce = seq_ce / torch.where(seq_mass > 0, seq_mass, 1.0)
+        if seq_z is not None:
+            seq_z = seq_z / torch.where(seq_count > 0, seq_count, 1.0)
+    seq_loss = seq_ce if seq_z is None else seq_ce + seq_z
     if callable(method):
         weigh = method
     else:
         weigh = functools.partial(sequence_weights, method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction)
-    # The token mean weighs sequences by their mass (their token count when unweighted).
-    counts = seq_mass if method == "mean" else n_tokens
     if sample_weight is not None and rows is not None:
         sample_weight = sample_weight[rows]             # a row's weight for each of its documents
-    if group is None:
-        weights, scale = with_sample_weights(weigh(seq_loss, counts), sample_weight), 1
+    # The token mean weighs sequences by their mass (their token count when unweighted).
+    weights, scale = _weights(weigh, seq_loss, seq_mass if method == "mean" else n_tokens, group, sample_weight)
+    if seq_z is not None and method == "mean":
+        # The token mean's separate z-loss is a mean over tokens, not over class-weight mass.
+        z_weights, _ = _weights(weigh, seq_loss, seq_count, group, sample_weight)
+        loss = ((weights * seq_ce).sum() + (z_weights * seq_z).sum()) * scale
     else:
-        from .distributed import global_weights
-
-        weights, scale = global_weights(seq_loss, counts, group, weigh, sample_weight)
-    loss = (weights * seq_loss).sum() * scale
+        loss = (weights * seq_loss).sum() * scale
     if not return_stats:
         return loss
     return loss, HardFocusStats(seq_loss=seq_loss.detach(), weights=weights, n_tokens=n_tokens)
+
+
+def _weights(weigh, seq_loss, counts, group, sample_weight) -> tuple[torch.Tensor, int]:
+    """``(weights, scale)``: the rule's sequence weights (with the sample weights), over the
+    local batch (scale 1) or the group's global batch (scale: the world size)."""
+    if group is None:
+        return with_sample_weights(weigh(seq_loss, counts), sample_weight), 1
+    from .distributed import global_weights
+
+    return global_weights(seq_loss, counts, group, weigh, sample_weight)
 
 
 def _token_scale(method, token_weight, token_loss, valid, shape) -> torch.Tensor | None:

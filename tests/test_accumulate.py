@@ -90,7 +90,7 @@ def test_trainer_with_accumulated_irdro_equals_one_batch(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from hardfocus_fused import apply_hardfocus
-    from hardfocus_fused.hf_trainer import AccumulationCallback
+    from hardfocus_fused.hf.trainer import AccumulationCallback
     from test_trainer import Rows, sgd_args
 
     def run(model, batch_size, accumulation, callbacks):

@@ -17,7 +17,9 @@ PATHS = [("torch", "auto", None), ("triton", "fused", False), ("triton", "fused"
 
 def reference(hidden, weight, targets, bias=None, softcap=None, reduction="mean", label_smoothing=0.0,
               class_weight=None, lse_square_scale=0.0):
-    """fp64: F.cross_entropy on the logits, plus Liger's z-loss ``s * lse^2`` per scored token."""
+    """fp64, the written definition (docs/api.md): F.cross_entropy on the logits plus Liger's
+    z-loss ``s * lse^2`` per scored token; a mean divides the cross-entropy by the scored
+    targets' class weights (PyTorch's) and the z-loss by their count (Liger's)."""
     z = hidden.double() @ weight.double().T
     if bias is not None:
         z = z + bias.double()
@@ -28,13 +30,13 @@ def reference(hidden, weight, targets, bias=None, softcap=None, reduction="mean"
     ce = F.cross_entropy(flat, t, weight=cw, ignore_index=-100, reduction="none", label_smoothing=label_smoothing)
     valid = t != -100
     lse = torch.where(valid, torch.logsumexp(flat, dim=-1), 0.0)
-    per_token = ce + lse_square_scale * lse**2
+    z_loss = lse_square_scale * lse**2
     if reduction == "none":
-        return per_token.view(targets.shape), lse, flat
+        return (ce + z_loss).view(targets.shape), lse, flat
     if reduction == "sum":
-        return per_token.sum(), lse, flat
-    den = cw[t.clamp_min(0)][valid].sum() if cw is not None else valid.sum()
-    return per_token.sum() / den, lse, flat
+        return (ce + z_loss).sum(), lse, flat
+    mass = cw[t.clamp_min(0)][valid].sum() if cw is not None else valid.sum()
+    return ce.sum() / mass + z_loss.sum() / valid.sum(), lse, flat
 
 
 def _batch(dtype, device, seed=31):
@@ -65,6 +67,54 @@ def test_options_match_pytorch(impl, backward_impl, deterministic, options, redu
     for g, r in zip(grads_of((got * upstream.to(got.device)).sum(), (h, w, b)),
                     grads_of((want * upstream.to(want.device).double()).sum(), (h, w, b))):
         assert rel_err(g, r) <= 1e-4
+
+
+# Every combination of the options that change the per-token loss, on and off.
+COMBINATIONS = [dict(label_smoothing=eps, class_weight=cw, lse_square_scale=s)
+                for eps in (0.0, 0.15) for cw in (False, True) for s in (0.0, 2e-2)]
+
+
+@pytest.mark.parametrize("impl,backward_impl,deterministic", [PATHS[0], PATHS[1]])
+@pytest.mark.parametrize("options", COMBINATIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_combination_follows_its_definition(impl, backward_impl, deterministic, options, reduction,
+                                                  triton_device):
+    """Label smoothing x class weights x z-loss x reductions, loss, returned z-loss and
+    gradients under a signed upstream gradient, each against the written definition."""
+    device = device_for(impl, triton_device)
+    h, w, b, targets = _batch(torch.float32, device, seed=36)
+    options = dict(options)
+    if options["class_weight"]:
+        # Far from 1 on average, so a z-loss divided by the class-weight mass would show.
+        options["class_weight"] = (torch.rand(70, generator=torch.Generator().manual_seed(5)) * 3 + 0.1).to(device)
+    else:
+        options["class_weight"] = None
+    out = linear_cross_entropy(h, w, targets, bias=b, reduction=reduction, impl=impl, backward_impl=backward_impl,
+                               deterministic=deterministic, return_z_loss=True, **options)
+    want, lse, _ = reference(h, w, targets, bias=b, reduction=reduction, **options)
+    assert rel_err(out.loss, want) <= 1e-5
+    z_want = reference(h, w, targets, bias=b, reduction=reduction, lse_square_scale=options["lse_square_scale"])[0] \
+        - reference(h, w, targets, bias=b, reduction=reduction)[0]
+    assert rel_err(out.z_loss, z_want) <= 1e-4 if options["lse_square_scale"] else not out.z_loss.any()
+    upstream = torch.randn(want.shape, generator=torch.Generator().manual_seed(6)) if reduction == "none" \
+        else torch.tensor(-0.7)
+    for g, r in zip(grads_of((out.loss * upstream.to(device)).sum(), (h, w, b)),
+                    grads_of((want * upstream.to(device).double()).sum(), (h, w, b))):
+        assert rel_err(g, r) <= 1e-4
+
+
+def test_z_loss_with_class_weights_is_a_token_mean():
+    """The reported case: the z-loss part of a class-weighted mean is divided by the number
+    of scored tokens, not by the class weights of their targets."""
+    torch.manual_seed(0)
+    h, w = torch.randn(64, 16, dtype=torch.float64), torch.randn(32, 16, dtype=torch.float64)
+    t, c, s = torch.randint(0, 32, (64,)), torch.rand(32), 1e-2
+    lse = torch.logsumexp(h @ w.T, -1)
+    out = linear_cross_entropy(h, w, t, class_weight=c, lse_square_scale=s, reduction="mean", return_z_loss=True,
+                               impl="torch")
+    assert rel_err(out.z_loss, (s * lse**2).mean()) <= 1e-6     # the torch path computes in fp32
+    ce = F.cross_entropy(h @ w.T, t, weight=c.double())
+    assert rel_err(out.loss, ce + (s * lse**2).mean()) <= 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -17,29 +17,40 @@ IMPLS = ["torch", "triton"]
 
 def reference(hidden, weight, labels, *, bias=None, method="irdro", r=10.0, n1=0.25, n2=0.25, label_smoothing=0.0,
               class_weight=None, lse_square_scale=0.0, token_weight=None, sample_weight=None):
-    """fp64, from the logits: per-token F.cross_entropy (+ z-loss), weighted means per
-    sequence, the method's weights times the sample weights, renormalised."""
+    """fp64, from the logits: per-token F.cross_entropy and z-loss, each sequence's loss the
+    weighted mean of its cross-entropy over its class-weight mass plus the mean of its z-loss
+    over its token count (Liger's: class weights weigh the cross-entropy only), the method's
+    weights times the sample weights, renormalised.  For ``"mean"`` the cross-entropy parts
+    are weighted by mass and the z-loss parts by count: the batch's token mean of each."""
     targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
     z = hidden.double() @ weight.double().T + (bias.double() if bias is not None else 0)
     cw = class_weight.double() if class_weight is not None else None
     ce = F.cross_entropy(z.transpose(1, 2), targets, weight=cw, reduction="none", ignore_index=-100,
                          label_smoothing=label_smoothing)
     valid = targets != -100
-    lse = torch.where(valid, torch.logsumexp(z, -1), 0.0)
-    per_token = ce + lse_square_scale * lse**2
-    mass = valid.double() * (cw[targets.clamp_min(0)] if cw is not None else 1.0)
+    z_loss = lse_square_scale * torch.where(valid, torch.logsumexp(z, -1), 0.0) ** 2
+    count = valid.double()
+    mass = count * (cw[targets.clamp_min(0)] if cw is not None else 1.0)
     if token_weight is not None:
         tw = torch.cat([token_weight[:, 1:], torch.zeros_like(token_weight[:, :1])], dim=1).double()
-        per_token, mass = per_token * tw, mass * tw
+        ce, z_loss, mass, count = ce * tw, z_loss * tw, mass * tw, count * tw
         valid = valid & (tw > 0)
-    seq_loss = per_token.sum(1) / torch.where(mass.sum(1) > 0, mass.sum(1), 1.0)
-    counts = mass.sum(1) if method == "mean" else valid.sum(1)
-    w = torch.tensor(reference_weights(seq_loss.tolist(), counts.tolist(), method, r, n1, n2, "mean"),
-                     dtype=torch.float64)
-    if sample_weight is not None:
-        w = w * sample_weight.double().cpu()
-        w = w / w.sum()
-    return (w.to(seq_loss.device) * seq_loss).sum(), w
+    per_seq = lambda values, by: values.sum(1) / torch.where(by.sum(1) > 0, by.sum(1), 1.0)  # noqa: E731
+    seq_ce, seq_z = per_seq(ce, mass), per_seq(z_loss, count)
+
+    def weights(seq_loss, counts):
+        w = torch.tensor(reference_weights(seq_loss.tolist(), counts.tolist(), method, r, n1, n2, "mean"),
+                         dtype=torch.float64)
+        if sample_weight is not None:
+            w = w * sample_weight.double().cpu()
+            w = w / w.sum()
+        return w.to(seq_ce.device)
+
+    if method == "mean":
+        w, w_z = weights(seq_ce + seq_z, mass.sum(1)), weights(seq_ce + seq_z, count.sum(1))
+        return (w * seq_ce).sum() + (w_z * seq_z).sum(), w
+    w = weights(seq_ce + seq_z, valid.sum(1))
+    return (w * (seq_ce + seq_z)).sum(), w
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -70,6 +81,25 @@ def test_mean_with_class_weights_is_pytorchs_weighted_mean():
     logits = (h.double() @ w.double().T + b.double()).transpose(1, 2)
     want = F.cross_entropy(logits, targets, weight=cw.double(), ignore_index=-100, label_smoothing=0.2)
     assert rel_err(ours, want) <= 1e-6
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("eps,with_cw,s", [(eps, cw, s) for eps in (0.0, 0.2) for cw in (False, True)
+                                            for s in (0.0, 3e-2)])
+def test_mean_method_is_the_fused_ops_mean(impl, eps, with_cw, s, triton_device):
+    """``method="mean"`` equals ``linear_cross_entropy(reduction="mean")`` (and its
+    gradients) for every combination of the options, class weights with z-loss included."""
+    device = device_for(impl, triton_device)
+    h, w, b, labels = make_batch(4, 9, 16, 40, device=device, seed=46)
+    cw = (torch.rand(40, generator=torch.Generator().manual_seed(8)) * 3 + 0.1).to(device) if with_cw else None
+    options = dict(label_smoothing=eps, class_weight=cw, lse_square_scale=s, impl=impl)
+    ours = hardfocus_loss(h, w, labels, bias=b, method="mean", **options)
+    theirs = linear_cross_entropy(h, w, labels, bias=b, shift=True, reduction="mean", **options)
+    want, _ = reference(h, w, labels, bias=b, method="mean", label_smoothing=eps, class_weight=cw,
+                        lse_square_scale=s)
+    assert rel_err(ours, want) <= 1e-5 and rel_err(theirs, want) <= 1e-5
+    for g, r in zip(grads_of(ours, (h, w, b)), grads_of(want, (h, w, b))):
+        assert rel_err(g, r) <= 1e-4
 
 
 def test_sample_weights_are_irdros_reference_distribution():

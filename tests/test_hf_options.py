@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from hardfocus_fused import HardFocusCallback, apply_hardfocus, hardfocus_loss, hardfocus_patch  # noqa: E402
-from hardfocus_fused.hf_trainer import WeightColumns  # noqa: E402
+from hardfocus_fused.hf.trainer import WeightColumns  # noqa: E402
 from helpers import assert_same_updates, state_of  # noqa: E402
 from hf_models import VOCAB, left_padded_batch, tiny_model  # noqa: E402
 from reference import rel_err  # noqa: E402
@@ -50,7 +50,8 @@ def test_options_through_the_patch():
                                            label_smoothing=0.1)
     valid = t != -100
     z = 1e-4 * torch.logsumexp(flat, -1)[valid] ** 2
-    want = (ce[valid].sum() + z.sum()) / weights.double()[t[valid]].sum()
+    # Liger's definition: the class weights weigh the cross-entropy, the z-loss is a token mean.
+    want = ce[valid].sum() / weights.double()[t[valid]].sum() + z.sum() / valid.sum()
     assert rel_err(got, want) <= 1e-5
 
 
@@ -89,7 +90,7 @@ class WeightedRows(torch.utils.data.Dataset):
 
 
 def test_trainer_keeps_and_pads_the_weight_columns(tmp_path):
-    from hardfocus_fused.corpus import train_builtin_tokenizer
+    from hardfocus_fused.experiment.corpus import train_builtin_tokenizer
 
     tokenizer = train_builtin_tokenizer(vocab_size=VOCAB)
     model = apply_hardfocus(tiny_model("llama"), method="irdro", r=0.5, impl="torch")

@@ -92,18 +92,22 @@ def test_trainer_with_bf16_autocast(tmp_path):
 # -- the patch is never bypassed silently --------------------------------------------------------
 
 
-@pytest.mark.parametrize("option", [dict(label_smoothing_factor=0.1),
-                                    dict(compute_loss_func=lambda outputs, labels, num_items_in_batch=None:
-                                         outputs.logits.float().logsumexp(-1).mean())])
-def test_trainer_options_that_drop_the_labels_are_refused(option, tmp_path):
+@pytest.mark.parametrize("option,message", [
+    (dict(label_smoothing_factor=0.1), r"the Trainer has label_smoothing_factor=0.1.*HardFocusCallback.attach\(trainer\)"),
+    (dict(compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.float().logsumexp(-1).mean()),
+     r"the Trainer has a compute_loss_func.*drop it"),
+])
+def test_trainer_options_that_drop_the_labels_are_refused(option, message, tmp_path):
+    """Refused before any step, in a short message naming the setting that is on and its fix."""
     model = apply_hardfocus(tiny_model("llama"), impl="torch")
     before = state_of(model)
     args_option = {k: v for k, v in option.items() if k != "compute_loss_func"}
     trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path, 4, 1, **args_option),
                                    train_dataset=Rows(), compute_loss_func=option.get("compute_loss_func"))
-    with pytest.raises(ValueError, match=r"label_smoothing_factor > 0 \(call HardFocusCallback.attach\(trainer\).*"
-                                         r"compute_loss_func is set"):
+    with pytest.raises(ValueError, match=message) as refused:
         trainer.train()
+    assert len(str(refused.value)) < 300 and "compute_loss_func" not in str(refused.value).split("but")[1] \
+        if "label" in message else True
     assert all(torch.equal(before[k], v) for k, v in state_of(model).items())   # no step was taken
 
 
@@ -122,7 +126,7 @@ def test_logits_without_labels_are_fine_until_a_foreign_loss_is_backpropagated()
 
 def _sft_setup(tmp_path):
     trl = pytest.importorskip("trl")
-    from hardfocus_fused.corpus import train_builtin_tokenizer
+    from hardfocus_fused.experiment.corpus import train_builtin_tokenizer
 
     tokenizer = train_builtin_tokenizer(vocab_size=256)
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
@@ -155,7 +159,7 @@ def test_stock_sft_trainer_is_refused(tmp_path):
 
 def test_hardfocus_sft_trainer_trains_on_the_weighted_loss(tmp_path):
     trl, model, tokenizer, dataset, args = _sft_setup(tmp_path)
-    from hardfocus_fused.trl import HardFocusSFTTrainer
+    from hardfocus_fused.hf.trl import HardFocusSFTTrainer
 
     apply_hardfocus(model, method="irdro", r=0.5, impl="torch")
     trainer = HardFocusSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -174,7 +178,7 @@ def test_hardfocus_sft_trainer_trains_on_the_weighted_loss(tmp_path):
 
 def test_hardfocus_sft_trainer_reads_sample_weights_from_the_dataset(tmp_path):
     trl, model, tokenizer, dataset, args = _sft_setup(tmp_path)
-    from hardfocus_fused.trl import HardFocusSFTTrainer
+    from hardfocus_fused.hf.trl import HardFocusSFTTrainer
 
     dataset = dataset.add_column("sample_weight", [1.0, 4.0, 0.5, 2.0])
     apply_hardfocus(model, method="irdro", r=0.5, impl="torch")
@@ -192,7 +196,7 @@ def test_hardfocus_sft_trainer_reads_sample_weights_from_the_dataset(tmp_path):
 
 def test_hardfocus_sft_trainer_needs_a_patched_model(tmp_path):
     trl, model, tokenizer, dataset, args = _sft_setup(tmp_path)
-    from hardfocus_fused.trl import HardFocusSFTTrainer
+    from hardfocus_fused.hf.trl import HardFocusSFTTrainer
 
     trainer = HardFocusSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     with pytest.raises(ValueError, match="apply_hardfocus"):
@@ -263,6 +267,32 @@ def test_unsupported_architectures_are_refused_at_patch_time(arch):
     with pytest.raises(ValueError, match=f"cannot patch {type(model).__name__}.*not supported"):
         apply_hardfocus(model, impl="torch")
     assert hardfocus_patch(model) is None
+
+
+@pytest.mark.parametrize("make,what", [
+    (lambda: transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=_V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)),
+     r"BertForMaskedLM is not a causal language model: it is a masked language model \(the bert causal LM is "
+     r"BertLMHeadModel\)"),
+    (lambda: transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=_V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)),
+     "not a causal language model"),
+])
+def test_models_that_are_not_causal_lms_are_named_so(make, what):
+    model = make()
+    with pytest.raises(ValueError, match=what) as refused:
+        apply_hardfocus(model, impl="torch")
+    assert "probe" not in str(refused.value)
+
+
+def test_patching_twice_warns_and_keeps_one_patch():
+    model = apply_hardfocus(tiny_model("llama"), method="irdro", impl="torch")
+    with pytest.warns(UserWarning, match="already patched by apply_hardfocus \\(method='irdro'\\); that patch is "
+                                         "replaced"):
+        apply_hardfocus(model, method="midranking", impl="torch")
+    assert hardfocus_patch(model).options["method"] == "midranking"
+    ids, _, labels = left_padded_batch()
+    model(input_ids=ids, labels=labels).loss.backward()
 
 
 def test_a_model_name_is_refused():

@@ -9,8 +9,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from hardfocus_fused import base  # noqa: E402
-from hardfocus_fused.train import UserError, main, parse_args, train  # noqa: E402
+from hardfocus_fused.experiment import base  # noqa: E402
+from hardfocus_fused.experiment.train import UserError, main, parse_args, train  # noqa: E402
 
 SMALL = ["--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--quiet", "--impl", "torch"]
 
@@ -50,8 +50,8 @@ def test_outputs(tmp_path):
 
 
 def test_one_document_per_row_and_unseen_positions():
-    from hardfocus_fused.corpus import NEW_FACTS_FROM, builtin_examples, train_builtin_tokenizer
-    from hardfocus_fused.train import data_streams
+    from hardfocus_fused.experiment.corpus import NEW_FACTS_FROM, builtin_examples, train_builtin_tokenizer
+    from hardfocus_fused.experiment.train import data_streams
 
     args = parse_args([*SMALL, "--batch-size", "3"])
     tokenizer = train_builtin_tokenizer()
@@ -164,10 +164,10 @@ def test_fp32_master_weights_move_at_the_papers_learning_rate(tmp_path):
 
 
 def test_compare_writes_table_json_and_plot(tmp_path):
-    from hardfocus_fused.compare import main as compare
+    from hardfocus_fused.experiment.compare import main, run_compare
 
-    result = compare(["--methods", "uniform,midranking", "--seeds", "2", "--output-dir", str(tmp_path / "c"),
-                      *SMALL, "--num-batches", "2"])
+    result = run_compare(["--methods", "uniform,midranking", "--seeds", "2", "--output-dir", str(tmp_path / "c"),
+                          *SMALL, "--num-batches", "2"], say=lambda *a: None)
     assert [(r["method"], r["seed"]) for r in result["runs"]] == [("uniform", 0), ("midranking", 0), ("uniform", 1),
                                                                   ("midranking", 1)]
     table = (tmp_path / "c" / "compare.md").read_text()
@@ -175,8 +175,84 @@ def test_compare_writes_table_json_and_plot(tmp_path):
     assert (tmp_path / "c" / "compare.png").stat().st_size > 10_000
     summary = json.loads((tmp_path / "c" / "compare.json").read_text())["summary"]
     assert set(summary["uniform"]["delta"]) == {"common", "informative", "noise", "mix"}
+    with pytest.raises(UserError, match="unknown"):
+        run_compare(["--methods", "uniform,best", "--output-dir", str(tmp_path / "d")])
+    assert main(["--methods", "uniform,best", "--output-dir", str(tmp_path / "d")]) == 2
+
+
+def test_compare_exits_cleanly_and_says_what_it_does(tmp_path, capsys):
+    """The console script runs ``sys.exit(main())``: status 0 and nothing on stderr after a
+    comparison, one progress line as each run starts and ends, no spread with one seed."""
+    from hardfocus_fused.experiment.compare import main
+
+    status = main(["--methods", "uniform,irdro", "--seeds", "1", "--output-dir", str(tmp_path / "c"), *SMALL,
+                   "--num-batches", "1"])
+    captured = capsys.readouterr()
+    assert status == 0 and captured.err == ""
+    for line in ("[1/2] uniform, seed 0: training 1 batches", "[2/2] irdro, seed 0: held-out after"):
+        assert line in captured.out
+    table = (tmp_path / "c" / "compare.md").read_text()
+    assert "one data order per method" in table and "±" not in table
+
+
+def test_compare_help_names_the_options_it_passes_through(capsys):
+    from hardfocus_fused.experiment.compare import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Every other hardfocus-train option applies to every run" in text
+    for option in ("--model", "--lr", "--num-batches", "--dataset", "--threads"):
+        assert option in text
+    assert "--seed " not in text.split("applies to every run")[1]
+
+
+def test_every_option_has_help_text():
+    from hardfocus_fused.experiment.train import build_parser
+
+    for action in build_parser()._actions:
+        assert action.help, action.option_strings
+
+
+def test_train_ends_with_the_change_and_how_to_compare(tmp_path, capsys):
+    main([*[a for a in SMALL if a != "--quiet"], "--num-batches", "1", "--lr", "2e-3",
+          "--output-dir", str(tmp_path / "t")])
+    out = capsys.readouterr().out
+    assert "before    after   change" in out and "informative" in out
+    assert "do not say whether irdro helped" in out
+    assert "hardfocus-compare --methods uniform,irdro --seeds 3" in out and "--lr 0.002" in out
+
+
+def test_a_model_directory_without_tokenizer_is_one_line(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(base.ensure_base(say=None)).save_pretrained(tmp_path / "bare")
     with pytest.raises(SystemExit):
-        compare(["--methods", "uniform,best", "--output-dir", str(tmp_path / "d")])
+        main([*SMALL, "--model", str(tmp_path / "bare"), "--output-dir", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert "has a model but no tokenizer" in err and "tokenizer.save_pretrained" in err and "\n" not in err
+
+
+def test_thread_count(monkeypatch):
+    """One thread for the built-in model unless OMP_NUM_THREADS or --threads says otherwise;
+    the caller's count is restored after the run."""
+    from hardfocus_fused.experiment.train import threads_for
+
+    if torch.cuda.is_available():
+        pytest.skip("the default applies to CPU runs")
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with threads_for(parse_args(SMALL)) as n:
+        assert n == 1
+    with threads_for(parse_args([*SMALL, "--threads", "2"])) as n:
+        assert n == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    with threads_for(parse_args(SMALL)) as n:
+        assert n == before
+    assert torch.get_num_threads() == before
+    with pytest.raises(UserError, match="--threads must be > 0"):
+        parse_args([*SMALL, "--threads", "0"])
 
 
 def test_downstream_evaluation_before_and_after(tmp_path):

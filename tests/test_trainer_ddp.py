@@ -14,7 +14,7 @@ pytest.importorskip("accelerate")
 
 from hardfocus_fused import apply_hardfocus  # noqa: E402
 from hardfocus_fused.accumulate import AccumulatedIRDRO  # noqa: E402
-from hardfocus_fused.hf_trainer import AccumulationCallback  # noqa: E402
+from hardfocus_fused.hf.trainer import AccumulationCallback  # noqa: E402
 from helpers import assert_same_updates, state_of  # noqa: E402
 from ranks import finish_group  # noqa: E402
 from hf_models import tiny_model  # noqa: E402

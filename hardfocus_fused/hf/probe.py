@@ -82,10 +82,11 @@ def probe(patch, runner) -> None:
     except ProbeRefusal:
         raise
     except Exception as error:
-        raise ValueError(f"cannot patch {type(patch.model).__name__}: its forward does not compute the logits as "
-                         f"lm_head(hidden) (elementwise post-processing aside) and its loss through "
-                         f"self.loss_function, which apply_hardfocus needs; this architecture is not supported "
-                         f"({type(error).__name__} in the patch-time probe: {error})") from error
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise ValueError(f"cannot patch {type(patch.model).__name__}: this architecture is not supported (the "
+                         f"patch-time probe failed with {type(error).__name__}: {first_line:.200}); apply_hardfocus "
+                         f"needs a causal LM whose forward computes the logits as lm_head(hidden), elementwise "
+                         f"post-processing aside, and its loss through self.loss_function") from error
     finally:
         runner.train(was_training)
         patch.mode, patch.probe_gain = "loss", 1.0

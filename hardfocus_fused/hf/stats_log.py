@@ -1,5 +1,5 @@
 """Running averages of the weighting's statistics between two logs, for training and for
-evaluation separately (what :class:`~hardfocus_fused.hf_trainer.HardFocusCallback`
+evaluation separately (what :class:`~hardfocus_fused.hf.trainer.HardFocusCallback`
 writes into the Trainer's logs).  Values are kept as 0-dim tensors: no host
 synchronisation until they are read."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .loss import HardFocusStats
+from ..loss import HardFocusStats
 
 
 def log_tensors(stats: HardFocusStats) -> dict[str, torch.Tensor]:

@@ -18,9 +18,8 @@ from __future__ import annotations
 from transformers import Trainer
 from trl import SFTTrainer
 
-from .hf import hardfocus_patch
-from .hf_patch import DATA_COLUMNS
-from .hf_trainer import WeightColumns, take_label_smoothing
+from .patch import DATA_COLUMNS, hardfocus_patch
+from .trainer import WeightColumns, take_label_smoothing
 
 
 class HardFocusSFTTrainer(SFTTrainer):
@@ -28,7 +27,7 @@ class HardFocusSFTTrainer(SFTTrainer):
 
     The model must be patched with ``apply_hardfocus`` before (or right after) the trainer
     is built; a model that is not patched is refused.  ``label_smoothing_factor`` is moved
-    into the fused loss (``hf_trainer.take_label_smoothing``).
+    into the fused loss (``hf.trainer.take_label_smoothing``).
     """
 
     def __init__(self, *args, **kwargs) -> None:

@@ -89,7 +89,7 @@ def train_base(path: Path, recipe: BaseRecipe, say=print) -> None:
     """Train the base model of ``recipe`` and save it (with its tokenizer) to ``path``."""
     from tqdm.auto import tqdm
 
-    from .hf import apply_hardfocus
+    from ..hf import apply_hardfocus
 
     start = time.time()
     tokenizer = train_builtin_tokenizer(recipe.vocab_size)
@@ -122,7 +122,7 @@ def train_base(path: Path, recipe: BaseRecipe, say=print) -> None:
         bar.set_postfix(loss=f"{out.loss.item():.3f}")
     heldout = heldout_batches(tokenizer, recipe.seq_len, recipe.batch_size, 4)
     losses = {name: token_mean_loss(model, batches, device) for name, batches in heldout.items()}
-    from .hf import remove_hardfocus
+    from ..hf import remove_hardfocus
 
     remove_hardfocus(model)
     tmp = path.with_name(path.name + ".tmp")

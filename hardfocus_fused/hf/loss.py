@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._tokens import document_starts, shift_targets
-from .loss import HardFocusStats
+from .._tokens import document_starts, shift_targets
+from ..loss import HardFocusStats
 
 
 @dataclass
@@ -82,14 +82,14 @@ def trainer_factor(stats: HardFocusStats, num_items_in_batch, method, group,
       when the Trainer then multiplies by ``world``, ``N_step`` when it does not;
     - a weighting rule (``AccumulatedIRDRO``, ``TwoPassRanking``) normalises over the
       step itself; only the Trainer's multiplication (``trainer_loss_scale``, which
-      :class:`~hardfocus_fused.hf_trainer.AccumulationCallback` reads from its arguments)
+      :class:`~hardfocus_fused.hf.trainer.AccumulationCallback` reads from its arguments)
       is undone.
     """
     if callable(method):
         if trainer_loss_scale is None:
             if _world_size() > 1:
                 raise ValueError("a weighting rule (method=AccumulatedIRDRO/TwoPassRanking) under a multi-process "
-                                 "Trainer needs hardfocus_fused.hf_trainer.AccumulationCallback, which reads how "
+                                 "Trainer needs hardfocus_fused.hf.trainer.AccumulationCallback, which reads how "
                                  "the Trainer scales the loss")
             trainer_loss_scale = 1
         return 1.0 / trainer_loss_scale

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import Trainer, TrainerCallback
 
-from .hf import hardfocus_patch
+from .patch import hardfocus_patch
 
 
 class HardFocusCallback(TrainerCallback):

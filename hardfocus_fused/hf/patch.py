@@ -1,20 +1,22 @@
 """``HardFocusPatch``: the state of one patched model and the three methods it installs on
 the instance (``forward``, ``lm_head.forward``, ``loss_function``), plus the guards that
-turn a bypassed or broken patch into a clear error.  See ``hf.py`` for the mechanism."""
+turn a bypassed or broken patch into a clear error.  See ``hardfocus_fused.hf`` for the mechanism."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 import types
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .hf_loss import batch_options, call_targets, token_mean, trainer_factor
-from .hf_stats_log import StatsLog
-from .loss import HardFocusStats, hardfocus_loss
+from ..loss import HardFocusStats, hardfocus_loss
+from .loss import batch_options, call_targets, token_mean, trainer_factor
+from .parts import find_linear_head
+from .stats_log import StatsLog
 
 ATTRIBUTE = "_hardfocus_patch"
 # Batch columns the patched forward takes (and the model never sees): per-token and
@@ -25,9 +27,18 @@ BYPASS_HELP = (
     "The transformers Trainer removes the labels from the model call when label_smoothing_factor > 0 (call "
     "HardFocusCallback.attach(trainer), which moves the label smoothing into the fused loss) or a "
     "compute_loss_func is set (drop it); TRL's SFTTrainer computes its own loss with its own fused head (use "
-    "hardfocus_fused.trl.HardFocusSFTTrainer).  To compute a loss of your own from the logits, call "
+    "hardfocus_fused.hf.trl.HardFocusSFTTrainer).  To compute a loss of your own from the logits, call "
     "remove_hardfocus(model) or run inside `with hardfocus_patch(model).disabled():`."
 )
+
+
+def hardfocus_patch(model: nn.Module) -> HardFocusPatch | None:
+    """The :class:`HardFocusPatch` of a patched model (or of a patched module inside it)."""
+    for module in model.modules():
+        patch = vars(module).get(ATTRIBUTE)
+        if patch is not None:
+            return patch
+    return None
 
 
 @dataclass
@@ -94,7 +105,7 @@ class HardFocusPatch:
         self.eval_logits = eval_logits
         self.softcap = _config_value(getattr(model, "config", None), "final_logit_softcapping")
         self.scale = 1.0
-        self.mode = "loss"            # "loss": compute the loss; "probe" (see hf_probe); "off": the model's own
+        self.mode = "loss"            # "loss": compute the loss; "probe" (see hf.probe); "off": the model's own
         self.probe_gain = 1.0         # probe mode: lm_head sees its input times this
         self.probe_raw = None
         self.call: _Call | None = None
@@ -207,9 +218,12 @@ class HardFocusPatch:
             return
         hidden = output[0] if isinstance(output, (tuple, dict)) else output
         if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-            hidden.register_hook(self._refuse_backward)
+            cause = trainer_bypass()      # read now: the backward may run on another thread
+            hidden.register_hook(lambda grad: self._refuse_backward(cause))
 
-    def _refuse_backward(self, grad):
+    def _refuse_backward(self, cause: str | None):
+        if cause is not None:
+            raise ValueError(f"{self.name} is patched by apply_hardfocus, but {cause}")
         raise ValueError(f"a loss computed outside the hardfocus patch is being backpropagated through "
                          f"{self.name} (patched by apply_hardfocus): the model would train on it instead of the "
                          f"sample-reweighted loss.  {BYPASS_HELP}")
@@ -273,8 +287,6 @@ class HardFocusPatch:
 
     def _check_head(self) -> None:
         """The model still computes its logits with the head that was patched."""
-        from .hf import find_linear_head
-
         try:
             current = find_linear_head(self.model)
         except (TypeError, ValueError) as error:
@@ -346,4 +358,32 @@ def _config_value(config, name: str):
         value = getattr(cfg, name, None) if cfg is not None else None
         if value is not None:
             return value
+    return None
+
+
+def trainer_bypass() -> str | None:
+    """What makes the transformers ``Trainer`` running this forward (found on the call
+    stack) compute its loss outside the patch, with the fix, or None when no Trainer is
+    running or none of the known settings is on."""
+    if "transformers" not in sys.modules:
+        return None
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    while frame is not None and not isinstance(frame.f_locals.get("self"), Trainer):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    trainer = frame.f_locals["self"]
+    smoothing = getattr(trainer.args, "label_smoothing_factor", 0.0)
+    if smoothing:
+        return (f"the Trainer has label_smoothing_factor={smoothing}, so it calls the model without labels and "
+                f"smooths the logits itself: call HardFocusCallback.attach(trainer) (or use HardFocusSFTTrainer), "
+                f"which moves the label smoothing into the fused loss")
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        return ("the Trainer has a compute_loss_func, which computes the loss from the logits: drop it (the patched "
+                "model computes the loss itself)")
+    if "trl" in sys.modules and type(trainer).__name__ == "SFTTrainer":
+        return ("TRL's SFTTrainer computes its own loss: train with hardfocus_fused.hf.trl.HardFocusSFTTrainer, the "
+                "same trainer taking the patched model's loss")
     return None

@@ -31,80 +31,30 @@ loss computed without ``loss_function``, a non-elementwise transform of the logi
 the probe and is refused with a ``ValueError``, never trained on a wrong loss.
 
 After patching, guards turn what would silently bypass the patch into a ``ValueError``
-naming the fix (``hf_patch.BYPASS_HELP``): a training forward without labels (the
+naming the fix (``patch.BYPASS_HELP``): a training forward without labels (the
 Trainer's label smoothing or ``compute_loss_func``), the backbone run for training outside
 the patched forward (TRL's own fused head), and a head replaced after patching.  In
 evaluation (eval mode, no grad) the loss is the plain token mean and the logits are
 returned (``eval_logits``).
 
-The pieces: ``hf_patch`` (the patch object and what it installs), ``hf_loss`` (targets of a
-call, the Trainer's loss scaling, evaluation), ``hf_probe`` (the patch-time probe),
-``hf_stats_log`` (logged statistics), ``hf_trainer`` (Trainer callbacks), ``trl`` (TRL).
+The pieces of this subpackage: ``parts`` (the model inside its wrappers, its head and
+backbone), ``patch`` (the patch object and what it installs), ``loss`` (targets of a call,
+the Trainer's loss scaling, evaluation), ``probe`` (the patch-time probe), ``stats_log``
+(logged statistics), ``trainer`` (Trainer callbacks), ``trl`` (TRL's trainers).  Nothing
+here imports transformers at import time except ``trainer`` and ``trl``.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
-from . import _validation as check
-from .hf_patch import ATTRIBUTE, HardFocusPatch
-from .hf_stats_log import log_tensors, log_values  # noqa: F401  (re-exported)
-
-
-def _wrapper_types() -> tuple[type, ...]:
-    """``DistributedDataParallel`` and FSDP1's ``FullyShardedDataParallel``: modules that
-    hold the module they run as ``.module``."""
-    if not torch.distributed.is_available():
-        return ()
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    return nn.parallel.DistributedDataParallel, FullyShardedDataParallel
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside PEFT, DDP and FSDP1 wrappers (FSDP2 wraps nothing)."""
-    while True:
-        get_base = getattr(model, "get_base_model", None)
-        if callable(get_base) and hasattr(model, "peft_config"):
-            model = get_base()
-        elif isinstance(model, _wrapper_types()):
-            model = model.module
-        else:
-            return model
-
-
-def find_linear_head(model: nn.Module) -> nn.Linear:
-    """``model``'s output embeddings as the ``nn.Linear`` whose ``forward`` computes the
-    logits (inside an FSDP1 wrapper, the wrapped one: the wrapper gathers its weight)."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head): not a causal LM")
-    head = _unwrap(head)
-    if isinstance(head, nn.Linear) and not hasattr(head, "base_layer"):
-        return head
-    kind = f"{type(head).__module__}.{type(head).__qualname__}"
-    if hasattr(head, "base_layer"):   # a PEFT tuner layer (LoRA, ...) around the head
-        raise TypeError(f"{type(model).__name__}'s lm_head carries a PEFT adapter ({kind}); hardfocus needs a plain "
-                        f"torch.nn.Linear head: leave lm_head out of the adapter's target_modules, or merge the "
-                        f"adapter (merge_and_unload) before apply_hardfocus")
-    raise TypeError(f"{type(model).__name__}'s lm_head is a {kind}, not a torch.nn.Linear; apply_hardfocus needs a "
-                    f"plain linear head")
-
-
-def _backbone(model: nn.Module) -> nn.Module | None:
-    """The module the model runs before ``lm_head`` (``model.base_model``), if it is one."""
-    backbone = getattr(model, "base_model", None)
-    return backbone if isinstance(backbone, nn.Module) and backbone is not model else None
-
-
-def hardfocus_patch(model: nn.Module) -> HardFocusPatch | None:
-    """The :class:`HardFocusPatch` of a patched model (or of a patched module inside it)."""
-    for module in model.modules():
-        patch = vars(module).get(ATTRIBUTE)
-        if patch is not None:
-            return patch
-    return None
+from .. import _validation as check
+from .parts import backbone_of, find_linear_head, not_causal_lm, unwrap  # noqa: F401  (find_linear_head re-exported)
+from .patch import HardFocusPatch, hardfocus_patch
+from .stats_log import log_tensors, log_values  # noqa: F401  (re-exported)
 
 
 def apply_hardfocus(
@@ -135,7 +85,8 @@ def apply_hardfocus(
     plain token-mean NLL, comparable between methods, and the logits are returned unless
     ``eval_logits=False``.  Without labels (generation, inference) the model behaves exactly
     as before; a training forward without labels raises a ``ValueError`` (the loss would be
-    computed elsewhere, unweighted).  Only this instance is patched.
+    computed elsewhere, unweighted).  Only this instance is patched; patching it again
+    replaces the earlier patch, with a warning.
 
     ``position_ids`` with resets to 0 (``DataCollatorWithFlattening``) make each packed
     document a sequence of the weighting (``attention_mask`` marks padding, which never
@@ -144,7 +95,7 @@ def apply_hardfocus(
     step's target tokens, so ``method="mean"`` gives exactly the standard loss and the
     weighted methods weight sequences within each micro-batch (over all ranks of
     ``group``); a weighting rule from ``hardfocus_fused.accumulate`` weighs the whole
-    step (see ``hf_loss.trainer_factor``).
+    step (see ``hf.loss.trainer_factor``).
 
     The model may be patched before or after it is wrapped in DDP or FSDP (1 or 2), and
     ``lm_head`` may be sharded as its own FSDP unit: the loss is computed inside
@@ -159,7 +110,7 @@ def apply_hardfocus(
             columns ``token_weight`` (aligned with ``labels``) and ``sample_weight`` (one
             per row), when the model is called with them, are ``hardfocus_loss``'s; the
             Trainer keeps them (the patched forward's signature names them) and
-            ``hf_trainer.WeightColumns`` pads them in a collator.
+            ``hf.trainer.WeightColumns`` pads them in a collator.
         eval_logits: return the logits from evaluation forwards (what ``compute_metrics``
             needs; as much memory as the unpatched model's evaluation).  ``False`` keeps
             evaluation logit-free too (``logits=None``).
@@ -181,12 +132,20 @@ def apply_hardfocus(
     check.check_choice("backward_impl", backward_impl, check.BACKWARD_IMPLS)
     if not isinstance(eval_logits, bool):
         raise TypeError(f"eval_logits must be True or False, got {eval_logits!r}")
-    target = _unwrap(model)
-    if hardfocus_patch(target) is not None:
+    target = unwrap(model)
+    previous = hardfocus_patch(target)
+    if previous is not None:
+        warnings.warn(f"{type(target).__name__} was already patched by apply_hardfocus (method="
+                      f"{previous.options['method']!r}); that patch is replaced by this one", stacklevel=2)
         remove_hardfocus(target)
     config = getattr(target, "config", None)
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"{type(target).__name__} is an encoder-decoder model; apply_hardfocus patches causal LMs")
+        raise ValueError(f"{type(target).__name__} is an encoder-decoder model, not a causal language model; "
+                         f"apply_hardfocus patches causal LMs (what AutoModelForCausalLM loads)")
+    reason = not_causal_lm(target)
+    if reason is not None:
+        raise ValueError(f"{type(target).__name__} is not a causal language model: it is {reason}; apply_hardfocus "
+                         f"patches causal LMs (what AutoModelForCausalLM loads)")
     head = find_linear_head(target)
     if not hasattr(target, "loss_function"):
         raise ValueError(f"{type(target).__name__} has no loss_function; apply_hardfocus needs a transformers "
@@ -195,11 +154,11 @@ def apply_hardfocus(
     options = dict(method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction, impl=impl,
                    deterministic=deterministic, group=group, backward_impl=backward_impl,
                    label_smoothing=label_smoothing, class_weight=class_weight, lse_square_scale=lse_square_scale)
-    patch = HardFocusPatch(target, head, _backbone(target), options, eval_logits=eval_logits)
+    patch = HardFocusPatch(target, head, backbone_of(target), options, eval_logits=eval_logits)
     patch.install()
     if verify:
         try:
-            from .hf_probe import probe
+            from .probe import probe
             probe(patch, model)   # through the wrappers, which gather sharded weights
         except Exception:
             patch.uninstall()
@@ -209,7 +168,7 @@ def apply_hardfocus(
 
 def remove_hardfocus(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_hardfocus`; a model that is not patched is returned unchanged."""
-    patch = hardfocus_patch(_unwrap(model))
+    patch = hardfocus_patch(unwrap(model))
     if patch is not None:
         patch.uninstall()
     return model

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import contextlib
 import json
+import os
 import random
 import resource
 import sys
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .weighting import METHODS
+from ..weighting import METHODS
 
 BUILTIN = "builtin"
 _RESUMED_FROM_COMMAND_LINE = ("num_batches", "output_dir", "resume", "quiet", "overwrite")
@@ -48,19 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=BUILTIN, help="a Hugging Face dataset name (streamed), a local .txt/.jsonl "
                    "file, or 'builtin' (synthetic, offline)")
     p.add_argument("--dataset-config", default=None, help="dataset configuration ('en' is used for allenai/c4)")
-    p.add_argument("--method", default="irdro", choices=METHODS)
+    p.add_argument("--method", default="irdro", choices=METHODS, help="the weighting: the paper's IR-DRO and "
+                   "MidRanking, its baselines, or the plain token mean")
     p.add_argument("--r", type=float, default=10.0, help="IR-DRO temperature")
     p.add_argument("--n1", type=float, default=0.25, help="ranking methods: fraction of top losses skipped")
     p.add_argument("--n2", type=float, default=0.25, help="ranking methods: fraction of sequences kept")
-    p.add_argument("--num-batches", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-batches", type=int, default=100, help="training batches (steps) of the run")
+    p.add_argument("--batch-size", type=int, default=8, help="documents per batch: the batch the weights are over")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per document, longer ones are cut (default "
                    "128 built-in, 512 otherwise, as the authors' code)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3 for the built-in "
                    "model, the paper's 5e-7 otherwise)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--eval-batches", type=int, default=4, help="held-out batches of each kind, before and after")
-    p.add_argument("--impl", default="auto", choices=["auto", "triton", "torch"])
+    p.add_argument("--impl", default="auto", choices=["auto", "triton", "torch"], help="the fused loss: Triton "
+                   "kernels (a CUDA GPU), chunked PyTorch, or auto (Triton on a GPU)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16-autocast for a hub model on a GPU, fp32 otherwise; bf16-autocast keeps fp32 "
                    "master weights; bf16 (bf16 weights) is refused below the learning rate bf16 can represent")
@@ -71,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, default=None, help="examples per task (all by default)")
     p.add_argument("--save-every", type=int, default=25, help="checkpoint every this many batches")
     p.add_argument("--seed", type=int, default=0, help="the data order (and the run's randomness)")
-    p.add_argument("--output-dir", default="hardfocus-run")
+    p.add_argument("--output-dir", default="hardfocus-run", help="where the model, log.json, training.png and "
+                   "the checkpoint are written")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: OMP_NUM_THREADS "
+                   "when set; else 1 for the built-in model, whose many small operations run fastest on one "
+                   "thread, and PyTorch's default otherwise)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint "
                    "(its settings are kept; --num-batches may extend it)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
@@ -96,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Option values that cannot work, before any slow work."""
-    positive = ("num_batches", "batch_size", "seq_len", "save_every")
+    positive = ("num_batches", "batch_size", "seq_len", "save_every") + (("threads",) if args.threads is not None else ())
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -133,8 +141,35 @@ def check_args(args: argparse.Namespace) -> None:
             if not isinstance(row, dict) or "text" not in row:
                 raise UserError(f"--dataset {args.dataset}: each line needs a \"text\" field")
     model = Path(args.model)
-    if args.model != BUILTIN and model.exists() and not (model / "config.json").is_file():
-        raise UserError(f"--model {args.model}: not a model directory (no config.json)")
+    if args.model != BUILTIN and model.exists():
+        if not (model / "config.json").is_file():
+            raise UserError(f"--model {args.model}: not a model directory (no config.json)")
+        if not any((model / name).is_file() for name in TOKENIZER_FILES):
+            raise UserError(f"--model {args.model} has a model but no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                            f"save one there with tokenizer.save_pretrained('{args.model}')")
+
+
+# Files of which a saved tokenizer has at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+@contextlib.contextmanager
+def threads_for(args: argparse.Namespace):
+    """PyTorch's CPU thread count for the run, restored afterwards: ``--threads``; else
+    ``OMP_NUM_THREADS`` when set (PyTorch already follows it); else one thread for the
+    built-in model on a CPU, whose many small operations spend more time synchronising
+    threads than computing (measured: ``benchmarks/results/threads-builtin-cpu-2026-12-02.md``);
+    else PyTorch's default."""
+    before = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif not os.environ.get("OMP_NUM_THREADS") and args.model == BUILTIN and not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 # -- model and data ------------------------------------------------------------------------
@@ -202,7 +237,27 @@ def data_streams(args: argparse.Namespace, tokenizer):
 
 # -- checkpoints ---------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _no_hub_bars():
+    """Without the hub's progress bars (saving a model draws one, which breaks the training
+    bar's line)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
 def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, args, log: dict) -> None:
+    with _no_hub_bars():
+        _save_checkpoint(run_dir, model, tokenizer, optimizer, args, log)
+
+
+def _save_checkpoint(run_dir: Path, model, tokenizer, optimizer, args, log: dict) -> None:
     ckpt = run_dir / "checkpoint"
     model.save_pretrained(ckpt)
     tokenizer.save_pretrained(ckpt)
@@ -247,7 +302,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def heldout_losses(model, heldout: dict[str, list[dict]], device: torch.device) -> dict[str, float]:
     """The plain token-mean NLL on each held-out set (fused, no logits)."""
     from .base import token_mean_loss
-    from .hf import hardfocus_patch
+    from ..hf import hardfocus_patch
 
     patch = hardfocus_patch(model)
     eval_logits, patch.eval_logits = patch.eval_logits, False
@@ -285,7 +340,7 @@ def train(args: argparse.Namespace, save: bool = True) -> dict:
     (``save=False``: nothing is written, for ``hardfocus-compare``)."""
     from tqdm.auto import tqdm
 
-    from .hf import apply_hardfocus, hardfocus_patch
+    from ..hf import apply_hardfocus, hardfocus_patch
     from .plots import plot_run
 
     say = (lambda *a: None) if args.quiet else print
@@ -363,18 +418,19 @@ def train(args: argparse.Namespace, save: bool = True) -> dict:
     bar.close()
 
     log["heldout_after"] = heldout_losses(model, heldout, device)
-    say(f"held-out loss after {len(log['steps'])} batches ({args.method}): " + _losses(log["heldout_after"]))
+    say(summary(log, args))
     if args.eval_tasks:
         log["downstream_after"] = downstream(model, tokenizer, args)
         say(downstream_table(log))
     if save:
         save_checkpoint(run_dir, model, tokenizer, optimizer, args, log)
         final = run_dir / "model"
-        from .hf import remove_hardfocus
+        from ..hf import remove_hardfocus
 
         remove_hardfocus(model)
-        model.save_pretrained(final)
-        tokenizer.save_pretrained(final)
+        with _no_hub_bars():
+            model.save_pretrained(final)
+            tokenizer.save_pretrained(final)
         (run_dir / "log.json").write_text(json.dumps(log, indent=1))
         if args.eval_tasks:
             (run_dir / "downstream.md").write_text(downstream_table(log))
@@ -405,6 +461,38 @@ def downstream_table(log: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(log: dict, args: argparse.Namespace) -> str:
+    """The run's held-out losses before and after with their change, and what to run to see
+    whether the weighting helped (a change alone does not say: any continued training
+    moves these losses)."""
+    before, after = log["heldout_before"], log["heldout_after"]
+    lines = [f"held-out loss after {len(log['steps'])} batches of {args.method} (nats/token, lower is better):",
+             f"  {'set':12s} {'before':>8s} {'after':>8s} {'change':>8s}"]
+    lines += [f"  {name:12s} {before[name]:8.4f} {after[name]:8.4f} {after[name] - before[name]:+8.4f}"
+              for name in after]
+    if args.method in ("uniform", "mean"):
+        lines.append("To compare with the paper's weightings on the same data orders: hardfocus-compare --methods "
+                     "uniform,midranking,irdro --seeds 3")
+    else:
+        lines.append(f"These changes do not say whether {args.method} helped: training with uniform weights moves "
+                     f"them too. Compare on the same data orders: hardfocus-compare --methods uniform,{args.method} "
+                     f"--seeds 3" + "".join(f" {option}" for option in _given_options(args)))
+    return "\n".join(lines)
+
+
+def _given_options(args: argparse.Namespace) -> list[str]:
+    """The run's options given on the command line that also apply to hardfocus-compare."""
+    skip = {"method", "seed", "output_dir", "resume", "overwrite", "quiet"}
+    out = []
+    for name in getattr(args, "given", []):
+        if name in skip:
+            continue
+        value = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        out.append(flag if value is True else f"{flag} {value}")
+    return out
+
+
 def _losses(losses: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.4f}" for name, value in losses.items())
 
@@ -422,7 +510,9 @@ def main(argv: list[str] | None = None, run=train) -> None:
     prog = "hardfocus-train"
     try:
         check_extra()
-        run(parse_args(argv))
+        args = parse_args(argv)
+        with threads_for(args):
+            run(args)
     except UserError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
