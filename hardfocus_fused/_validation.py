@@ -60,7 +60,8 @@ def check_labels(name: str, labels, expected_shape: tuple[int, ...], n_vocab: in
     """Integer labels of the expected shape whose values are in ``[0, V)`` or ``ignore_index``.
 
     The value check reads one flag back from the device (a host synchronisation on GPU);
-    ``check_values=False`` skips it.
+    ``check_values=False`` skips it.  Under ``torch.compile`` the fused op makes it instead
+    (``deferred_label_check``), on the targets it is given.
     """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
@@ -72,12 +73,23 @@ def check_labels(name: str, labels, expected_shape: tuple[int, ...], n_vocab: in
         raise ValueError(f"{name} is on {labels.device} but hidden is on {device}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not check_values or not labels.numel():
-        return
+    if check_values and labels.numel() and not torch.compiler.is_compiling():
+        check_label_values(name, labels, n_vocab, ignore_index)
+
+
+def check_label_values(name: str, labels: torch.Tensor, n_vocab: int, ignore_index: int) -> None:
+    """Every value of ``labels`` is in ``[0, V)`` or ``ignore_index`` (one host sync)."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= n_vocab))
     if bool(bad.any()):
         first = labels[bad].flatten()[0].item()
         raise ValueError(f"{name} contains {first}, outside [0, {n_vocab}) and not ignore_index={ignore_index}")
+
+
+def deferred_label_check(name: str, check_values: bool) -> str:
+    """The name the fused op checks the values of its targets under (``fused_op``), when
+    ``check_labels`` left that check to it: under ``torch.compile``, where a host
+    synchronisation outside the op would break the graph; else ``""``."""
+    return name if check_values and torch.compiler.is_compiling() else ""
 
 
 def check_shift(shift) -> int:
@@ -128,9 +140,13 @@ def check_loss_terms(label_smoothing, class_weight, lse_square_scale, n_vocab: i
     return LossTerms(label_smoothing, class_weight, lse_square_scale)
 
 
-def check_data_weight(name: str, value, shape: tuple[int, ...], device: torch.device, check_values: bool) -> None:
-    """Non-negative finite float weights of ``shape`` on ``device`` (the value check reads one
-    flag back from the device; ``check_values=False`` skips it)."""
+def check_data_weight(name: str, value, shape: tuple[int, ...], device: torch.device,
+                      check_values: bool) -> torch.Tensor:
+    """Non-negative finite float weights of ``shape`` on ``device``; returns the tensor to use.
+
+    The value check reads one flag back from the device; ``check_values=False`` skips it.
+    Under ``torch.compile`` it runs inside an op the compiler does not trace into
+    (``hardfocus_fused::checked_weight``), whose output (a copy) is what is used."""
     check_tensor(name, value, len(shape))
     if not value.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
@@ -138,8 +154,29 @@ def check_data_weight(name: str, value, shape: tuple[int, ...], device: torch.de
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but hidden is on {device}")
-    if check_values and value.numel() and not bool((torch.isfinite(value) & (value >= 0)).all()):
+    if not check_values or not value.numel():
+        return value
+    if torch.compiler.is_compiling():
+        return checked_weight(value, name)
+    _check_weight_values(value, name)
+    return value
+
+
+def _check_weight_values(value: torch.Tensor, name: str) -> None:
+    if not bool((torch.isfinite(value) & (value >= 0)).all()):
         raise ValueError(f"{name} must be finite and >= 0")
+
+
+@torch.library.custom_op("hardfocus_fused::checked_weight", mutates_args=())
+def checked_weight(value: torch.Tensor, name: str) -> torch.Tensor:
+    """A copy of ``value`` once its values are checked (see ``check_data_weight``)."""
+    _check_weight_values(value, name)
+    return value.clone()
+
+
+@checked_weight.register_fake
+def _(value, name):
+    return torch.empty_like(value)
 
 
 def check_softcap(softcap) -> None:

@@ -9,8 +9,7 @@ from typing import NamedTuple
 from . import _validation as check
 from ._tokens import shift_targets
 from .ce_terms import LossTerms
-from .torch_op import TorchLinearCrossEntropy
-from .triton_op import TritonLinearCrossEntropy
+from . import fused_op
 
 
 def triton_available() -> bool:
@@ -86,28 +85,30 @@ def token_terms(
     backward_impl: str = "auto",
     terms: LossTerms = LossTerms(),
     argmax: bool = False,
+    check_name: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token ``(loss, lse, argmax)`` (N,) for 2-D ``hidden`` and 1-D ``targets`` of
     already-checked inputs: the loss of ``terms`` (plain cross-entropy by default) and the
     log-sum-exp, both differentiable and 0 where not scored, and the argmax (-1 where not
     scored; None unless ``argmax``).
 
-    Under autocast the op keeps its own dtype rules instead of autocast's: the Triton path
+    ``check_name`` (not empty) makes the op check the targets' values under that name
+    (``_validation.deferred_label_check``).  Under autocast the op keeps its own dtype rules
+    instead of autocast's: the Triton path
     multiplies in the autocast dtype when it is lower than the inputs' (as autocast's
     ``lm_head`` would, without a cast copy of the weight), the torch path in fp32 as
     always; the loss is fp32 and each gradient has its input's dtype either way.
     """
     check.check_choice("backward_impl", backward_impl, check.BACKWARD_IMPLS)
     which = resolve_impl(impl, hidden.device, hidden.dtype)
-    deterministic = resolve_deterministic(deterministic)  # the torch path always is
+    if hidden.shape[0] == 0:     # no token: nothing to launch
+        which = "torch"
     targets = targets.to(torch.int64).contiguous()
-    if which == "triton" and hidden.shape[0] > 0:   # no token: nothing to launch
-        loss, lse, best = TritonLinearCrossEntropy.apply(
-            hidden, weight, bias, targets, ignore_index, softcap, deterministic, kernel_config,
-            autocast_dtype(hidden.device.type), resolve_backward(backward_impl), terms, argmax)
-    else:
-        loss, lse, best = TorchLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, softcap, terms,
-                                                        argmax)
+    autocast = autocast_dtype(hidden.device.type) if which == "triton" else None
+    loss, lse, best, _ = fused_op.token_terms(
+        hidden, weight, bias, targets, terms.class_weight, ignore_index, softcap, terms.label_smoothing,
+        terms.lse_square_scale, argmax, which, resolve_deterministic(deterministic), resolve_backward(backward_impl),
+        autocast, fused_op.config_index(kernel_config), check_name)
     return loss, lse, best if argmax else None
 
 
@@ -228,7 +229,8 @@ def linear_cross_entropy(
     flat_targets = targets.reshape(-1)
     want_argmax = return_token_accuracy or return_predicted_tokens
     loss, lse, best = token_terms(flat, weight, flat_targets, bias, ignore_index, softcap, impl, deterministic,
-                                  backward_impl=backward_impl, terms=terms.kernel_terms(), argmax=want_argmax)
+                                  backward_impl=backward_impl, terms=terms.kernel_terms(), argmax=want_argmax,
+                                  check_name=check.deferred_label_check("targets", validate))
     valid = flat_targets != ignore_index
     # With class weights and a z-loss together, the z-loss is added here from the
     # differentiable lse: a mean divides it by the token count, the rest by the class weights.

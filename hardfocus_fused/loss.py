@@ -141,10 +141,11 @@ def hardfocus_loss(
     shift = check.check_shift(shift)
     terms = check.check_loss_terms(label_smoothing, class_weight, lse_square_scale, weight.shape[0], weight.device)
     if token_weight is not None:
-        check.check_data_weight("token_weight", token_weight, labels.shape, hidden.device, validate)
+        token_weight = check.check_data_weight("token_weight", token_weight, labels.shape, hidden.device, validate)
         token_weight = shift_targets(token_weight, 0, shift=shift) if shift else token_weight
     if sample_weight is not None:
-        check.check_data_weight("sample_weight", sample_weight, labels.shape[:1], hidden.device, validate)
+        sample_weight = check.check_data_weight("sample_weight", sample_weight, labels.shape[:1], hidden.device,
+                                                validate)
         if callable(method):
             raise ValueError("sample_weight is not supported with a weighting rule (callable method): fold the "
                              "sample weights into the rule")
@@ -160,7 +161,8 @@ def hardfocus_loss(
     n_seq, seq_len, n_hidden = hidden.shape
     targets = shift_targets(labels, ignore_index, starts, shift).reshape(-1)
     token_loss, lse, _ = token_terms(hidden.reshape(-1, n_hidden), weight, targets, bias, ignore_index, softcap,
-                                     impl, deterministic, backward_impl=backward_impl, terms=terms.kernel_terms())
+                                     impl, deterministic, backward_impl=backward_impl, terms=terms.kernel_terms(),
+                                     check_name=check.deferred_label_check("labels", validate))
     valid = targets != ignore_index
     # With class weights and a z-loss, the z-loss is kept apart (from the differentiable lse):
     # a sequence's mean divides it by the token count, the cross-entropy by the class weights.

@@ -1,4 +1,5 @@
-"""Pure-PyTorch fallback: the same per-token NLL, computed in token chunks.
+"""Pure-PyTorch fallback: the same per-token NLL, computed in token chunks (the forward and
+backward that ``fused_op`` registers for ``impl="torch"``).
 
 Each chunk materialises at most ``chunk_budget_bytes`` of logits (and as much again for
 their softmax in the backward), so memory stays bounded whatever the token count.  The
@@ -46,23 +47,13 @@ def without_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-class TorchLinearCrossEntropy(torch.autograd.Function):
-    """Per-token ``(loss, lse, argmax)``, as ``TritonLinearCrossEntropy`` returns them; the
-    backward accepts any per-token upstream gradients."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, softcap, terms=LossTerms(), argmax=False):
-        with without_autocast(hidden.device):
-            return TorchLinearCrossEntropy._forward(ctx, hidden, weight, bias, targets, ignore_index, softcap, terms,
-                                                    argmax)
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_lse, _):
-        with without_autocast(ctx.saved_tensors[0].device):
-            return TorchLinearCrossEntropy._backward(ctx, grad_loss, grad_lse)
-
-    @staticmethod
-    def _forward(ctx, hidden, weight, bias, targets, ignore_index, softcap, terms, argmax):
+def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+            ignore_index: int, softcap: float | None, terms: LossTerms = LossTerms(), argmax: bool = False):
+    """Per-token ``(loss, lse, argmax, residual)``: the loss of ``terms`` and the
+    log-sum-exp (fp32, fp64 for fp64 inputs; 0 where not scored), the int64 argmax (-1
+    where not scored; empty unless ``argmax``), and what :func:`backward` needs, (N, 2)
+    ``(lse, nll)``."""
+    with without_autocast(hidden.device):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         w, b = _head_in(acc, weight, bias)
         c = terms.class_weight.to(acc) if terms.class_weight is not None else None
@@ -87,31 +78,34 @@ class TorchLinearCrossEntropy(torch.autograd.Function):
             # confident prediction) to its own precision; see kernels/forward.py.
             nll[idx] = (row_max - z.gather(1, targets[idx, None]).squeeze(1)) + log_total
         loss = terms.token_loss(lse, nll, smooth, targets, valid, weight.shape[0])
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, nll, valid)
-        ctx.softcap, ctx.step, ctx.terms = softcap, step, terms
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(best)
-        return loss, lse, best
+        return loss, lse, best, torch.stack([lse, nll], dim=1)
 
-    @staticmethod
-    def _backward(ctx, grad_loss, grad_lse):
-        hidden, weight, bias, targets, lse, nll, valid = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+
+def backward(grad_loss: torch.Tensor | None, grad_lse: torch.Tensor | None, hidden: torch.Tensor,
+             weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, residual: torch.Tensor,
+             ignore_index: int, softcap: float | None, terms: LossTerms, needs: tuple[bool, bool, bool]):
+    """Gradients ``(hidden, weight, bias)`` (None where not in ``needs``) for per-token
+    upstream gradients of the loss and of the log-sum-exp (None: zero)."""
+    with without_autocast(hidden.device):
+        need_h, need_w, need_b = needs
+        lse, nll = residual.unbind(1)
         acc = lse.dtype
+        valid = targets != ignore_index
         w, b = _head_in(acc, weight, bias)
         if grad_loss is None:
             grad_loss = torch.zeros_like(lse)
-        coef = ctx.terms.coefficients(grad_loss.to(acc), grad_lse.to(acc) if grad_lse is not None else None, lse,
-                                      targets, valid, weight.shape[0])
+        coef = terms.coefficients(grad_loss.to(acc), grad_lse.to(acc) if grad_lse is not None else None, lse,
+                                  targets, valid, weight.shape[0])
         rich = coef.dim() == 2
-        c = ctx.terms.class_weight.to(acc) if ctx.terms.class_weight is not None else None
+        c = terms.class_weight.to(acc) if terms.class_weight is not None else None
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         active = (coef != 0).any(dim=1) if rich else coef != 0
-        for idx in active.nonzero().squeeze(1).split(ctx.step):
+        step = chunk_tokens(weight.shape[0], DEFAULT_CHUNK_BUDGET_BYTES, w.element_size())
+        for idx in active.nonzero().squeeze(1).split(step):
             h = hidden[idx].to(acc)
-            z = _logits(h, w, b, ctx.softcap)
+            z = _logits(h, w, b, softcap)
             prob = torch.exp(z - lse[idx, None])
             dz = prob.clone()
             # p_t - 1 without cancelling against 1 (see kernels/tiles.py, dlogit_tile).
@@ -121,17 +115,13 @@ class TorchLinearCrossEntropy(torch.autograd.Function):
                 dz = dz * a[:, None] + prob * e[:, None] - u[:, None] * (c[None, :] if c is not None else 1.0)
             else:
                 dz *= coef[idx, None]
-            if ctx.softcap is not None:
-                dz *= 1.0 - (z / ctx.softcap) ** 2
+            if softcap is not None:
+                dz *= 1.0 - (z / softcap) ** 2
             if need_h:
                 grad_h[idx] = dz @ w
             if need_w:
                 grad_w.addmm_(dz.T, h)
             if need_b:
                 grad_b += dz.sum(0)
-        return (
-            grad_h.to(hidden.dtype) if need_h else None,
-            grad_w.to(weight.dtype) if need_w else None,
-            grad_b.to(bias.dtype) if need_b else None,
-            None, None, None, None, None,
-        )
+        return (grad_h.to(hidden.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if need_b else None)

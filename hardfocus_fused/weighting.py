@@ -8,8 +8,6 @@ weights are constants: the caller multiplies them with the differentiable losses
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 METHODS = ("irdro", "midranking", "highranking", "lowranking", "uniform", "mean")
@@ -25,24 +23,29 @@ def irdro_weights(seq_loss: torch.Tensor, live: torch.Tensor, r: float) -> torch
     return expd / expd.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def ranking_window(n_live: int, method: str, n1: float, n2: float) -> tuple[int, int]:
+def ranking_window(n_live: int | torch.Tensor, method: str, n1: float, n2: float):
     """``(start, stop)`` ranks kept by a ranking method, ranks counted from the largest loss.
 
     MidRanking skips the ``floor(n1 * B)`` largest losses and keeps the next
     ``max(1, floor(n2 * B))``; HighRanking is MidRanking with ``n1 = 0``; LowRanking keeps
     the last ``max(1, floor(n2 * B))``.  When ``n1 + n2`` asks for more sequences than
     remain, the window slides up so that exactly ``max(1, floor(n2 * B))`` are kept.
+
+    ``n_live`` may be a tensor (the count of live sequences, left on its device: no host
+    synchronisation, nothing for ``torch.compile`` to break on); the bounds are then fp64
+    tensors (floors of fp64 products, as Python's), else ints.
     """
-    if n_live == 0:
-        return 0, 0
-    keep = min(n_live, max(1, math.floor(n2 * n_live)))
+    n = torch.as_tensor(n_live, dtype=torch.float64)
+    keep = torch.minimum(torch.clamp(torch.floor(n2 * n), min=1.0), n)
     if method == "highranking":
-        start = 0
+        start = torch.zeros_like(n)
     elif method == "lowranking":
-        start = n_live - keep
+        start = n - keep
     else:
-        start = min(math.floor(n1 * n_live), n_live - keep)
-    return start, start + keep
+        start = torch.minimum(torch.floor(n1 * n), n - keep)
+    if isinstance(n_live, torch.Tensor):
+        return start, start + keep
+    return int(start), int(start + keep)
 
 
 def ranking_weights(seq_loss: torch.Tensor, live: torch.Tensor, method: str, n1: float, n2: float) -> torch.Tensor:
@@ -54,9 +57,9 @@ def ranking_weights(seq_loss: torch.Tensor, live: torch.Tensor, method: str, n1:
     order = torch.sort(key, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=order.device)
-    start, stop = ranking_window(int(live.sum()), method, n1, n2)
+    start, stop = ranking_window(live.sum(), method, n1, n2)
     kept = (rank >= start) & (rank < stop) & live
-    return kept.float() / max(stop - start, 1)
+    return kept.float() / (stop - start).clamp_min(1).float()
 
 
 def sequence_weights(

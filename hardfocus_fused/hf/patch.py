@@ -5,6 +5,7 @@ turn a bypassed or broken patch into a clear error.  See ``hardfocus_fused.hf`` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import sys
 import types
@@ -60,33 +61,27 @@ class _Call:
     loss_returned: bool = False
 
 
-class PatchedForward:
-    """The ``forward`` installed on a patched model, bound to it as a method.
+def _patched_forward(owner, *args, **kwargs):
+    """The ``forward`` installed on a patched model: its patch's ``patched_forward``.
 
-    A bound method (not a closure or a ``functools.partial``) survives what the training
-    stacks do to ``model.forward``: ``copy.deepcopy`` rebinds it to the copy (which finds
-    its own patch), and accelerate's ``unwrap_model(keep_fp32_wrapper=False)``, which
-    rebinds the innermost function of ``forward`` as a method of the model, gets this object
-    back as it was.  ``__signature__`` is the model's own forward's (with ``self``), so the
-    Trainer's column filtering and ``generate``'s kwarg checks see the real arguments.
-    """
+    Installed as a per-model copy of this function (same code, the model's own signature:
+    see ``HardFocusPatch.forward_method``) bound to the patch.  ``owner`` is the patch, or
+    the model when accelerate's ``unwrap_model(keep_fp32_wrapper=False)`` has rebound the
+    innermost function of ``forward`` to the model."""
+    patch = owner if isinstance(owner, HardFocusPatch) else getattr(owner, ATTRIBUTE)
+    return patch.patched_forward(*args, **kwargs)
 
-    def __init__(self, forward) -> None:
-        bound = inspect.signature(forward)
-        receiver = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        params = [receiver, *bound.parameters.values()]
-        # The batch's weight columns, keyword-only before any **kwargs (the Trainer keeps
-        # the dataset columns the forward's signature names).
-        at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
-        columns = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
-                   for name in DATA_COLUMNS if name not in bound.parameters]
-        self.__signature__ = bound.replace(parameters=params[:at] + columns + params[at:])
-        self.__name__ = getattr(forward, "__name__", "forward")
-        self.__qualname__ = getattr(forward, "__qualname__", "forward")
-        self.__doc__ = getattr(forward, "__doc__", None)
 
-    def __call__(self, model, *args, **kwargs):
-        return vars(model)[ATTRIBUTE].patched_forward(*args, **kwargs)
+def _with_columns(signature: inspect.Signature) -> inspect.Signature:
+    """``signature`` (of the model's bound forward) with ``self`` first and the batch's
+    weight columns, keyword-only before any ``**kwargs`` (the Trainer keeps the dataset
+    columns the forward's signature names)."""
+    receiver = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = [receiver, *signature.parameters.values()]
+    at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
+    columns = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+               for name in DATA_COLUMNS if name not in signature.parameters]
+    return signature.replace(parameters=params[:at] + columns + params[at:])
 
 
 class HardFocusPatch:
@@ -113,18 +108,70 @@ class HardFocusPatch:
         # The factor the Trainer multiplies the loss by (set by AccumulationCallback).
         self.trainer_loss_scale: int | None = None
         self.train_log, self.eval_log = StatsLog(), StatsLog()
-        self._forward = model.forward
-        self._head_forward = head.forward
+        # What the patch replaces: a forward set on the instance before (None: the class's).
+        self._own_forward = vars(model).get("forward")
+        self._own_head_forward = vars(head).get("forward")
         self._had_loss_function = "_loss_function" in vars(model)
         self._loss_function = model.loss_function if hasattr(model, "loss_function") else None
-        self._signature = inspect.signature(model.forward)
-        self._var_kwargs = next((p.name for p in self._signature.parameters.values()
-                                 if p.kind == inspect.Parameter.VAR_KEYWORD), None)
         self._guard = None
 
     @property
     def name(self) -> str:
         return type(self.model).__name__
+
+    # -- the model's own forward and head, and the installed forward ----------------------
+
+    def _forward(self, *args, **kwargs):
+        """The model's forward as it was before the patch."""
+        if self._own_forward is not None:
+            return self._own_forward(*args, **kwargs)
+        return type(self.model).forward(self.model, *args, **kwargs)
+
+    def _head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``lm_head``'s forward as it was before the patch."""
+        if self._own_head_forward is not None:
+            return self._own_head_forward(hidden)
+        return type(self.head).forward(self.head, hidden)
+
+    @functools.cached_property
+    def _signature(self) -> inspect.Signature:
+        """The signature of the model's own forward (bound: without ``self``)."""
+        if self._own_forward is not None:
+            return inspect.signature(self._own_forward)
+        return inspect.signature(types.MethodType(type(self.model).forward, self.model))
+
+    @functools.cached_property
+    def _var_kwargs(self) -> str | None:
+        return next((p.name for p in self._signature.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD),
+                    None)
+
+    def forward_method(self):
+        """The ``forward`` installed on the model: a copy of ``_patched_forward`` carrying the
+        model's signature (with the weight columns), bound to this patch.
+
+        A bound method of the patch survives what training stacks do to ``model.forward``:
+        ``copy.deepcopy`` rebinds it to the copied patch (of the copied model); accelerate's
+        ``unwrap_model(keep_fp32_wrapper=False)`` rebinds the copy to the model, which
+        ``_patched_forward`` accepts; pickling stores it as ``getattr(patch,
+        "_hardfocus_forward")``, which rebuilds it for the reloaded model; and being a plain
+        function with source, ``torch.compile`` traces it."""
+        function = types.FunctionType(_patched_forward.__code__, _patched_forward.__globals__, "_hardfocus_forward",
+                                      _patched_forward.__defaults__, _patched_forward.__closure__)
+        function.__qualname__ = f"{self.name}.forward"
+        function.__doc__ = getattr(type(self.model).forward, "__doc__", None)
+        function.__signature__ = _with_columns(self._signature)
+        return types.MethodType(function, self)
+
+    @property
+    def _hardfocus_forward(self):
+        """What a pickled model's installed forward is restored from (see ``forward_method``)."""
+        return self.forward_method()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for derived in ("_signature", "_var_kwargs"):   # recomputed after loading
+            state.pop(derived, None)
+        return state
 
     # -- installed on the instance -------------------------------------------------------
 
@@ -315,18 +362,20 @@ class HardFocusPatch:
     # -- install / remove ----------------------------------------------------------------
 
     def install(self) -> None:
-        self.model.forward = types.MethodType(PatchedForward(self._forward), self.model)
+        setattr(self.model, ATTRIBUTE, self)
+        self.model.forward = self.forward_method()
         self.head.forward = self.head_forward
         if self._loss_function is not None:
             self.model.loss_function = self.loss_function
         if self.backbone is not None:
             # A bound method: a deep copy of the model guards with its own patch.
             self._guard = self.backbone.register_forward_hook(self.backbone_guard, with_kwargs=True)
-        setattr(self.model, ATTRIBUTE, self)
 
     def uninstall(self) -> None:
-        for module in (self.model, self.head):
+        for module, own in ((self.model, self._own_forward), (self.head, self._own_head_forward)):
             vars(module).pop("forward", None)
+            if own is not None:
+                module.forward = own
         if self._had_loss_function:
             self.model.loss_function = self._loss_function
         else:
