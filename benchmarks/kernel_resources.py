@@ -134,22 +134,25 @@ class _Placeholders:
         self.stats = torch.empty((n_tokens, 2))
         self.coef = torch.ones(n_tokens)
         self.class_weight = torch.empty(n_vocab)
-        self.rich = torch.empty((n_tokens, 3))
+        self.rich = torch.empty((n_tokens, 5))      # (a, e, u[, k, mu]): wide enough for the entropy's too
         self.default_configs = default_configs(n_tokens, n_vocab, n_hidden, dtype)
 
-    def problem(self, config, with_bias=True, terms=False) -> HeadProblem:
-        """With a bias and a soft-cap (or neither), and every extra loss term (or none)."""
+    def problem(self, config, with_bias=True, terms=False, entropy=None) -> HeadProblem:
+        """With a bias and a soft-cap (or neither), and every extra loss term (or none; the
+        entropy alone with ``entropy=True``, as the policy-gradient losses use it)."""
+        entropy = False if entropy is None else entropy
         return HeadProblem(self.hidden, self.weight, self.bias if with_bias else None, self.targets, self.order,
                            self.n_active, 30.0 if with_bias else None, self.dtype, config,
                            class_weight=self.class_weight if terms else None, smooth=terms, argmax=terms,
-                           rich_coef=terms)
+                           rich_coef=terms or entropy, entropy=entropy)
 
 
 def launches_of(head: str, dtype: torch.dtype, configs=None) -> list:
     """The launches of a forward and of every backward variant on ``head`` in ``dtype``
     (with ``configs``, default: the package's): with and without bias and soft-cap,
     trainable and frozen head, the deterministic kernels, the ``"matmul"`` strategy's
-    elementwise kernel, and each with every extra loss term on (``ce_terms``)."""
+    elementwise kernel, each with every extra loss term on (``ce_terms``), and each with
+    the entropy alone; the forward and the atomic backward with every term and the entropy."""
     head_tensors = _Placeholders(head, dtype)
     configs = configs or head_tensors.default_configs
     problem, stats, coef, rich = head_tensors.problem, head_tensors.stats, head_tensors.coef, head_tensors.rich
@@ -167,6 +170,16 @@ def launches_of(head: str, dtype: torch.dtype, configs=None) -> list:
         backward.lce_backward(problem(configs.backward, terms=True), stats, rich)
         backward.lce_backward(problem(configs.deterministic, terms=True), stats, rich, deterministic=True)
         backward_matmul.matmul_backward(problem(configs.backward, terms=True), stats, rich, configs.matmul_chunk_bytes)
+        # ... and the entropy too, in the kernels with the most live state.
+        forward.lse_forward(problem(configs.forward, terms=True, entropy=True))
+        backward.lce_backward(problem(configs.backward, terms=True, entropy=True), stats, rich)
+        # The entropy alone (log-probs and entropy for policy-gradient losses), no bias or soft-cap.
+        forward.lse_forward(problem(configs.forward, with_bias=False, entropy=True))
+        backward.lce_backward(problem(configs.backward, with_bias=False, entropy=True), stats, rich)
+        backward.lce_backward(problem(configs.deterministic, with_bias=False, entropy=True), stats, rich,
+                              deterministic=True)
+        backward_matmul.matmul_backward(problem(configs.backward, with_bias=False, entropy=True), stats, rich,
+                                        configs.matmul_chunk_bytes)
     return launches
 
 
@@ -206,7 +219,7 @@ def resources(compiled) -> dict:
 
 
 _FLAGS = ("HAS_BIAS", "HAS_SOFTCAP", "GRAD_HIDDEN", "GRAD_WEIGHT", "GRAD_BIAS", "SMOOTH", "CLASS_WEIGHT", "ARGMAX",
-          "RICH_COEF")
+          "RICH_COEF", "ENTROPY")
 
 
 def variants(heads=tuple(HEADS), dtypes=tuple(DTYPES), capability: int = 90) -> list[Variant]:

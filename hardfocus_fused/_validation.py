@@ -179,6 +179,14 @@ def _(value, name):
     return torch.empty_like(value)
 
 
+def check_temperature(temperature) -> float:
+    """A finite ``temperature > 0`` as a float."""
+    value = _finite_number("temperature", temperature)
+    if value <= 0:
+        raise ValueError(f"temperature must be > 0 (the logits are divided by it), got {temperature}")
+    return value
+
+
 def check_softcap(softcap) -> None:
     if softcap is None:
         return

@@ -92,11 +92,20 @@ class LossTerms:
         return torch.where(valid, self.lse_square_scale * lse * lse, 0.0)
 
     def coefficients(self, grad_loss: torch.Tensor, grad_lse: torch.Tensor | None, lse: torch.Tensor,
-                     targets: torch.Tensor, valid: torch.Tensor, n_vocab: int) -> torch.Tensor:
+                     targets: torch.Tensor, valid: torch.Tensor, n_vocab: int,
+                     grad_entropy: torch.Tensor | None = None, entropy: torch.Tensor | None = None) -> torch.Tensor:
         """The kernels' per-token coefficients, in the gradients' dtype: (N,) ``a`` for plain
-        cross-entropy with no log-sum-exp gradient, else (N, 3) ``(a, e, u)`` (0 where not
-        scored)."""
+        cross-entropy with no log-sum-exp or entropy gradient; (N, 3) ``(a, e, u)`` with a
+        log-sum-exp gradient or extra terms; (N, 5) ``(a, e, u, k, mu)`` with an entropy
+        gradient (``k = -grad_entropy``, ``mu = lse - entropy``: the entropy's gradient is
+        ``-p (z - mu)``).  0 where not scored."""
         g = torch.where(valid, grad_loss, 0.0)
+        if grad_entropy is not None:
+            rich = self.coefficients(grad_loss, grad_lse if grad_lse is not None else torch.zeros_like(g), lse,
+                                     targets, valid, n_vocab)
+            k = torch.where(valid, -grad_entropy.to(g.dtype), 0.0)
+            mu = torch.where(valid, lse - entropy, 0.0).to(g.dtype)
+            return torch.cat([rich, k[:, None], mu[:, None]], dim=1)
         if self.plain and grad_lse is None:
             return g
         weight = self.target_weight(targets, valid)

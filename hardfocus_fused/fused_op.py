@@ -45,9 +45,10 @@ def _accumulation_dtype(hidden: Tensor, impl: str) -> torch.dtype:
 @torch.library.custom_op("hardfocus_fused::token_terms", mutates_args=())
 def token_terms(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, class_weight: Tensor | None,
                 ignore_index: int, softcap: float | None, label_smoothing: float, lse_square_scale: float,
-                argmax: bool, impl: str, deterministic: bool, backward_impl: str, autocast: torch.dtype | None,
-                config: int, check_name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, lse, argmax, residual)`` per token (see ``torch_op.forward`` and
+                argmax: bool, entropy: bool, impl: str, deterministic: bool, backward_impl: str,
+                autocast: torch.dtype | None, config: int,
+                check_name: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, lse, argmax, entropy, residual)`` per token (see ``torch_op.forward`` and
     ``triton_op.forward``); ``check_name``, when not empty, checks the targets' values
     first (their name in the error)."""
     if check_name:
@@ -55,21 +56,23 @@ def token_terms(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
     terms = _terms(label_smoothing, class_weight, lse_square_scale)
     if impl == "triton":
         return triton_op.forward(hidden, weight, bias, targets, ignore_index, softcap, _CONFIGS[config], autocast,
-                                 terms, argmax)
-    return torch_op.forward(hidden, weight, bias, targets, ignore_index, softcap, terms, argmax)
+                                 terms, argmax, entropy)
+    return torch_op.forward(hidden, weight, bias, targets, ignore_index, softcap, terms, argmax, entropy)
 
 
 @token_terms.register_fake
 def _(hidden, weight, bias, targets, class_weight, ignore_index, softcap, label_smoothing, lse_square_scale, argmax,
-      impl, deterministic, backward_impl, autocast, config, check_name):
+      entropy, impl, deterministic, backward_impl, autocast, config, check_name):
     n, acc = hidden.shape[0], _accumulation_dtype(hidden, impl)
     return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc),
-            hidden.new_empty(n if argmax else 0, dtype=torch.long), hidden.new_empty((n, 2), dtype=acc))
+            hidden.new_empty(n if argmax else 0, dtype=torch.long), hidden.new_empty(n if entropy else 0, dtype=acc),
+            hidden.new_empty((n, 2), dtype=acc))
 
 
 @torch.library.custom_op("hardfocus_fused::token_terms_backward", mutates_args=())
-def token_terms_backward(grad_loss: Tensor | None, grad_lse: Tensor | None, hidden: Tensor, weight: Tensor,
-                         bias: Tensor | None, targets: Tensor, class_weight: Tensor | None, residual: Tensor,
+def token_terms_backward(grad_loss: Tensor | None, grad_lse: Tensor | None, grad_entropy: Tensor | None,
+                         hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                         class_weight: Tensor | None, residual: Tensor, entropy: Tensor,
                          ignore_index: int, softcap: float | None, label_smoothing: float, lse_square_scale: float,
                          impl: str, deterministic: bool, backward_impl: str, autocast: torch.dtype | None,
                          config: int, need_hidden: bool, need_weight: bool,
@@ -79,16 +82,17 @@ def token_terms_backward(grad_loss: Tensor | None, grad_lse: Tensor | None, hidd
     needs = (need_hidden, need_weight, need_bias)
     if impl == "triton":
         grads = triton_op.backward(grad_loss, grad_lse, hidden, weight, bias, targets, residual, ignore_index, softcap,
-                                   terms, needs, deterministic, backward_impl, _CONFIGS[config], autocast)
+                                   terms, needs, deterministic, backward_impl, _CONFIGS[config], autocast,
+                                   grad_entropy, entropy)
     else:
         grads = torch_op.backward(grad_loss, grad_lse, hidden, weight, bias, targets, residual, ignore_index,
-                                  softcap, terms, needs)
+                                  softcap, terms, needs, grad_entropy, entropy)
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
 @token_terms_backward.register_fake
-def _(grad_loss, grad_lse, hidden, weight, bias, targets, class_weight, residual, ignore_index, softcap,
-      label_smoothing, lse_square_scale, impl, deterministic, backward_impl, autocast, config, need_hidden,
+def _(grad_loss, grad_lse, grad_entropy, hidden, weight, bias, targets, class_weight, residual, entropy, ignore_index,
+      softcap, label_smoothing, lse_square_scale, impl, deterministic, backward_impl, autocast, config, need_hidden,
       need_weight, need_bias):
     like = lambda tensor, needed: torch.empty_like(tensor) if needed else hidden.new_empty(0)  # noqa: E731
     return like(hidden, need_hidden), like(weight, need_weight), like(bias, need_bias) if bias is not None else \
@@ -96,24 +100,25 @@ def _(grad_loss, grad_lse, hidden, weight, bias, targets, class_weight, residual
 
 
 # Positions of the differentiable inputs and of the options, in token_terms' signature.
-_OPTIONS = ("ignore_index", "softcap", "label_smoothing", "lse_square_scale", "argmax", "impl", "deterministic",
-            "backward_impl", "autocast", "config", "check_name")
+_OPTIONS = ("ignore_index", "softcap", "label_smoothing", "lse_square_scale", "argmax", "entropy", "impl",
+            "deterministic", "backward_impl", "autocast", "config", "check_name")
 
 
 def _setup_context(ctx, inputs, output) -> None:
     hidden, weight, bias, targets, class_weight = inputs[:5]
     ctx.options = dict(zip(_OPTIONS, inputs[5:]))
-    ctx.save_for_backward(hidden, weight, bias, targets, class_weight, output[3])
-    ctx.set_materialize_grads(False)   # an unused lse keeps the plain backward kernels
+    ctx.save_for_backward(hidden, weight, bias, targets, class_weight, output[4], output[3])
+    ctx.set_materialize_grads(False)   # an unused lse or entropy keeps the plainer backward kernels
 
 
-def _backward(ctx, grad_loss, grad_lse, _grad_argmax, _grad_residual):
-    hidden, weight, bias, targets, class_weight, residual = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_lse, _grad_argmax, grad_entropy, _grad_residual):
+    hidden, weight, bias, targets, class_weight, residual, entropy = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    if grad_loss is None and grad_lse is None or not (need_h or need_w or need_b):
+    if grad_loss is None and grad_lse is None and grad_entropy is None or not (need_h or need_w or need_b):
         return (None,) * (5 + len(_OPTIONS))
     o = ctx.options
-    grads = token_terms_backward(grad_loss, grad_lse, hidden, weight, bias, targets, class_weight, residual,
+    grads = token_terms_backward(grad_loss, grad_lse, grad_entropy, hidden, weight, bias, targets, class_weight,
+                                 residual, entropy,
                                  o["ignore_index"], o["softcap"], o["label_smoothing"], o["lse_square_scale"],
                                  o["impl"], o["deterministic"], o["backward_impl"], o["autocast"], o["config"],
                                  need_h, need_w, need_b and bias is not None)

@@ -72,6 +72,15 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
+class TokenTerms(NamedTuple):
+    """Per-token outputs of :func:`token_terms`, each (N,)."""
+
+    loss: torch.Tensor
+    lse: torch.Tensor
+    argmax: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+
 def token_terms(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -86,11 +95,13 @@ def token_terms(
     terms: LossTerms = LossTerms(),
     argmax: bool = False,
     check_name: str = "",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-token ``(loss, lse, argmax)`` (N,) for 2-D ``hidden`` and 1-D ``targets`` of
-    already-checked inputs: the loss of ``terms`` (plain cross-entropy by default) and the
-    log-sum-exp, both differentiable and 0 where not scored, and the argmax (-1 where not
-    scored; None unless ``argmax``).
+    entropy: bool = False,
+) -> TokenTerms:
+    """Per-token :class:`TokenTerms` ``(loss, lse, argmax, entropy)`` (N,) for 2-D ``hidden``
+    and 1-D ``targets`` of already-checked inputs: the loss of ``terms`` (plain
+    cross-entropy by default) and the log-sum-exp, both differentiable and 0 where not
+    scored, the argmax (-1 where not scored; None unless ``argmax``) and the softmax's
+    entropy (differentiable, 0 where not scored; None unless ``entropy``).
 
     ``check_name`` (not empty) makes the op check the targets' values under that name
     (``_validation.deferred_label_check``).  Under autocast the op keeps its own dtype rules
@@ -105,18 +116,18 @@ def token_terms(
         which = "torch"
     targets = targets.to(torch.int64).contiguous()
     autocast = autocast_dtype(hidden.device.type) if which == "triton" else None
-    loss, lse, best, _ = fused_op.token_terms(
+    loss, lse, best, ent, _ = fused_op.token_terms(
         hidden, weight, bias, targets, terms.class_weight, ignore_index, softcap, terms.label_smoothing,
-        terms.lse_square_scale, argmax, which, resolve_deterministic(deterministic), resolve_backward(backward_impl),
-        autocast, fused_op.config_index(kernel_config), check_name)
-    return loss, lse, best if argmax else None
+        terms.lse_square_scale, argmax, entropy, which, resolve_deterministic(deterministic),
+        resolve_backward(backward_impl), autocast, fused_op.config_index(kernel_config), check_name)
+    return TokenTerms(loss, lse, best if argmax else None, ent if entropy else None)
 
 
 def token_nll(hidden, weight, targets, bias, ignore_index, softcap, impl, deterministic=None, kernel_config=None,
               backward_impl="auto") -> torch.Tensor:
     """Per-token NLL (N,): ``token_terms``' loss for plain cross-entropy."""
     return token_terms(hidden, weight, targets, bias, ignore_index, softcap, impl, deterministic, kernel_config,
-                       backward_impl)[0]
+                       backward_impl).loss
 
 
 class LCEOutput(NamedTuple):
@@ -128,6 +139,7 @@ class LCEOutput(NamedTuple):
     z_loss: torch.Tensor | None = None
     token_accuracy: torch.Tensor | None = None
     predicted_tokens: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
 
 def linear_cross_entropy(
@@ -147,12 +159,19 @@ def linear_cross_entropy(
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
     return_predicted_tokens: bool = False,
+    return_entropy: bool = False,
+    temperature: float = 1.0,
     impl: str = "auto",
     validate: bool = True,
     deterministic: bool | None = None,
     backward_impl: str = "auto",
 ) -> torch.Tensor | LCEOutput:
-    """Cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``targets``, fused.
+    """Cross-entropy of ``softcap(hidden @ weight.T + bias) / temperature`` against
+    ``targets``, fused.
+
+    With ``reduction="none"`` the loss is minus each target's log-probability, so
+    ``-loss`` is the per-token log-prob with its gradient (what policy-gradient losses are
+    built on; see ``hardfocus_fused.rl``).
 
     Args:
         hidden: (..., H) float32/bfloat16/float16 (float64 on ``impl="torch"``).
@@ -189,6 +208,13 @@ def linear_cross_entropy(
             pass over the vocabulary, no logits kept.
         return_predicted_tokens: also return each position's argmax (int64, the first
             maximum; -1 where not scored), shaped like ``targets``.
+        return_entropy: also return the entropy of each position's softmax (shape of
+            ``targets``, fp32, 0 where not scored), differentiable: its gradient
+            ``-p (log p + H)`` is applied inside the backward's tiles, no logits kept.
+        temperature: the logits are divided by it (after the soft-capping), as samplers
+            do; every output (loss, lse, entropy, argmax) is of the tempered softmax.  Done
+            by dividing the hidden states, bias and cap by it: one (tokens x H) copy of the
+            hidden states when it is not 1, nothing in the kernels.
         impl: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton for CUDA tensors).
         validate: check that every target is in ``[0, V)`` or ``ignore_index`` (one host
             synchronisation on GPU). ``False`` skips it; an out-of-range target then gives
@@ -203,7 +229,7 @@ def linear_cross_entropy(
 
     Returns:
         The loss; with any ``return_*`` option an :class:`LCEOutput` ``(loss, lse, z_loss,
-        token_accuracy, predicted_tokens)`` whose fields not asked for are None.
+        token_accuracy, predicted_tokens, entropy)`` whose fields not asked for are None.
 
     The backward accepts an arbitrary upstream gradient for each token, so any weighting
     can be built on the ``"none"`` output.  The (tokens x V) logits are never allocated,
@@ -218,8 +244,9 @@ def linear_cross_entropy(
     terms = check.check_loss_terms(label_smoothing, class_weight, lse_square_scale, weight.shape[0], weight.device)
     for name, flag in (("return_lse", return_lse), ("return_z_loss", return_z_loss),
                        ("return_token_accuracy", return_token_accuracy),
-                       ("return_predicted_tokens", return_predicted_tokens)):
+                       ("return_predicted_tokens", return_predicted_tokens), ("return_entropy", return_entropy)):
         check.check_flag(name, flag)
+    temperature = check.check_temperature(temperature)
     shift = check.check_shift(shift)
     if shift:
         if targets.dim() == 0:
@@ -227,10 +254,17 @@ def linear_cross_entropy(
         targets = shift_targets(targets, ignore_index, shift=shift)
     flat = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
+    if temperature != 1.0:
+        # softcap(x) / T == (c / T) tanh((x / T) / (c / T)): dividing the hidden states, the
+        # bias and the cap by T divides the logits by T, with no change to the kernels.
+        flat = flat / temperature
+        bias = bias / temperature if bias is not None else None
+        softcap = softcap / temperature if softcap is not None else None
     want_argmax = return_token_accuracy or return_predicted_tokens
-    loss, lse, best = token_terms(flat, weight, flat_targets, bias, ignore_index, softcap, impl, deterministic,
-                                  backward_impl=backward_impl, terms=terms.kernel_terms(), argmax=want_argmax,
-                                  check_name=check.deferred_label_check("targets", validate))
+    loss, lse, best, entropy = token_terms(
+        flat, weight, flat_targets, bias, ignore_index, softcap, impl, deterministic, backward_impl=backward_impl,
+        terms=terms.kernel_terms(), argmax=want_argmax, check_name=check.deferred_label_check("targets", validate),
+        entropy=return_entropy)
     valid = flat_targets != ignore_index
     # With class weights and a z-loss together, the z-loss is added here from the
     # differentiable lse: a mean divides it by the token count, the rest by the class weights.
@@ -244,7 +278,7 @@ def linear_cross_entropy(
         return per_token.view(targets.shape) if reduction == "none" else per_token.sum()
 
     out = reduce(loss, z_apart)
-    if not (return_lse or return_z_loss or want_argmax):
+    if not (return_lse or return_z_loss or want_argmax or return_entropy):
         return out
     correct = (best == flat_targets) & valid if want_argmax else None
     accuracy = None
@@ -257,6 +291,7 @@ def linear_cross_entropy(
         z_loss=_reduced_z_loss(terms, lse.detach(), valid, reduction, targets.shape) if return_z_loss else None,
         token_accuracy=accuracy,
         predicted_tokens=best.view(targets.shape) if return_predicted_tokens else None,
+        entropy=entropy.view(targets.shape) if return_entropy else None,
     )
 
 

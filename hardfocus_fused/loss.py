@@ -160,7 +160,7 @@ def hardfocus_loss(
                          "padding is otherwise marked by ignore_index labels")
     n_seq, seq_len, n_hidden = hidden.shape
     targets = shift_targets(labels, ignore_index, starts, shift).reshape(-1)
-    token_loss, lse, _ = token_terms(hidden.reshape(-1, n_hidden), weight, targets, bias, ignore_index, softcap,
+    token_loss, lse, *_ = token_terms(hidden.reshape(-1, n_hidden), weight, targets, bias, ignore_index, softcap,
                                      impl, deterministic, backward_impl=backward_impl, terms=terms.kernel_terms(),
                                      check_name=check.deferred_label_check("labels", validate))
     valid = targets != ignore_index

@@ -15,7 +15,8 @@ the loss of predicting ``labels[:, t + 1]``) and the mask of scored positions; i
 multiply each token's loss (and the data's ``token_weight``), and a sequence's mean
 divides by their sum, so 0 drops a token.  ``hardfocus_fused.accumulate`` has rules that
 weigh a whole gradient-accumulation step; this module has :class:`Rule`, a base class,
-and :class:`ExcessLoss`, a token-level rule (Rho-1's selection), as examples.
+and two token-level rules: :class:`ExcessLoss` (Rho-1's selection) and :class:`DFT`
+(dynamic fine-tuning).
 """
 
 from __future__ import annotations
@@ -71,3 +72,31 @@ class ExcessLoss(Rule):
         chosen = torch.zeros_like(excess)
         chosen[torch.sort(excess, descending=True, stable=True).indices[:n_keep]] = 1.0
         return chosen.view_as(token_loss)
+
+
+class DFT(Rule):
+    """Dynamic fine-tuning (Wu et al., 2025): each token's loss scaled by the detached
+    probability of its target, ``sg(p_t) * nll_t``, averaged over the batch's scored
+    tokens (so the gradient is that of the token mean of ``-sg(p_t) log p_t``).
+
+    ``p_t = exp(-nll_t)`` comes from the per-token losses the fused forward already has: no
+    extra pass.  The sequence weights undo the per-sequence normalisation by the token
+    weights' sum, so the result is the plain token mean, as DFT defines it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("mean")
+        self._mass: torch.Tensor | None = None
+
+    def token_weights(self, token_loss: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+        weights = torch.where(scored, torch.exp(-token_loss), 0.0)
+        self._mass = weights.sum(dim=1)          # each sequence's sum of the token weights
+        return weights
+
+    def __call__(self, seq_loss: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+        if self._mass is None or self._mass.shape != seq_loss.shape:
+            raise ValueError("DFT's sequence weights follow its token weights in the same loss call; call it through "
+                             "hardfocus_loss(..., method=DFT())")
+        mass, self._mass = self._mass, None
+        # seq_loss_i = sum_t p_t nll_t / mass_i, so mass_i / (scored tokens) gives the token mean.
+        return mass.to(seq_loss.dtype) / n_tokens.sum().clamp_min(1).to(seq_loss.dtype)

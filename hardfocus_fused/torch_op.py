@@ -48,11 +48,12 @@ def without_autocast(device: torch.device):
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-            ignore_index: int, softcap: float | None, terms: LossTerms = LossTerms(), argmax: bool = False):
-    """Per-token ``(loss, lse, argmax, residual)``: the loss of ``terms`` and the
+            ignore_index: int, softcap: float | None, terms: LossTerms = LossTerms(), argmax: bool = False,
+            entropy: bool = False):
+    """Per-token ``(loss, lse, argmax, entropy, residual)``: the loss of ``terms`` and the
     log-sum-exp (fp32, fp64 for fp64 inputs; 0 where not scored), the int64 argmax (-1
-    where not scored; empty unless ``argmax``), and what :func:`backward` needs, (N, 2)
-    ``(lse, nll)``."""
+    where not scored; empty unless ``argmax``), the softmax's entropy (0 where not scored;
+    empty unless ``entropy``), and what :func:`backward` needs, (N, 2) ``(lse, nll)``."""
     with without_autocast(hidden.device):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         w, b = _head_in(acc, weight, bias)
@@ -62,6 +63,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         nll = torch.zeros_like(lse)
         smooth = torch.zeros_like(lse) if terms.smooth else None
         best = torch.full_like(targets, -1) if argmax else torch.empty(0, dtype=torch.long, device=hidden.device)
+        ent = torch.zeros_like(lse) if entropy else lse.new_empty(0)
         step = chunk_tokens(weight.shape[0], DEFAULT_CHUNK_BUDGET_BYTES, w.element_size())
         for idx in valid.nonzero().squeeze(1).split(step):
             z = _logits(hidden[idx].to(acc), w, b, softcap)
@@ -72,20 +74,26 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                 best[idx] = z.argmax(dim=1)      # the first maximum
             terms_ = torch.exp(z - row_max[:, None])
             terms_.scatter_(1, top[:, None], 0.0)      # the max's own 1, left out of the sum
-            log_total = torch.log1p(terms_.sum(dim=1))
+            rest = terms_.sum(dim=1)
+            log_total = torch.log1p(rest)
             lse[idx] = row_max + log_total
+            if entropy:   # sum p (m - z) + log T, every term >= 0: see kernels/forward.merge_entropy
+                gap = (terms_ * (row_max[:, None] - z)).sum(dim=1)
+                ent[idx] = gap / (1.0 + rest) + log_total
             # (max - z_target) + log1p(rest), not lse - z_target: keeps a small NLL (a
             # confident prediction) to its own precision; see kernels/forward.py.
             nll[idx] = (row_max - z.gather(1, targets[idx, None]).squeeze(1)) + log_total
         loss = terms.token_loss(lse, nll, smooth, targets, valid, weight.shape[0])
-        return loss, lse, best, torch.stack([lse, nll], dim=1)
+        return loss, lse, best, ent, torch.stack([lse, nll], dim=1)
 
 
 def backward(grad_loss: torch.Tensor | None, grad_lse: torch.Tensor | None, hidden: torch.Tensor,
              weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, residual: torch.Tensor,
-             ignore_index: int, softcap: float | None, terms: LossTerms, needs: tuple[bool, bool, bool]):
+             ignore_index: int, softcap: float | None, terms: LossTerms, needs: tuple[bool, bool, bool],
+             grad_entropy: torch.Tensor | None = None, entropy: torch.Tensor | None = None):
     """Gradients ``(hidden, weight, bias)`` (None where not in ``needs``) for per-token
-    upstream gradients of the loss and of the log-sum-exp (None: zero)."""
+    upstream gradients of the loss, of the log-sum-exp and of the entropy (None: zero;
+    ``entropy``: the forward's, needed with ``grad_entropy``)."""
     with without_autocast(hidden.device):
         need_h, need_w, need_b = needs
         lse, nll = residual.unbind(1)
@@ -95,7 +103,8 @@ def backward(grad_loss: torch.Tensor | None, grad_lse: torch.Tensor | None, hidd
         if grad_loss is None:
             grad_loss = torch.zeros_like(lse)
         coef = terms.coefficients(grad_loss.to(acc), grad_lse.to(acc) if grad_lse is not None else None, lse,
-                                  targets, valid, weight.shape[0])
+                                  targets, valid, weight.shape[0],
+                                  grad_entropy.to(acc) if grad_entropy is not None else None, entropy)
         rich = coef.dim() == 2
         c = terms.class_weight.to(acc) if terms.class_weight is not None else None
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
@@ -110,9 +119,12 @@ def backward(grad_loss: torch.Tensor | None, grad_lse: torch.Tensor | None, hidd
             dz = prob.clone()
             # p_t - 1 without cancelling against 1 (see kernels/tiles.py, dlogit_tile).
             dz[torch.arange(idx.numel(), device=idx.device), targets[idx]] = torch.expm1(-nll[idx])
-            if rich:   # a (p - onehot) + e p - u c, see ce_terms
-                a, e, u = coef[idx].unbind(1)
+            if rich:   # a (p - onehot) + e p - u c [+ k p (z - mu)], see ce_terms
+                a, e, u = coef[idx, :3].unbind(1)
                 dz = dz * a[:, None] + prob * e[:, None] - u[:, None] * (c[None, :] if c is not None else 1.0)
+                if coef.shape[1] == 5:
+                    k, mu = coef[idx, 3:].unbind(1)
+                    dz += k[:, None] * prob * (z - mu[:, None])
             else:
                 dz *= coef[idx, None]
             if softcap is not None:

@@ -19,10 +19,11 @@ def _configs(hidden: torch.Tensor, weight: torch.Tensor, config, dtype: torch.dt
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
             ignore_index: int, softcap: float | None, config=None, autocast: torch.dtype | None = None,
-            terms: LossTerms = LossTerms(), argmax: bool = False):
-    """Per-token ``(loss, lse, argmax, stats)``: the fp32 loss of ``terms`` and log-sum-exp
-    (0 where not scored), the int64 argmax (-1 where not scored; empty unless ``argmax``)
-    and the kernels' (N, 2) fp32 ``(lse, nll)`` that :func:`backward` takes.
+            terms: LossTerms = LossTerms(), argmax: bool = False, entropy: bool = False):
+    """Per-token ``(loss, lse, argmax, entropy, stats)``: the fp32 loss of ``terms`` and
+    log-sum-exp (0 where not scored), the int64 argmax (-1 where not scored; empty unless
+    ``argmax``), the fp32 entropy of the softmax (0 where not scored; empty unless
+    ``entropy``) and the kernels' (N, 2) fp32 ``(lse, nll)`` that :func:`backward` takes.
 
     ``config`` is a ``KernelConfig`` (every pass) or ``HeadConfigs`` (per pass), None for
     the defaults; the matmuls run in ``compute_dtype(hidden, weight, autocast)``.
@@ -33,21 +34,24 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     configs = _configs(hidden, weight, config, dtype)
     valid = targets != ignore_index
     problem = HeadProblem(hidden, weight, bias, targets, *partition_active(valid), softcap, dtype, configs.forward,
-                          class_weight=terms.class_weight, smooth=terms.smooth, argmax=argmax)
+                          class_weight=terms.class_weight, smooth=terms.smooth, argmax=argmax, entropy=entropy)
     out = lse_forward(problem)
     lse = torch.where(valid, out.stats[:, 0], 0.0)
     loss = terms.token_loss(lse, out.stats[:, 1], out.smooth, targets, valid, weight.shape[0])
     best = torch.where(valid, out.argmax, -1) if argmax else torch.empty(0, dtype=torch.long, device=loss.device)
-    return loss, lse, best, out.stats
+    ent = torch.where(valid, out.entropy, 0.0) if entropy else lse.new_empty(0)
+    return loss, lse, best, ent, out.stats
 
 
 def backward(grad_loss: torch.Tensor | None, grad_lse: torch.Tensor | None, hidden: torch.Tensor,
              weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, stats: torch.Tensor,
              ignore_index: int, softcap: float | None, terms: LossTerms, needs: tuple[bool, bool, bool],
              deterministic: bool = False, strategy: str = "fused", config=None,
-             autocast: torch.dtype | None = None):
+             autocast: torch.dtype | None = None, grad_entropy: torch.Tensor | None = None,
+             entropy: torch.Tensor | None = None):
     """Gradients ``(hidden, weight, bias)`` (None where not in ``needs``) for per-token
-    upstream gradients of the loss and of the log-sum-exp (None: zero), by the backward
+    upstream gradients of the loss, of the log-sum-exp and of the entropy (None: zero;
+    ``entropy``: the forward's, needed with ``grad_entropy``), by the backward
     ``strategy``: ``"fused"`` (the atomic Triton kernel, or the deterministic kernels) or
     ``"matmul"`` (``kernels.backward_matmul``)."""
     from .kernels import HeadProblem, lce_backward, matmul_backward
@@ -58,12 +62,13 @@ def backward(grad_loss: torch.Tensor | None, grad_lse: torch.Tensor | None, hidd
     if grad_loss is None:
         grad_loss = torch.zeros_like(stats[:, 0])
     coef = terms.coefficients(grad_loss.float(), grad_lse.float() if grad_lse is not None else None,
-                              stats[:, 0], targets, valid, weight.shape[0])
+                              stats[:, 0], targets, valid, weight.shape[0],
+                              grad_entropy.float() if grad_entropy is not None else None, entropy)
     kernel_config = configs.deterministic if deterministic and strategy == "fused" else configs.backward
     # Only tokens with a non-zero coefficient enter the backward.
     active = coef != 0 if coef.dim() == 1 else (coef != 0).any(dim=1)
     problem = HeadProblem(hidden, weight, bias, targets, *partition_active(active), softcap, dtype, kernel_config,
-                          class_weight=terms.class_weight, rich_coef=coef.dim() == 2)
+                          class_weight=terms.class_weight, rich_coef=coef.dim() == 2, entropy=grad_entropy is not None)
     need_h, need_w, need_b = needs
     coef = coef.contiguous()
     if strategy == "matmul":

@@ -38,6 +38,7 @@ def _lce_backward_kernel(
     stride_hn, stride_hh, stride_wv, stride_wh, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, RICH_COEF: tl.constexpr, CLASS_WEIGHT: tl.constexpr,
+    ENTROPY: tl.constexpr,
     GRAD_HIDDEN: tl.constexpr, GRAD_WEIGHT: tl.constexpr, GRAD_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
@@ -60,7 +61,7 @@ def _lce_backward_kernel(
         HAS_BIAS, HAS_SOFTCAP, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
     )
     dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, class_weight_ptr, softcap,
-                         HAS_SOFTCAP, RICH_COEF, CLASS_WEIGHT)
+                         HAS_SOFTCAP, RICH_COEF, CLASS_WEIGHT, ENTROPY)
 
     if GRAD_BIAS:
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")

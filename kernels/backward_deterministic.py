@@ -58,6 +58,7 @@ def _grad_hidden_kernel(
     stride_hn, stride_hh, stride_wv, stride_wh, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, RICH_COEF: tl.constexpr, CLASS_WEIGHT: tl.constexpr,
+    ENTROPY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -74,7 +75,7 @@ def _grad_hidden_kernel(
             HAS_BIAS, HAS_SOFTCAP, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )
         dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, class_weight_ptr, softcap,
-                         HAS_SOFTCAP, RICH_COEF, CLASS_WEIGHT)
+                         HAS_SOFTCAP, RICH_COEF, CLASS_WEIGHT, ENTROPY)
         dz = to_compute(dz, COMPUTE_DTYPE, DOT_UPCAST)
         add_product(gh_rows, row_mask, dz, weight_ptr + cols[:, None] * stride_wv, stride_wh, col_mask,
                     n_hidden, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_H)
@@ -89,6 +90,7 @@ def _grad_weight_kernel(
     stride_hn, stride_hh, stride_wv, stride_wh, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, RICH_COEF: tl.constexpr, CLASS_WEIGHT: tl.constexpr,
+    ENTROPY: tl.constexpr,
     GRAD_WEIGHT: tl.constexpr, GRAD_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -105,7 +107,7 @@ def _grad_weight_kernel(
             HAS_BIAS, HAS_SOFTCAP, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )
         dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, class_weight_ptr, softcap,
-                         HAS_SOFTCAP, RICH_COEF, CLASS_WEIGHT)
+                         HAS_SOFTCAP, RICH_COEF, CLASS_WEIGHT, ENTROPY)
         if GRAD_BIAS:
             grad_bias += tl.sum(dz, axis=0)
         if GRAD_WEIGHT:

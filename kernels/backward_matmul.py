@@ -42,7 +42,7 @@ def _dlogits_kernel(
     z_ptr, dz_ptr, grad_bias_ptr, bias_ptr, class_weight_ptr, targets_ptr, order_ptr, stats_ptr, coef_ptr,
     n_rows, n_cols, v_start, stride_z, stride_dz, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GRAD_BIAS: tl.constexpr,
-    RICH_COEF: tl.constexpr, CLASS_WEIGHT: tl.constexpr,
+    RICH_COEF: tl.constexpr, CLASS_WEIGHT: tl.constexpr, ENTROPY: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # One program owns BLOCK_V columns of the chunk and walks all its rows, so it sums its
@@ -66,7 +66,7 @@ def _dlogits_kernel(
         if HAS_SOFTCAP:
             z = softcap * tanh(z / softcap)
         dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, class_weight_ptr,
-                         softcap, HAS_SOFTCAP, RICH_COEF, CLASS_WEIGHT)
+                         softcap, HAS_SOFTCAP, RICH_COEF, CLASS_WEIGHT, ENTROPY)
         if GRAD_BIAS:
             grad_bias += tl.sum(dz, axis=0)
         tl.store(dz_ptr + rows[:, None] * stride_dz + local[None, :], to_compute(dz, COMPUTE_DTYPE, DOT_UPCAST),

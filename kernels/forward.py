@@ -38,7 +38,7 @@ def _lse_forward_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
-    SMOOTH: tl.constexpr, ARGMAX: tl.constexpr, CLASS_WEIGHT: tl.constexpr,
+    SMOOTH: tl.constexpr, ARGMAX: tl.constexpr, CLASS_WEIGHT: tl.constexpr, ENTROPY: tl.constexpr,
 ):
     # A 1-D grid of (token block, split) pairs in grouped order (see tiles.grouped_tile).
     pid_n, split = grouped_tile(tl.program_id(0), tl.cdiv(n_tokens, BLOCK_N), n_splits, GROUP_N)
@@ -58,6 +58,10 @@ def _lse_forward_kernel(
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
     run_smooth = tl.zeros((BLOCK_N,), dtype=tl.float32)    # SMOOTH: sum of c_v * z_v (c: class weights or 1)
     run_arg = tl.zeros((BLOCK_N,), dtype=tl.int32)         # ARGMAX: column of the first maximum
+    # ENTROPY: sum of exp(z - run_max) * (run_max - z), every term >= 0 (no cancellation for
+    # a confident prediction); the entropy is this over the sum of exp(z - max), plus
+    # log(that sum) (see merge_entropy).
+    run_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols, col_mask = vocab_block(v0, v_end, BLOCK_V)
         z = logit_tile(
@@ -67,27 +71,44 @@ def _lse_forward_kernel(
         )
         if SMOOTH:
             if CLASS_WEIGHT:
-                c = tl.load(class_weight_ptr + cols, mask=col_mask, other=0.0)
-                run_smooth += tl.sum(tl.where(col_mask[None, :], z * c[None, :], 0.0), axis=1)
+                c = tl.load(class_weight_ptr + cols, mask=col_mask, other=0.0)   # 0 past the vocabulary
+                run_smooth += tl.sum(z * c[None, :], axis=1)
             else:
                 run_smooth += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         if ARGMAX:   # strictly greater: the first maximum over the columns walked in order
             tile_max, tile_arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            run_arg = tl.where(tile_max > run_max, (v0 + tile_arg).to(tl.int32), run_arg)
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        else:
+            tile_max = tl.max(z, axis=1)
+        new_max = tl.maximum(run_max, tile_max)
         moved = new_max > run_max               # this tile holds the new max: its 1 is left out
-        at_max = z == new_max[:, None]
-        tile_rest = tl.sum(tl.where(at_max, 0.0, tl.exp(z - new_max[:, None])), axis=1)
+        if ARGMAX:
+            run_arg = tl.where(moved, (v0 + tile_arg).to(tl.int32), run_arg)
+        if ENTROPY:
+            # gap = new_max - z >= 0: 0 at the max, +inf at masked columns (z = -inf), where
+            # exp(-gap) is 0; capped so that those add 0 to the entropy's sum, not 0 * inf.
+            gap = tl.minimum(new_max[:, None] - z, 3.0e38)
+            at_max = gap == 0.0
+            expd = tl.exp(-gap)
+        else:
+            at_max = z == new_max[:, None]
+            expd = tl.exp(z - new_max[:, None])
+        tile_rest = tl.sum(tl.where(at_max, 0.0, expd), axis=1)
         tile_rest += tl.sum(at_max.to(tl.float32), axis=1) - moved.to(tl.float32)
+        if ENTROPY:
+            # Moving the reference from run_max to new_max adds the shift to every gap and
+            # scales every exponential by exp(-shift); before the first tile there is
+            # nothing to carry (run_gap = 0: shift 0 keeps it so, without inf * 0).
+            shift = tl.where(run_max == float("-inf"), 0.0, new_max - run_max)
+            run_gap = tl.exp(-shift) * (run_gap + shift * (run_rest + 1.0)) + tl.sum(expd * gap, axis=1)
         run_rest = tl.where(moved, (run_rest + 1.0) * tl.exp(run_max - new_max), run_rest) + tile_rest
         run_max = new_max
         is_target = cols[None, :] == target[:, None]
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
 
-    # Per split: (max, rest), then the smoothing sum and the argmax (as fp32, exact below
-    # 2**24 columns) when asked for.
-    PART: tl.constexpr = 2 + SMOOTH + ARGMAX
+    # Per split: (max, rest), then the smoothing sum, the argmax (as fp32, exact below
+    # 2**24 columns) and the entropy's gap sum when asked for.
+    PART: tl.constexpr = 2 + SMOOTH + ARGMAX + ENTROPY
     part = part_ptr + (tok * n_splits + split) * PART
     tl.store(part, run_max, mask=row_mask)
     tl.store(part + 1, run_rest, mask=row_mask)
@@ -95,6 +116,8 @@ def _lse_forward_kernel(
         tl.store(part + 2, run_smooth, mask=row_mask)
     if ARGMAX:
         tl.store(part + 2 + SMOOTH, run_arg.to(tl.float32), mask=row_mask)
+    if ENTROPY:
+        tl.store(part + 2 + SMOOTH + ARGMAX, run_gap, mask=row_mask)
     # Exactly one split holds each target column, so exactly one program writes it.
     owns_target = (target >= v_begin) & (target < v_end)
     tl.store(target_logit_ptr + tok, target_logit, mask=row_mask & owns_target)
@@ -104,12 +127,14 @@ def _lse_forward_kernel(
 class ForwardStats:
     """What the forward computes per token: ``stats`` (N, 2) fp32 ``(lse, nll)``, and when
     the problem asks for them ``smooth`` (N,) fp32, the sum over columns of ``c_v * z_v``
-    (``c`` the class weights, or 1), and ``argmax`` (N,) int64, the first column of the
-    largest logit.  Inactive tokens get 0."""
+    (``c`` the class weights, or 1), ``argmax`` (N,) int64, the first column of the
+    largest logit, and ``entropy`` (N,) fp32, the entropy of the softmax.  Inactive tokens
+    get 0 (``entropy``: any value)."""
 
     stats: torch.Tensor
     smooth: torch.Tensor | None = None
     argmax: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
 
 def lse_forward(problem: HeadProblem) -> ForwardStats:
@@ -128,7 +153,7 @@ def lse_forward(problem: HeadProblem) -> ForwardStats:
     n_splits = triton.cdiv(n_tiles, tiles_per_split)  # no split may be empty
 
     device = problem.hidden.device
-    width = 2 + problem.smooth + problem.argmax
+    width = 2 + problem.smooth + problem.argmax + problem.entropy
     part = torch.zeros((problem.n_tokens, n_splits, width), dtype=torch.float32, device=device)
     target_logit = torch.zeros(problem.n_tokens, dtype=torch.float32, device=device)
     _lse_forward_kernel[(n_row_blocks * n_splits,)](
@@ -142,6 +167,8 @@ def lse_forward(problem: HeadProblem) -> ForwardStats:
     if problem.argmax:
         best = part[..., 0].argmax(dim=1, keepdim=True)        # the first split holding the maximum
         out.argmax = part[..., 2 + problem.smooth].gather(1, best).squeeze(1).long()
+    if problem.entropy:
+        out.entropy = merge_entropy(part[..., 0], part[..., 1], part[..., 2 + problem.smooth + problem.argmax])
     return out
 
 
@@ -155,3 +182,22 @@ def merge_splits(part_max: torch.Tensor, part_rest: torch.Tensor, target_logit: 
     terms.scatter_(1, best[:, None], part_rest.gather(1, best[:, None]))
     log_total = torch.log1p(terms.sum(dim=1))
     return torch.stack([row_max + log_total, (row_max - target_logit) + log_total], dim=1)
+
+
+def merge_entropy(part_max: torch.Tensor, part_rest: torch.Tensor, part_gap: torch.Tensor) -> torch.Tensor:
+    """(N,) entropy of the softmax from the splits' maxima, rests and gap sums (N, splits).
+
+    With ``m`` the row's max, ``T = sum_v exp(z_v - m)`` and ``G = sum_v exp(z_v - m) (m - z_v)``
+    (every term >= 0), the entropy is ``-sum p log p = G / T + log T``: no large terms
+    cancel, so a confident prediction keeps its small entropy to fp32 relative precision.
+    A split's sums, taken about its own max ``m_s``, move to ``m`` as ``G = exp(m_s - m)
+    (G_s + (m - m_s) T_s)``, ``T = exp(m_s - m) T_s``."""
+    row_max, best = part_max.max(dim=1, keepdim=True)
+    scale = torch.exp(part_max - row_max)
+    split_total = part_rest + 1.0                        # T_s: the rest plus the split max's own 1
+    gap = (scale * (part_gap + (row_max - part_max) * split_total)).sum(dim=1)
+    # T - 1 without adding the 1 (log1p keeps a confident prediction's small log T).
+    rest = scale * split_total
+    rest.scatter_(1, best, part_rest.gather(1, best))
+    rest = rest.sum(dim=1)
+    return gap / (1.0 + rest) + torch.log1p(rest)

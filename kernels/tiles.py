@@ -135,7 +135,8 @@ def expm1(x):
 
 @triton.jit
 def dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, class_weight_ptr, softcap,
-                HAS_SOFTCAP: tl.constexpr, RICH_COEF: tl.constexpr, CLASS_WEIGHT: tl.constexpr):
+                HAS_SOFTCAP: tl.constexpr, RICH_COEF: tl.constexpr, CLASS_WEIGHT: tl.constexpr,
+                ENTROPY: tl.constexpr):
     """fp32 tile of ``dloss/dlogits``.
 
     Plain cross-entropy (``RICH_COEF`` off): ``coef * (softmax(z) - onehot(target))`` with
@@ -144,6 +145,10 @@ def dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_p
     log-sum-exp add (see ``hardfocus_fused.ce_terms``):
 
         a * (p - onehot) + e * p - u * c        (c: the class weights, or 1 per column)
+
+    and with ``ENTROPY`` five, ``(a, e, u, k, mu)``, adding a differentiable entropy's
+    ``k * p * (z - mu)`` (``k = -dL/dH``, ``mu = lse - H`` the mean logit under p: the
+    entropy's gradient is ``-p (log p + H) = -p (z - mu)``).
 
     ``stats`` holds ``(lse, nll)`` per token (see ``forward.lse_forward``).  The target
     column's ``p_t - 1 = expm1(-nll)``: for a confident prediction (``p_t`` near 1),
@@ -159,12 +164,20 @@ def dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_p
     prob = tl.exp(z - lse[:, None])
     is_target = cols[None, :] == target[:, None]
     if RICH_COEF:
-        coef = tl.load(coef_ptr + 3 * tok, mask=row_mask, other=0.0)
-        extra = tl.load(coef_ptr + 3 * tok + 1, mask=row_mask, other=0.0)
-        uniform = tl.load(coef_ptr + 3 * tok + 2, mask=row_mask, other=0.0)
+        WIDTH: tl.constexpr = 3 + 2 * ENTROPY
+        coef = tl.load(coef_ptr + WIDTH * tok, mask=row_mask, other=0.0)
+        extra = tl.load(coef_ptr + WIDTH * tok + 1, mask=row_mask, other=0.0)
+        uniform = tl.load(coef_ptr + WIDTH * tok + 2, mask=row_mask, other=0.0)
         # The target column is a per-row value (p_t = exp(-nll)): one tile stays live.
         at_target = coef * expm1(-nll) + extra * tl.exp(-nll)
-        dz = tl.where(is_target, at_target[:, None], prob * (coef + extra)[:, None])
+        if ENTROPY:
+            k = tl.load(coef_ptr + WIDTH * tok + 3, mask=row_mask, other=0.0)
+            mu = tl.load(coef_ptr + WIDTH * tok + 4, mask=row_mask, other=0.0)
+            # At the target column z - mu = (lse - nll) - mu: a per-row value too.
+            at_target += k * tl.exp(-nll) * ((lse - mu) - nll)
+            dz = tl.where(is_target, at_target[:, None], prob * ((coef + extra)[:, None] + k[:, None] * (z - mu[:, None])))
+        else:
+            dz = tl.where(is_target, at_target[:, None], prob * (coef + extra)[:, None])
         if CLASS_WEIGHT:
             c = tl.load(class_weight_ptr + cols, mask=col_mask, other=0.0)
             dz -= uniform[:, None] * c[None, :]

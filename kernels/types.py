@@ -62,12 +62,15 @@ class HeadProblem:
     config: KernelConfig
     # The extra loss terms (``hardfocus_fused.ce_terms``): class weights (V,) fp32 or None;
     # the forward sums ``class_weight . z`` (or ``sum z``) per token for label smoothing
-    # (``smooth``) and finds each token's argmax (``argmax``); the backward's coefficients
-    # are (N, 3) ``(a, e, u)`` (``rich_coef``) instead of (N,).
+    # (``smooth``), finds each token's argmax (``argmax``) and its softmax's entropy
+    # (``entropy``); the backward's coefficients are (N, 3) ``(a, e, u)`` (``rich_coef``),
+    # or (N, 5) ``(a, e, u, k, mu)`` with an entropy gradient (``rich_coef`` and
+    # ``entropy``), instead of (N,).
     class_weight: torch.Tensor | None = None
     smooth: bool = False
     argmax: bool = False
     rich_coef: bool = False
+    entropy: bool = False
 
     @property
     def n_tokens(self) -> int:
@@ -102,11 +105,13 @@ class HeadProblem:
 
     def forward_terms(self) -> dict:
         """The forward kernel's constants for the extra loss terms."""
-        return dict(SMOOTH=self.smooth, ARGMAX=self.argmax, CLASS_WEIGHT=self.class_weight is not None)
+        return dict(SMOOTH=self.smooth, ARGMAX=self.argmax, CLASS_WEIGHT=self.class_weight is not None,
+                    ENTROPY=self.entropy)
 
     def backward_terms(self) -> dict:
         """The backward kernels' constants for the extra loss terms (``tiles.dlogit_tile``)."""
-        return dict(RICH_COEF=self.rich_coef, CLASS_WEIGHT=self.class_weight is not None)
+        return dict(RICH_COEF=self.rich_coef, CLASS_WEIGHT=self.class_weight is not None,
+                    ENTROPY=self.rich_coef and self.entropy)
 
     def launch_options(self) -> dict:
         return self.config.launch_options()

@@ -81,3 +81,25 @@ def assert_same_updates(before: dict, after: dict, expected_after: dict, rtol: f
 def state_of(model) -> dict:
     """A detached copy of ``model``'s state dict (parameters before or after training)."""
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def spy_on_launches(monkeypatch, flags: tuple[str, ...]) -> list[dict]:
+    """Record, for every launch of the forward and of the atomic backward kernel, the
+    compile-time ``flags`` it was launched with (the launches still run)."""
+    from hardfocus_fused.kernels import backward, forward
+
+    seen: list[dict] = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append({k: kwargs[k] for k in flags if k in kwargs})
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(forward, "_lse_forward_kernel", Spy(forward._lse_forward_kernel))
+    monkeypatch.setattr(backward, "_lce_backward_kernel", Spy(backward._lce_backward_kernel))
+    return seen

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from hardfocus_fused import linear_cross_entropy
 from hardfocus_fused.lce import LCEOutput
-from helpers import TOLERANCES, device_for, grads_of, make_batch
+from helpers import TOLERANCES, device_for, grads_of, make_batch, spy_on_launches
 from reference import rel_err
 
 # (impl, backward_impl, deterministic)
@@ -176,7 +176,7 @@ def test_argmax_takes_the_first_maximum(triton_device):
     targets = torch.tensor([17, 40, 99, 3], device=triton_device)
     for impl in ("torch", "triton"):
         config = KernelConfig(block_n=16, block_v=16, block_h=16, vocab_splits=2)
-        _, _, best = token_terms(h, w, targets, None, -100, None, impl, kernel_config=config, argmax=True)
+        best = token_terms(h, w, targets, None, -100, None, impl, kernel_config=config, argmax=True).argmax
         assert best.tolist() == [17, 17, 17, 17]
 
 
@@ -197,23 +197,7 @@ def test_option_checks(kwargs, error, word):
 def test_unused_options_keep_the_plain_kernels(triton_device, monkeypatch):
     """Options at their defaults: the kernels are launched with every term off (the
     compiled plain variants), and the coefficients stay one per token."""
-    from hardfocus_fused.kernels import backward, forward
-
-    seen = []
-    real_forward, real_backward = forward._lse_forward_kernel, backward._lce_backward_kernel
-
-    class Spy:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append({k: kwargs[k] for k in ("SMOOTH", "ARGMAX", "CLASS_WEIGHT", "RICH_COEF") if k in kwargs})
-                return self.kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(forward, "_lse_forward_kernel", Spy(real_forward))
-    monkeypatch.setattr(backward, "_lce_backward_kernel", Spy(real_backward))
+    seen = spy_on_launches(monkeypatch, ("SMOOTH", "ARGMAX", "CLASS_WEIGHT", "RICH_COEF"))
     h, w, b, targets = _batch(torch.float32, triton_device, seed=35)
     linear_cross_entropy(h, w, targets, bias=b, reduction="mean", impl="triton").backward()
     assert seen == [dict(SMOOTH=False, ARGMAX=False, CLASS_WEIGHT=False), dict(RICH_COEF=False, CLASS_WEIGHT=False)]

@@ -100,8 +100,8 @@ def test_the_registered_op_passes_opcheck(impl, triton_device):
     device = device_for(impl, triton_device)
     h, w, b, labels = make_batch(1, 6, 16, 40, device=device, seed=6, ragged=False, dead=False)
     targets = labels.reshape(-1)
-    args = (h.reshape(-1, 16).detach().requires_grad_(), w, b, targets, None, -100, None, 0.0, 0.0, False, impl,
-            False, "fused", None, 0, "")
+    args = (h.reshape(-1, 16).detach().requires_grad_(), w, b, targets, None, -100, None, 0.0, 0.0, False, False,
+            impl, False, "fused", None, 0, "")
     torch.library.opcheck(fused_op.token_terms, args, test_utils=("test_schema", "test_autograd_registration",
                                                                   "test_faketensor"))
 

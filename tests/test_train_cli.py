@@ -224,10 +224,22 @@ def test_train_ends_with_the_change_and_how_to_compare(tmp_path, capsys):
     assert "hardfocus-compare --methods uniform,irdro --seeds 3" in out and "--lr 0.002" in out
 
 
+def test_saving_draws_no_bar_of_its_own(tmp_path, capfd):
+    """Checkpoints mid-run do not print transformers' or the hub's bars over the training bar."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()                     # an earlier --quiet run in this process turned it off
+    main([*[a for a in SMALL if a != "--quiet"], "--num-batches", "2", "--save-every", "1",
+          "--output-dir", str(tmp_path / "bars")])
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()          # restored afterwards
+
+
 def test_a_model_directory_without_tokenizer_is_one_line(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(base.ensure_base(say=None)).save_pretrained(tmp_path / "bare")
+    capsys.readouterr()                                   # transformers' own bars while saving the folder
     with pytest.raises(SystemExit):
         main([*SMALL, "--model", str(tmp_path / "bare"), "--output-dir", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip()

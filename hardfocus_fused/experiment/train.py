@@ -238,22 +238,26 @@ def data_streams(args: argparse.Namespace, tokenizer):
 # -- checkpoints ---------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _no_hub_bars():
-    """Without the hub's progress bars (saving a model draws one, which breaks the training
-    bar's line)."""
+def _no_save_bars():
+    """Without transformers' and the hub's progress bars (saving a model draws one, which
+    breaks the training bar's line)."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
 
-    was_disabled = are_progress_bars_disabled()
+    hub_was_off, transformers_was_on = are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled()
     disable_progress_bars()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        if not was_disabled:
+        if not hub_was_off:
             enable_progress_bars()
+        if transformers_was_on:
+            hf_logging.enable_progress_bar()
 
 
 def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, args, log: dict) -> None:
-    with _no_hub_bars():
+    with _no_save_bars():
         _save_checkpoint(run_dir, model, tokenizer, optimizer, args, log)
 
 
@@ -428,7 +432,7 @@ def train(args: argparse.Namespace, save: bool = True) -> dict:
         from ..hf import remove_hardfocus
 
         remove_hardfocus(model)
-        with _no_hub_bars():
+        with _no_save_bars():
             model.save_pretrained(final)
             tokenizer.save_pretrained(final)
         (run_dir / "log.json").write_text(json.dumps(log, indent=1))
