@@ -24,6 +24,8 @@ fixed chunking as the library's matmuls are.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -139,6 +141,24 @@ def matmul_backward(
 _WIDENED = {"count": 0}
 
 
+def _wants_out_dtype(a: torch.Tensor) -> bool:
+    """Whether ``a``'s device should run the half-precision products with an fp32 result
+    directly (CUDA); elsewhere widened copies are the ordinary path."""
+    return a.is_cuda
+
+
+def _warn_widened_once(error: Exception) -> None:
+    """One warning per process: on a GPU, widened copies make the ``"matmul"`` backward's
+    products run as fp32 matmuls (several times slower than half precision, and more memory)."""
+    if _WIDENED.get("warned"):
+        return
+    _WIDENED["warned"] = True
+    warnings.warn(f"backward_impl='matmul': this torch ({torch.__version__}) has no half-precision matmul with an "
+                  f"fp32 result on this GPU ({type(error).__name__}: {str(error).splitlines()[0]:.120}); its products "
+                  f"run on widened fp32 copies, several times slower. Use backward_impl='fused' (the default) or a "
+                  f"torch with mm(..., out_dtype=torch.float32)", RuntimeWarning, stacklevel=3)
+
+
 def widened_matmuls() -> int:
     """How many half-precision matmuls ran on widened fp32 copies (on CUDA: 0 when the
     installed torch has ``out_dtype`` matmuls)."""
@@ -150,15 +170,15 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, accum
     result, whatever the operands' dtype: on CUDA through ``out_dtype=torch.float32``; else
     (or where this torch lacks it) on fp32 copies of the operands, whose products are
     exactly those of the half-precision values."""
-    if a.dtype != torch.float32 and a.is_cuda:
+    if a.dtype != torch.float32 and _wants_out_dtype(a):
         try:
             if accumulate:
                 return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
             if out is not None:
                 return torch.mm(a, b, out_dtype=torch.float32, out=out)
             return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError, NotImplementedError):
-            pass
+        except (RuntimeError, TypeError, NotImplementedError) as error:
+            _warn_widened_once(error)
     if a.dtype != torch.float32:
         _WIDENED["count"] += 1
     a, b = a.float(), b.float()

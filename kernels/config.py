@@ -101,6 +101,10 @@ _HALF = HeadConfigs(
 # does not either.
 _FP32_TILE = KernelConfig(block_n=64, block_v=64, block_h=16, num_warps=8, num_stages=2)
 _FP32 = HeadConfigs(forward=_FP32_TILE, backward=_FP32_TILE, deterministic=dataclasses.replace(_FP32_TILE, block_v=32))
+# The same tiles on tensor cores (tf32 inputs, fp32 accumulation), when torch's fp32 matmuls
+# may use them: torch.set_float32_matmul_precision("high") or allow_tf32.
+_FP32_TF32 = HeadConfigs(*(dataclasses.replace(c, fp32_precision="tf32")
+                           for c in (_FP32.forward, _FP32.backward, _FP32.deterministic)))
 # Few tokens (decoding-sized batches, a handful of sequences): 64-token blocks waste less
 # on masked rows.
 SMALL_N = 512
@@ -114,16 +118,25 @@ def default_configs(n_tokens: int, n_vocab: int, n_hidden: int, dtype: torch.dty
     programs) are what keeps tests fast.  On a GPU, half precision uses 128 x 128 logit
     tiles (about 64 FLOP per byte from L2 in the forward, against 43 for 64 x 128), down
     to 64-token blocks for small token counts; fp32 smaller tiles at 8 warps, so that
-    nothing spills.
+    nothing spills, on tensor cores when torch's fp32 matmuls may use them
+    (:func:`fp32_on_tensor_cores`).
     """
     if interpreter_active():
         return HeadConfigs.of(_INTERPRETER)
     if dtype == torch.float32:
-        return _FP32
+        return _FP32_TF32 if fp32_on_tensor_cores() else _FP32
     if n_tokens <= SMALL_N:
         small = lambda c: dataclasses.replace(c, block_n=64)
         return dataclasses.replace(_HALF, forward=small(_HALF.forward), backward=small(_HALF.backward))
     return _HALF
+
+
+def fp32_on_tensor_cores() -> bool:
+    """Whether fp32 heads multiply on tensor cores (tf32 inputs): as torch's own fp32
+    matmuls do, when ``torch.set_float32_matmul_precision`` is "high" or "medium" (or
+    ``torch.backends.cuda.matmul.allow_tf32`` is set).  Otherwise ("highest", torch's
+    default) they run exact fp32 products on the FMA units, without tensor cores."""
+    return torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32
 
 
 def default_config(n_tokens: int, n_vocab: int, n_hidden: int, dtype: torch.dtype) -> KernelConfig:

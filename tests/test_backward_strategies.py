@@ -108,3 +108,38 @@ def test_kernel_config_group_is_checked():
         KernelConfig(group_n=0)
     with pytest.raises(TypeError, match="kernel_config"):
         HeadConfigs.of({"block_n": 16})
+
+
+def test_widened_matmuls_on_a_gpu_warn_once(monkeypatch):
+    """Where the half-precision matmul with an fp32 result is missing on a GPU, the
+    "matmul" backward says once that it runs on widened fp32 copies (same products)."""
+    monkeypatch.setattr(backward_matmul, "_wants_out_dtype", lambda a: True)   # as on CUDA
+    monkeypatch.setitem(backward_matmul._WIDENED, "warned", False)
+    a = torch.randn(8, 16, dtype=torch.bfloat16)
+    b = torch.randn(16, 4, dtype=torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="widened fp32 copies, several times slower"):
+        product = backward_matmul._mm(a, b)
+    torch.testing.assert_close(product, a.float() @ b.float())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backward_matmul._mm(a, b)                # once per process
+
+
+def test_fp32_heads_follow_torchs_matmul_precision(monkeypatch):
+    from hardfocus_fused.kernels import config
+
+    monkeypatch.setattr(config, "interpreter_active", lambda: False)   # the compiled defaults
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert {c.fp32_precision for c in (config.default_configs(4096, 32000, 4096, torch.float32).forward,
+                                           config.default_configs(4096, 32000, 4096, torch.float32).backward)} \
+            == {"ieee"}
+        torch.set_float32_matmul_precision("high")
+        configs = config.default_configs(4096, 32000, 4096, torch.float32)
+        assert configs.forward.fp32_precision == configs.deterministic.fp32_precision == "tf32"
+        assert config.default_configs(4096, 32000, 4096, torch.bfloat16).forward.fp32_precision == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(precision)
