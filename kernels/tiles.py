@@ -175,7 +175,8 @@ def dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_p
             mu = tl.load(coef_ptr + WIDTH * tok + 4, mask=row_mask, other=0.0)
             # At the target column z - mu = (lse - nll) - mu: a per-row value too.
             at_target += k * tl.exp(-nll) * ((lse - mu) - nll)
-            dz = tl.where(is_target, at_target[:, None], prob * ((coef + extra)[:, None] + k[:, None] * (z - mu[:, None])))
+            scale = (coef + extra)[:, None] + k[:, None] * (z - mu[:, None])
+            dz = tl.where(is_target, at_target[:, None], prob * scale)
         else:
             dz = tl.where(is_target, at_target[:, None], prob * (coef + extra)[:, None])
         if CLASS_WEIGHT:

@@ -104,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Option values that cannot work, before any slow work."""
-    positive = ("num_batches", "batch_size", "seq_len", "save_every") + (("threads",) if args.threads is not None else ())
+    positive = ("num_batches", "batch_size", "seq_len", "save_every")
+    positive += ("threads",) if args.threads is not None else ()
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -145,8 +146,9 @@ def check_args(args: argparse.Namespace) -> None:
         if not (model / "config.json").is_file():
             raise UserError(f"--model {args.model}: not a model directory (no config.json)")
         if not any((model / name).is_file() for name in TOKENIZER_FILES):
-            raise UserError(f"--model {args.model} has a model but no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-                            f"save one there with tokenizer.save_pretrained('{args.model}')")
+            raise UserError(f"--model {args.model} has a model but no tokenizer (none of "
+                            f"{', '.join(TOKENIZER_FILES)}); save one there with "
+                            f"tokenizer.save_pretrained('{args.model}')")
 
 
 # Files of which a saved tokenizer has at least one.
