@@ -37,7 +37,7 @@ from triton.runtime.jit import create_function_from_signature
 
 from hardfocus_fused._tokens import partition_active
 from hardfocus_fused.kernels import HeadProblem, backward, backward_deterministic, backward_matmul, forward
-from hardfocus_fused.kernels.config import default_configs
+from hardfocus_fused.kernels.config import ARCHITECTURES, default_configs
 
 HOPPER_MAX_SHARED_BYTES = 232448        # 227 KiB of shared memory per block on sm_90
 HOPPER_SMS = 132                        # H100 SXM and H200: the forward's split count depends on it
@@ -73,6 +73,7 @@ class Variant:
     membar: int
     red: int
     atom: int
+    mma: str            # the tensor-core MMA instructions in the SASS (HGMMA, HMMA, UTCHMMA), or "-"
 
     @property
     def spills(self) -> bool:
@@ -123,7 +124,7 @@ class _Placeholders:
     """Tensors of ``head``'s shapes in ``dtype`` for the launchers to launch on: never
     touched (the launches are recorded, not run), so no memory is committed."""
 
-    def __init__(self, head: str, dtype: torch.dtype) -> None:
+    def __init__(self, head: str, dtype: torch.dtype, capability: int = 90) -> None:
         n_tokens, n_hidden, n_vocab = HEADS[head]
         self.dtype = dtype
         self.hidden = torch.empty((n_tokens, n_hidden), dtype=dtype)
@@ -135,7 +136,7 @@ class _Placeholders:
         self.coef = torch.ones(n_tokens)
         self.class_weight = torch.empty(n_vocab)
         self.rich = torch.empty((n_tokens, 5))      # (a, e, u[, k, mu]): wide enough for the entropy's too
-        self.default_configs = default_configs(n_tokens, n_vocab, n_hidden, dtype)
+        self.default_configs = default_configs(n_tokens, n_vocab, n_hidden, dtype, capability)
 
     def problem(self, config, with_bias=True, terms=False, entropy=None) -> HeadProblem:
         """With a bias and a soft-cap (or neither), and every extra loss term (or none; the
@@ -147,13 +148,13 @@ class _Placeholders:
                            rich_coef=terms or entropy, entropy=entropy)
 
 
-def launches_of(head: str, dtype: torch.dtype, configs=None) -> list:
+def launches_of(head: str, dtype: torch.dtype, configs=None, capability: int = 90) -> list:
     """The launches of a forward and of every backward variant on ``head`` in ``dtype``
     (with ``configs``, default: the package's): with and without bias and soft-cap,
     trainable and frozen head, the deterministic kernels, the ``"matmul"`` strategy's
     elementwise kernel, each with every extra loss term on (``ce_terms``), and each with
     the entropy alone; the forward and the atomic backward with every term and the entropy."""
-    head_tensors = _Placeholders(head, dtype)
+    head_tensors = _Placeholders(head, dtype, capability)
     configs = configs or head_tensors.default_configs
     problem, stats, coef, rich = head_tensors.problem, head_tensors.stats, head_tensors.coef, head_tensors.rich
     launches: list = []
@@ -200,8 +201,10 @@ def _tool(name: str) -> str:
 
 
 def resources(compiled) -> dict:
-    """Registers, stack and local memory (``cuobjdump -res-usage``), shared memory, and the
-    SASS counts of memory barriers, reductions and atomics of a compiled kernel."""
+    """Registers, stack and local memory (``cuobjdump -res-usage``), shared memory, the
+    SASS counts of memory barriers, reductions and atomics of a compiled kernel, and which
+    tensor-core MMA instructions it has (``mma``: ``HGMMA`` is Hopper's wgmma, ``HMMA``
+    mma.sync, ``UTCHMMA`` Blackwell's tcgen05; "-" for none: FMA products)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
     try:
@@ -214,8 +217,10 @@ def resources(compiled) -> dict:
     field = lambda key: int(re.search(rf"\b{key}:(\d+)", usage).group(1))
     opcodes = [line.split(";")[0] for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
     count = lambda op: sum(bool(re.search(rf"\b{op}\b", line)) for line in opcodes)
+    mma = sorted({m for line in opcodes for m in re.findall(r"\b(UTC\w*MMA|HGMMA|HMMA)\b", line)})
     return dict(registers=field("REG"), stack=field("STACK"), local=field("LOCAL"), shared=compiled.metadata.shared,
-                membar=count("MEMBAR"), red=count(r"REDG?(\.\S+)?"), atom=count(r"ATOMG?(\.\S+)?"))
+                membar=count("MEMBAR"), red=count(r"REDG?(\.\S+)?"), atom=count(r"ATOMG?(\.\S+)?"),
+                mma=" ".join(mma) or "-")
 
 
 _FLAGS = ("HAS_BIAS", "HAS_SOFTCAP", "GRAD_HIDDEN", "GRAD_WEIGHT", "GRAD_BIAS", "SMOOTH", "CLASS_WEIGHT", "ARGMAX",
@@ -227,7 +232,7 @@ def variants(heads=tuple(HEADS), dtypes=tuple(DTYPES), capability: int = 90) -> 
     seen, out = set(), []
     for head in heads:
         for dtype_name in dtypes:
-            for name, kernel, args, kwargs in launches_of(head, DTYPES[dtype_name]):
+            for name, kernel, args, kwargs in launches_of(head, DTYPES[dtype_name], capability=capability):
                 compiled = compile_launch(kernel, args, kwargs, capability)
                 if compiled.hash in seen:
                     continue
@@ -290,31 +295,41 @@ def launched(heads=("gemma2-2b", "llama3-8b")) -> list[dict]:
 
 
 def markdown(rows: list[Variant], meta: dict) -> str:
+    arch = ARCHITECTURES.get(meta["capability"])
+    limit = f"; a block may have {arch.shared_bytes // 1024} KiB of shared memory there" if arch else ""
     lines = [f"# Kernel resources, sm_{meta['capability']}, launch-time specialisation", "",
              f"{meta['date']}; triton {meta['triton']}, torch {meta['torch']}; compiled on a CPU-only machine "
              f"with Triton's bundled ptxas (no GPU: nothing here is a timing). "
              f"`python -m benchmarks.kernel_resources`. One row per distinct compiled kernel: a launch that "
              f"specialises exactly like one above (another head with the same argument divisibility) is not "
              f"repeated. stack/local: bytes of spilled registers; RED/ATOM/MEMBAR: global reductions, atomics "
-             f"and memory barriers in the SASS.", "",
+             f"and memory barriers in the SASS; MMA: the tensor-core instructions (HGMMA: wgmma, HMMA: "
+             f"mma.sync, UTCHMMA: tcgen05; - for none). The configurations are the package's defaults for this "
+             f"architecture (`kernels.config.ARCHITECTURES`){limit}.", "",
              "| head | dtype | kernel | flags | blocks N x V x H | warps | stages | regs | stack | local | "
-             "shared KiB | MEMBAR | RED | ATOM |", "|" + "---|" * 14]
+             "shared KiB | MEMBAR | RED | ATOM | MMA |", "|" + "---|" * 15]
     for r in rows:
         lines.append(f"| {r.head} | {r.dtype} | {r.kernel} | {r.flags} | {r.blocks} | {r.num_warps} | "
                      f"{r.num_stages} | {r.registers} | {r.stack} | {r.local} | {r.shared / 1024:.0f} | "
-                     f"{r.membar} | {r.red} | {r.atom} |")
+                     f"{r.membar} | {r.red} | {r.atom} | {r.mma} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--capability", type=int, default=90)
+    parser.add_argument("--arch", choices=sorted(a.name for a in ARCHITECTURES.values()), default=None,
+                        help="the architecture to compile for (default sm_90a; or --capability)")
+    parser.add_argument("--capability", type=int, default=90, help="compute capability, e.g. 86 for sm_86")
+    parser.add_argument("--heads", default=",".join(HEADS), help="comma-separated benchmark heads")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated dtypes (bf16, fp16, fp32)")
     parser.add_argument("--launched", action="store_true",
                         help="on a GPU: report the kernels the JIT compiled for real launches on both heads")
     parser.add_argument("--sweep-candidates", action="store_true",
                         help="print the resources of benchmarks.sweep's candidates (JSON lines)")
     args = parser.parse_args(argv)
+    if args.arch is not None:
+        args.capability = next(c for c, a in ARCHITECTURES.items() if a.name == args.arch)
     if args.sweep_candidates:
         for row in sweep_candidates(capability=args.capability):
             print(json.dumps(row))
@@ -328,7 +343,8 @@ def main(argv=None) -> None:
         for row in rows:
             print(row)
         return
-    rows = variants(capability=args.capability)
+    rows = variants(heads=tuple(h for h in args.heads.split(",") if h),
+                    dtypes=tuple(d for d in args.dtypes.split(",") if d), capability=args.capability)
     meta = dict(date=datetime.date.today().isoformat(), triton=triton.__version__, torch=torch.__version__,
                 capability=args.capability)
     stem = Path(args.out) / f"kernel-resources-sm{args.capability}-{meta['date']}"

@@ -11,9 +11,11 @@ from .ce_terms import LossTerms
 
 def _configs(hidden: torch.Tensor, weight: torch.Tensor, config, dtype: torch.dtype):
     from .kernels import HeadConfigs, default_configs
+    from .kernels.config import device_capability
 
-    if config is None:
-        return default_configs(hidden.shape[0], weight.shape[0], hidden.shape[1], dtype)
+    if config is None:   # the defaults of the device's architecture
+        return default_configs(hidden.shape[0], weight.shape[0], hidden.shape[1], dtype,
+                               device_capability(hidden.device))
     return HeadConfigs.of(config)
 
 

@@ -101,34 +101,106 @@ _HALF = HeadConfigs(
 # does not either.
 _FP32_TILE = KernelConfig(block_n=64, block_v=64, block_h=16, num_warps=8, num_stages=2)
 _FP32 = HeadConfigs(forward=_FP32_TILE, backward=_FP32_TILE, deterministic=dataclasses.replace(_FP32_TILE, block_v=32))
-# The same tiles on tensor cores (tf32 inputs, fp32 accumulation), when torch's fp32 matmuls
-# may use them: torch.set_float32_matmul_precision("high") or allow_tf32.
-_FP32_TF32 = HeadConfigs(*(dataclasses.replace(c, fp32_precision="tf32")
-                           for c in (_FP32.forward, _FP32.backward, _FP32.deterministic)))
+# Before Hopper (sm_80/86/89) and on consumer Blackwell (sm_120) the matmuls are
+# mma.sync (HMMA), whose fragments live in registers: the 128 x 128 forward spills (up to
+# 512 bytes a thread with every term and the entropy), and the 3-stage 128 x 128 backward
+# needs 128 KiB of shared memory, more than the 99 KiB a block may have on sm_86/89/120.
+# 128 x 64 forward tiles and a 2-stage backward (96 KiB) compile clean on all of them, and
+# the fp32 backward takes the deterministic kernels' 64 x 32 x 16 tile (64 x 64 spilled 16
+# bytes with every term and the entropy).  (benchmarks/results/kernel-resources-sm86-*.md
+# has what the Hopper tiles would have been there.)
+_HALF_MMA = HeadConfigs(
+    forward=KernelConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3),
+    backward=KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=2),
+    deterministic=_HALF.deterministic,
+)
+_FP32_MMA = HeadConfigs(forward=_FP32.forward, backward=_FP32.deterministic, deterministic=_FP32.deterministic)
+# sm_120 and sm_100a spill even the 64 x 64 fp32 forward with every term and the entropy
+# (8 bytes): every fp32 pass there takes 64 x 32 x 16.
+_FP32_NARROW = HeadConfigs.of(_FP32.deterministic)
+# sm_100a (tcgen05) compiles Hopper's forward clean, but its 128 x 128 backward spills (176
+# bytes with the extra terms) and so does the 64 x 128 x 64 deterministic weight gradient
+# (64 x 64 x 64 then spills the deterministic hidden gradient): 128 x 64 x 64 and 64 x 64 x 32
+# do not.
+_HALF_TCGEN05 = HeadConfigs(
+    forward=_HALF.forward,
+    backward=KernelConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3),
+    deterministic=KernelConfig(block_n=64, block_v=64, block_h=32, num_warps=8, num_stages=3),
+)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A GPU architecture the defaults are chosen for: its name (as Triton's ptxas targets
+    it), the shared memory one block may use, and the default configurations of half
+    precision and fp32 heads."""
+
+    name: str
+    shared_bytes: int
+    half: HeadConfigs
+    fp32: HeadConfigs
+
+
+# By compute capability; ``architecture`` maps any other to the nearest one below.
+ARCHITECTURES = {
+    80: Architecture("sm_80", 163 * 1024, _HALF_MMA, _FP32_MMA),       # A100
+    86: Architecture("sm_86", 99 * 1024, _HALF_MMA, _FP32_MMA),        # RTX 30xx, A10, A40
+    89: Architecture("sm_89", 99 * 1024, _HALF_MMA, _FP32_MMA),        # RTX 40xx, L4, L40S
+    90: Architecture("sm_90a", 227 * 1024, _HALF, _FP32),              # H100, H200
+    100: Architecture("sm_100a", 227 * 1024, _HALF_TCGEN05, _FP32_NARROW),  # B200
+    120: Architecture("sm_120", 99 * 1024, _HALF_MMA, _FP32_NARROW),   # RTX 50xx
+}
+
+
+def architecture(capability: int | None) -> Architecture:
+    """The :class:`Architecture` of a compute capability (``major * 10 + minor``): the
+    nearest listed one at or below it (sm_87 is sm_86's, sm_103 sm_100's), sm_80 below
+    sm_80, and sm_90 when it is unknown (None: no GPU)."""
+    if capability is None:
+        return ARCHITECTURES[90]
+    known = [c for c in ARCHITECTURES if c <= capability]
+    return ARCHITECTURES[max(known)] if known else ARCHITECTURES[80]
+
+
+def device_capability(device: torch.device) -> int | None:
+    """``major * 10 + minor`` of a CUDA device, None elsewhere (and under the interpreter)."""
+    if device.type != "cuda" or interpreter_active():
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 # Few tokens (decoding-sized batches, a handful of sequences): 64-token blocks waste less
 # on masked rows.
 SMALL_N = 512
 _INTERPRETER = KernelConfig(block_n=32, block_v=64, block_h=64, num_warps=4, num_stages=1)
 
 
-def default_configs(n_tokens: int, n_vocab: int, n_hidden: int, dtype: torch.dtype) -> HeadConfigs:
+def default_configs(n_tokens: int, n_vocab: int, n_hidden: int, dtype: torch.dtype,
+                    capability: int | None = None) -> HeadConfigs:
     """The per-pass configurations used when the caller passes none.
 
     Under the interpreter every program is executed in Python, so large tiles (few
     programs) are what keeps tests fast.  On a GPU, half precision uses 128 x 128 logit
     tiles (about 64 FLOP per byte from L2 in the forward, against 43 for 64 x 128), down
     to 64-token blocks for small token counts; fp32 smaller tiles at 8 warps, so that
-    nothing spills, on tensor cores when torch's fp32 matmuls may use them
-    (:func:`fp32_on_tensor_cores`).
+    nothing spills, on tensor cores (tf32) when torch's fp32 matmuls may use them
+    (:func:`fp32_on_tensor_cores`).  The tiles are those of the ``capability``'s
+    :func:`architecture` (sm_90's when None), each compiling there without spills and
+    within the shared memory a block may have (``tests/test_compile.py``).
     """
     if interpreter_active():
         return HeadConfigs.of(_INTERPRETER)
+    arch = architecture(capability)
     if dtype == torch.float32:
-        return _FP32_TF32 if fp32_on_tensor_cores() else _FP32
-    if n_tokens <= SMALL_N:
-        small = lambda c: dataclasses.replace(c, block_n=64)
-        return dataclasses.replace(_HALF, forward=small(_HALF.forward), backward=small(_HALF.backward))
-    return _HALF
+        if fp32_on_tensor_cores():
+            return HeadConfigs(*(dataclasses.replace(c, fp32_precision="tf32")
+                                 for c in (arch.fp32.forward, arch.fp32.backward, arch.fp32.deterministic)))
+        return arch.fp32
+    if n_tokens <= SMALL_N:   # 64-token blocks; the forward keeps 128 columns (64 x 64 spills at 8 warps)
+        return dataclasses.replace(arch.half, forward=dataclasses.replace(arch.half.forward, block_n=64, block_v=128),
+                                   backward=dataclasses.replace(arch.half.backward, block_n=64))
+    return arch.half
 
 
 def fp32_on_tensor_cores() -> bool:

@@ -143,3 +143,19 @@ def test_fp32_heads_follow_torchs_matmul_precision(monkeypatch):
         assert config.default_configs(4096, 32000, 4096, torch.bfloat16).forward.fp32_precision == "ieee"
     finally:
         torch.set_float32_matmul_precision(precision)
+
+
+def test_defaults_follow_the_architecture(monkeypatch):
+    """Each GPU gets its architecture's tiles: Hopper's 3-stage 128 x 128 backward needs
+    more shared memory than a block has on sm_86/89/120, and Hopper's 128 x 128 forward
+    spills with mma.sync."""
+    from hardfocus_fused.kernels import config
+
+    monkeypatch.setattr(config, "interpreter_active", lambda: False)
+    assert [config.architecture(c).name for c in (75, 80, 87, 89, 90, 103, 121, None)] == \
+        ["sm_80", "sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120", "sm_90a"]
+    shape = (16384, 128256, 4096, torch.bfloat16)
+    hopper, ada = config.default_configs(*shape, 90), config.default_configs(*shape, 89)
+    assert hopper == config.default_configs(*shape) and hopper.backward.num_stages == 3
+    assert ada.backward.num_stages == 2 and ada.forward.block_v == 64
+    assert config.default_configs(*shape[:3], torch.float32, 86).backward.block_v == 32

@@ -1,10 +1,13 @@
-"""The kernels compile for Hopper as they are launched, checked without a GPU.
+"""The kernels compile for every GPU architecture they run on, as they are launched,
+checked without a GPU.
 
 Triton's interpreter accepts kernels that the GPU compiler rejects, and a kernel compiled
 without the JIT's launch-time specialisation is a different kernel (other pipelining,
 other shared memory).  ``benchmarks.kernel_resources`` compiles every launch of the
 package's launchers on the benchmark heads (bf16, fp16, fp32) for sm_90 exactly as the
-JIT would, with Triton's bundled ptxas; this test holds what it reports.
+JIT would, with Triton's bundled ptxas; this test holds what it reports, and for the other
+architectures (``kernels.config.ARCHITECTURES``) the same on the Llama-3-8B head in bf16
+and fp32, each with that architecture's default configurations.
 """
 
 import json
@@ -85,3 +88,36 @@ def test_sweep_candidates_compile_without_spills():
     assert len(rows) == len(sweep.FORWARD) + len(sweep.BACKWARD)
     assert not [r for r in rows if r["stack"] or r["local"]], rows
     assert max(r["shared"] for r in rows) <= 232448
+
+
+OTHER_ARCHITECTURES = ["sm_80", "sm_86", "sm_89", "sm_100a", "sm_120"]
+
+
+@pytest.fixture(scope="module", params=OTHER_ARCHITECTURES)
+def arch_variants(request, tmp_path_factory):
+    from hardfocus_fused.kernels.config import ARCHITECTURES
+
+    out = tmp_path_factory.mktemp(request.param)
+    kernel_resources("--arch", request.param, "--heads", "llama3-8b", "--dtypes", "bf16,fp32", "--out", str(out))
+    (result,) = out.glob("kernel-resources-sm*.json")
+    arch = next(a for a in ARCHITECTURES.values() if a.name == request.param)
+    return request.param, arch.shared_bytes, json.loads(result.read_text())["variants"]
+
+
+def test_every_architecture_compiles_clean(arch_variants):
+    """No spills, shared memory within what a block may have there (99 KiB on sm_86/89/120,
+    where Hopper's 128 KiB backward would not launch), and tensor-core MMA in every
+    half-precision matmul kernel: HGMMA only on sm_90a (wgmma), HMMA (mma.sync) before it
+    and on sm_120, UTCHMMA (tcgen05) on sm_100a."""
+    name, shared_bytes, variants = arch_variants
+    assert {v["kernel"] for v in variants} >= {"forward", "backward", "grad_hidden (det.)", "grad_weight (det.)"}
+    assert not [v for v in variants if v["stack"] or v["local"]], name
+    assert max(v["shared"] for v in variants) <= shared_bytes, name
+    expected = "UTCHMMA" if name == "sm_100a" else "HMMA"
+    matmuls = [v for v in variants if v["dtype"] == "bf16" and v["kernel"] != "dlogits (matmul)"]
+    assert matmuls and all(v["mma"] == expected for v in matmuls), [(v["kernel"], v["mma"]) for v in matmuls]
+
+
+def test_hopper_uses_wgmma(variants):
+    matmuls = [v for v in variants if v["dtype"] in ("bf16", "fp16") and v["kernel"] != "dlogits (matmul)"]
+    assert matmuls and all(v["mma"] == "HGMMA" for v in matmuls)

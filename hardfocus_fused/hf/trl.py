@@ -27,7 +27,7 @@ from trl import GRPOTrainer, SFTTrainer
 
 from ..lce import LCEOutput, linear_cross_entropy
 from .parts import unwrap
-from .patch import DATA_COLUMNS, hardfocus_patch
+from .patch import DATA_COLUMNS, _is_dtensor, hardfocus_patch
 from .trainer import WeightColumns, take_label_smoothing
 
 
@@ -117,6 +117,8 @@ def use_fused_logprobs(model: torch.nn.Module, *, temperature: float = 1.0, outp
         if kwargs.get("output_router_logits") or getattr(config, "output_router_logits", False):
             raise ValueError("use_fused_logprobs does not compute the MoE load-balancing loss; turn "
                              "output_router_logits off")
+        if labels is None and shift_labels is None:
+            raise ValueError("fused_lm_head=True needs labels (or shift_labels): the tokens to score")
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         if shift_labels is None:
@@ -125,6 +127,9 @@ def use_fused_logprobs(model: torch.nn.Module, *, temperature: float = 1.0, outp
             labels = shift_labels
         head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
+        if _is_dtensor(weight):
+            raise ValueError("use_fused_logprobs needs lm_head's whole weight; it is a DTensor here (FSDP2 or tensor "
+                             "parallel with lm_head sharded on its own): keep lm_head in the root unit")
         hidden, labels = hidden.to(weight.device), labels.to(weight.device)
         if scale != 1.0:
             hidden = hidden * scale
