@@ -107,8 +107,8 @@ _FP32 = HeadConfigs(forward=_FP32_TILE, backward=_FP32_TILE, deterministic=datac
 # needs 128 KiB of shared memory, more than the 99 KiB a block may have on sm_86/89/120.
 # 128 x 64 forward tiles and a 2-stage backward (96 KiB) compile clean on all of them, and
 # the fp32 backward takes the deterministic kernels' 64 x 32 x 16 tile (64 x 64 spilled 16
-# bytes with every term and the entropy).  (benchmarks/results/kernel-resources-sm86-*.md
-# has what the Hopper tiles would have been there.)
+# bytes with every term and the entropy).  The tables are
+# benchmarks/results/kernel-resources-sm{80,86,89,100,120}-*.md.
 _HALF_MMA = HeadConfigs(
     forward=KernelConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3),
     backward=KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=2),
