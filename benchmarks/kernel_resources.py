@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -38,6 +39,8 @@ from triton.runtime.jit import create_function_from_signature
 from hardfocus_fused._tokens import partition_active
 from hardfocus_fused.kernels import HeadProblem, backward, backward_deterministic, backward_matmul, forward
 from hardfocus_fused.kernels.config import ARCHITECTURES, default_configs
+
+from .report import table
 
 HOPPER_MAX_SHARED_BYTES = 232448        # 227 KiB of shared memory per block on sm_90
 HOPPER_SMS = 132                        # H100 SXM and H200: the forward's split count depends on it
@@ -172,16 +175,27 @@ def launches_of(head: str, dtype: torch.dtype, configs=None, capability: int = 9
         backward.lce_backward(problem(configs.deterministic, terms=True), stats, rich, deterministic=True)
         backward_matmul.matmul_backward(problem(configs.backward, terms=True), stats, rich, configs.matmul_chunk_bytes)
         # ... and the entropy too, in the kernels with the most live state.
-        forward.lse_forward(problem(configs.forward, terms=True, entropy=True))
+        forward.lse_forward(problem(configs.forward_for(entropy=True), terms=True, entropy=True))
         backward.lce_backward(problem(configs.backward, terms=True, entropy=True), stats, rich)
         # The entropy alone (log-probs and entropy for policy-gradient losses), no bias or soft-cap.
-        forward.lse_forward(problem(configs.forward, with_bias=False, entropy=True))
+        forward.lse_forward(problem(configs.forward_for(entropy=True), with_bias=False, entropy=True))
         backward.lce_backward(problem(configs.backward, with_bias=False, entropy=True), stats, rich)
         backward.lce_backward(problem(configs.deterministic, with_bias=False, entropy=True), stats, rich,
                               deterministic=True)
         backward_matmul.matmul_backward(problem(configs.backward, with_bias=False, entropy=True), stats, rich,
                                         configs.matmul_chunk_bytes)
+        # The three-product path's forward reads stored logits (plain, and with every term).
+        stored = torch.empty((head_tensors.hidden.shape[0], head_tensors.weight.shape[0]))
+        for terms in (False, True):
+            forward.lse_forward(problem(stored_logits_config(configs), terms=terms), logits=stored)
     return launches
+
+
+def stored_logits_config(configs):
+    """The tile the three-product path reads stored logits with (``triton_forward_grad``)."""
+    from hardfocus_fused.triton_forward_grad import STATS_CONFIG
+
+    return dataclasses.replace(STATS_CONFIG, fp32_precision=configs.forward.fp32_precision)
 
 
 def compile_launch(kernel, args: tuple, kwargs: dict, capability: int = 90):
@@ -224,7 +238,7 @@ def resources(compiled) -> dict:
 
 
 _FLAGS = ("HAS_BIAS", "HAS_SOFTCAP", "GRAD_HIDDEN", "GRAD_WEIGHT", "GRAD_BIAS", "SMOOTH", "CLASS_WEIGHT", "ARGMAX",
-          "RICH_COEF", "ENTROPY")
+          "RICH_COEF", "ENTROPY", "STORED_LOGITS")
 
 
 def variants(heads=tuple(HEADS), dtypes=tuple(DTYPES), capability: int = 90) -> list[Variant]:
@@ -306,12 +320,10 @@ def markdown(rows: list[Variant], meta: dict) -> str:
              f"and memory barriers in the SASS; MMA: the tensor-core instructions (HGMMA: wgmma, HMMA: "
              f"mma.sync, UTCHMMA: tcgen05; - for none). The configurations are the package's defaults for this "
              f"architecture (`kernels.config.ARCHITECTURES`){limit}.", "",
-             "| head | dtype | kernel | flags | blocks N x V x H | warps | stages | regs | stack | local | "
-             "shared KiB | MEMBAR | RED | ATOM | MMA |", "|" + "---|" * 15]
-    for r in rows:
-        lines.append(f"| {r.head} | {r.dtype} | {r.kernel} | {r.flags} | {r.blocks} | {r.num_warps} | "
-                     f"{r.num_stages} | {r.registers} | {r.stack} | {r.local} | {r.shared / 1024:.0f} | "
-                     f"{r.membar} | {r.red} | {r.atom} | {r.mma} |")
+             *table(["head", "dtype", "kernel", "flags", "blocks N x V x H", "warps", "stages", "regs", "stack",
+                     "local", "shared KiB", "MEMBAR", "RED", "ATOM", "MMA"],
+                    [[r.head, r.dtype, r.kernel, r.flags, r.blocks, r.num_warps, r.num_stages, r.registers, r.stack,
+                      r.local, f"{r.shared / 1024:.0f}", r.membar, r.red, r.atom, r.mma] for r in rows])]
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,12 @@ import json
 from pathlib import Path
 
 
+def table(header: list[str], rows: list[list]) -> list[str]:
+    """Lines of a markdown table: the header, its rule and one line per row of cells."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
 def markdown(result: dict) -> str:
     lines = [f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['date']}, "
              f"{result['dtype']}; dense matmul {result['matmul_tflops']:.3g} TFLOP/s; median of {result['iters']}; "

@@ -95,8 +95,8 @@ def apply(choices: list[HeadChoice]) -> Applied:
     by_head = {(SHAPES[c.head].vocab, SHAPES[c.head].hidden): c for c in choices if c.head in SHAPES}
     original_configs, original_resolve = kernels.default_configs, lce.resolve_backward
 
-    def tuned_configs(n_tokens: int, n_vocab: int, n_hidden: int, dtype: torch.dtype) -> HeadConfigs:
-        configs = original_configs(n_tokens, n_vocab, n_hidden, dtype)
+    def tuned_configs(n_tokens: int, n_vocab: int, n_hidden: int, dtype: torch.dtype, *args, **kwargs) -> HeadConfigs:
+        configs = original_configs(n_tokens, n_vocab, n_hidden, dtype, *args, **kwargs)
         choice = by_head.get((n_vocab, n_hidden))
         if choice is None or dtype == torch.float32 or n_tokens <= kernels.config.SMALL_N:
             return configs

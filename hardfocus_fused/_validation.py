@@ -12,7 +12,7 @@ from .weighting import METHODS, SEQ_REDUCTIONS
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 IMPLS = ("auto", "triton", "torch")
-BACKWARD_IMPLS = ("auto", "fused", "matmul")
+BACKWARD_IMPLS = ("auto", "fused", "matmul", "forward")
 REDUCTIONS = ("none", "sum", "mean")
 
 

@@ -116,6 +116,13 @@ class LossTerms:
             e = e + torch.where(valid, grad_lse, 0.0)
         return torch.stack([a, e, u], dim=1)
 
+    def mean_weights(self, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The weight :meth:`mean` puts on each token's kernel loss (without a separate
+        z-loss): 1 over the scored targets' class weights or count, 0 where not scored."""
+        weight = self.target_weight(targets, valid)
+        mass = valid.sum() if weight is None else weight.sum()
+        return valid.float() / torch.where(mass > 0, mass, 1)
+
     def mean(self, loss: torch.Tensor, z_loss: torch.Tensor | None, targets: torch.Tensor,
              valid: torch.Tensor) -> torch.Tensor:
         """``reduction="mean"`` of per-token values: ``loss`` (the kernels' loss) divided by

@@ -127,3 +127,60 @@ def _backward(ctx, grad_loss, grad_lse, _grad_argmax, grad_entropy, _grad_residu
 
 
 token_terms.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("hardfocus_fused::weighted_terms", mutates_args=())
+def weighted_terms(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, class_weight: Tensor | None,
+                   token_weight: Tensor, ignore_index: int, softcap: float | None, label_smoothing: float,
+                   lse_square_scale: float, autocast: torch.dtype | None, config: int, check_name: str,
+                   need_hidden: bool, need_weight: bool,
+                   need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, token_loss, grad_hidden, grad_weight, grad_bias)`` of the three-product path
+    (``triton_forward_grad``): the scalar ``sum_t token_weight[t] * loss_t``, the per-token
+    loss, and the scalar's gradients formed in the forward (empty where not needed)."""
+    if check_name:
+        check_label_values(check_name, targets, weight.shape[0], ignore_index)
+    from .triton_forward_grad import forward_with_gradients
+
+    out = forward_with_gradients(hidden, weight, bias, targets, token_weight, ignore_index, softcap,
+                                 _terms(label_smoothing, class_weight, lse_square_scale),
+                                 (need_hidden, need_weight, need_bias), _CONFIGS[config], autocast)
+    return tuple(t if t is not None else hidden.new_empty(0) for t in out)
+
+
+@weighted_terms.register_fake
+def _(hidden, weight, bias, targets, class_weight, token_weight, ignore_index, softcap, label_smoothing,
+      lse_square_scale, autocast, config, check_name, need_hidden, need_weight, need_bias):
+    like = lambda tensor, needed: torch.empty_like(tensor) if needed else hidden.new_empty(0)  # noqa: E731
+    return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+            like(hidden, need_hidden), like(weight, need_weight),
+            like(bias, need_bias) if bias is not None else hidden.new_empty(0))
+
+
+def _weighted_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[2], output[3], output[4])
+    ctx.set_materialize_grads(False)
+
+
+def _weighted_backward(ctx, grad_loss, grad_token_loss, *_grads_of_gradients):
+    if grad_token_loss is not None:
+        raise RuntimeError("the per-token loss of hardfocus_fused::weighted_terms is not differentiable (its "
+                           "gradients were formed in the forward for the weighted sum only); use "
+                           "backward_impl='fused' or 'matmul' to differentiate per-token losses")
+    if grad_loss is None:
+        return (None,) * 16
+
+    def scale(grad: Tensor, needed: bool, name: str) -> Tensor | None:
+        if not needed:
+            return None
+        if grad.numel() == 0:     # the forward was told this input needs no gradient
+            raise RuntimeError(f"hardfocus_fused::weighted_terms formed no gradient for {name} in the forward "
+                               f"(need_{name}=False), but autograd asks for one")
+        return grad * grad_loss   # a 0-dim fp32 factor: the product is rounded once, to grad's dtype
+
+    grads = ctx.saved_tensors
+    return tuple(scale(g, need, name) for g, need, name in zip(grads, ctx.needs_input_grad[:3],
+                                                               ("hidden", "weight", "bias"))) + (None,) * 13
+
+
+weighted_terms.register_autograd(_weighted_backward, setup_context=_weighted_setup_context)

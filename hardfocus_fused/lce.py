@@ -7,7 +7,7 @@ import torch
 from typing import NamedTuple
 
 from . import _validation as check
-from ._tokens import shift_targets
+from ._tokens import compute_dtype, shift_targets
 from .ce_terms import LossTerms
 from . import fused_op
 
@@ -42,18 +42,22 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 def resolve_backward(backward_impl: str) -> str:
-    """The Triton backward strategy for ``backward_impl``: ``"auto"`` is ``"fused"``.
+    """The backward strategy the op is given for ``backward_impl`` (``"auto"`` is decided
+    in the backward, where the device, the shape and whether the head is trainable are
+    known: ``triton_op._auto_strategy``; ``benchmarks.tuned`` replaces this function to
+    make a measured choice instead).
 
-    ``"fused"`` (the default) recomputes logit tiles in the Triton backward kernel and
-    multiplies them into both gradients there: no logits leave the chip, no host
-    synchronisation, memory as described in the README.  ``"matmul"`` runs the three
-    products as library matmuls (cuBLAS) over budgeted vocabulary chunks, fast by
-    construction at the cost of one round trip of each chunk's logits through memory and
-    one host synchronisation.  The fused kernel is the default because it was built and
-    checked for this job (compile-level resources in ``benchmarks/results``); which is
-    faster on a given GPU is for ``benchmarks.sweep`` to measure.
+    ``"fused"`` recomputes logit tiles in the Triton backward kernel and multiplies them
+    into both gradients there: no logits leave the chip, no host synchronisation, but
+    every tile's partial gradients are added with fp32 reductions through L2.
+    ``"matmul"`` runs the three products as library matmuls (cuBLAS) over budgeted
+    vocabulary chunks, at the cost of one round trip of each chunk's logits through memory
+    and one host synchronisation.  ``"auto"`` takes the one ``hardfocus_fused.cost_model``
+    predicts faster on the device: ``"matmul"`` at the benchmark heads on H100, A100 and
+    L4 (a model, not a measurement: ``benchmarks/results/cost-model-*.md``), ``"fused"``
+    in the interpreter and with ``deterministic=True``.
     """
-    return "fused" if backward_impl == "auto" else backward_impl
+    return backward_impl
 
 
 def resolve_deterministic(deterministic: bool | None) -> bool:
@@ -70,6 +74,61 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+FORWARD_ONLY_WHEN_KNOWN = (
+    "backward_impl='forward' forms the gradients in the forward pass, which needs every token's weight in the "
+    "loss before it: linear_cross_entropy with reduction='mean' or 'sum' (and no return_* option), or "
+    "hardfocus_loss with method='mean' or 'uniform'; per-token losses, IR-DRO and the rankings need "
+    "backward_impl='auto', 'fused' or 'matmul'")
+
+# Under torch.compile with dynamic shapes the token count is symbolic; the three-product
+# choice is then made for this many tokens (it depends on the head far more than on N).
+_SYMBOLIC_TOKENS = 16384
+
+
+def wants_forward_gradients(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, impl: str,
+                            deterministic: bool | None, backward_impl: str, autocast: torch.dtype | None,
+                            n_scored: int | None = None) -> tuple[bool, bool, bool] | None:
+    """The gradients ``(hidden, weight, bias)`` the three-product path should form in the
+    forward for a loss whose per-token weights are known up front, or None to take the
+    four-product path: none is needed; not the Triton path; ``backward_impl`` is
+    ``"fused"``/``"matmul"``; or it is ``"auto"`` and ``deterministic``, or
+    ``cost_model.choose_forward_gradients`` says no (always off a GPU)."""
+    needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not any(needs) or backward_impl in ("fused", "matmul") or hidden.shape[0] == 0:
+        return None
+    if resolve_impl(impl, hidden.device, hidden.dtype) != "triton":
+        return None
+    if backward_impl == "forward":
+        return needs
+    if resolve_deterministic(deterministic) or resolve_backward("auto") != "auto":
+        return None      # reproducible kernels asked for, or a measured choice in force (benchmarks.tuned)
+    from .cost_model import choose_forward_gradients
+    from .kernels.config import device_capability, device_memory_bytes, device_sm_count
+
+    n = n_scored if n_scored is not None else hidden.shape[0]
+    n = n if isinstance(n, int) else _SYMBOLIC_TOKENS
+    dtype = compute_dtype(hidden, weight, autocast)
+    fits = choose_forward_gradients(n, hidden.shape[1], weight.shape[0], dtype.itemsize,
+                                    device_capability(hidden.device), device_sm_count(hidden.device), needs[1],
+                                    device_memory_bytes(hidden.device))
+    return needs if fits else None
+
+
+def weighted_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_weight: torch.Tensor,
+                 bias: torch.Tensor | None, ignore_index: int, softcap: float | None, needs: tuple[bool, bool, bool],
+                 terms: LossTerms = LossTerms(), kernel_config=None, check_name: str = "",
+                 autocast: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_t token_weight[t] * loss_t, per-token loss)`` by the three-product path
+    (``triton_forward_grad``), for 2-D ``hidden`` and checked inputs: the sum is
+    differentiable (its gradients were formed in the forward), the per-token loss is not."""
+    targets = targets.to(torch.int64).contiguous()
+    loss, token_loss, *_ = fused_op.weighted_terms(
+        hidden, weight, bias, targets, terms.class_weight, token_weight.float().contiguous(), ignore_index, softcap,
+        terms.label_smoothing, terms.lse_square_scale, autocast, fused_op.config_index(kernel_config), check_name,
+        *needs)
+    return loss, token_loss
 
 
 class TokenTerms(NamedTuple):
@@ -111,6 +170,8 @@ def token_terms(
     always; the loss is fp32 and each gradient has its input's dtype either way.
     """
     check.check_choice("backward_impl", backward_impl, check.BACKWARD_IMPLS)
+    if backward_impl == "forward":
+        raise ValueError(FORWARD_ONLY_WHEN_KNOWN)
     which = resolve_impl(impl, hidden.device, hidden.dtype)
     if hidden.shape[0] == 0:     # no token: nothing to launch
         which = "torch"
@@ -223,9 +284,13 @@ def linear_cross_entropy(
             backward then runs without atomics, at the cost of one more logit recompute).
             ``None`` follows ``torch.are_deterministic_algorithms_enabled()``.  The torch
             path is always deterministic.
-        backward_impl: the Triton path's backward: ``"fused"`` (Triton kernels; what
-            ``"auto"`` picks), or ``"matmul"`` (cuBLAS matmuls over budgeted vocabulary
-            chunks, a Triton kernel for the elementwise part; see :func:`resolve_backward`).
+        backward_impl: the Triton path's backward: ``"fused"`` (Triton kernels),
+            ``"matmul"`` (cuBLAS matmuls over budgeted vocabulary chunks, a Triton kernel
+            for the elementwise part), ``"forward"`` (with ``reduction="mean"``/``"sum"``
+            and no ``return_*`` option: the gradients are formed in the forward, three
+            products instead of four, ``triton_forward_grad``) or ``"auto"`` (on a GPU,
+            what the cost model predicts faster within 5% of the device's memory;
+            ``"fused"`` off a GPU and when deterministic; see :func:`resolve_backward`).
 
     Returns:
         The loss; with any ``return_*`` option an :class:`LCEOutput` ``(loss, lse, z_loss,
@@ -261,6 +326,23 @@ def linear_cross_entropy(
         bias = bias / temperature if bias is not None else None
         softcap = softcap / temperature if softcap is not None else None
     want_argmax = return_token_accuracy or return_predicted_tokens
+    known_up_front = reduction != "none" and not (return_lse or return_z_loss or want_argmax or return_entropy
+                                                  or terms.separate_z_loss)
+    if backward_impl == "forward" and not known_up_front:
+        raise ValueError(FORWARD_ONLY_WHEN_KNOWN)
+    autocast = autocast_dtype(hidden.device.type)
+    needs = wants_forward_gradients(flat, weight, bias, impl, deterministic, backward_impl, autocast) \
+        if known_up_front else None
+    if needs is not None:
+        valid = flat_targets != ignore_index
+        # The per-token weights a sum or mean puts on the loss, known before the forward.
+        token_weight = valid.float() if reduction == "sum" else terms.mean_weights(flat_targets, valid)
+        loss, _ = weighted_sum(flat, weight, flat_targets, token_weight, bias, ignore_index, softcap, needs,
+                               terms.kernel_terms(), check_name=check.deferred_label_check("targets", validate),
+                               autocast=autocast)
+        return loss
+    if backward_impl == "forward":
+        backward_impl = "auto"      # nothing to differentiate, or the torch path: the plain forward
     loss, lse, best, entropy = token_terms(
         flat, weight, flat_targets, bias, ignore_index, softcap, impl, deterministic, backward_impl=backward_impl,
         terms=terms.kernel_terms(), argmax=want_argmax, check_name=check.deferred_label_check("targets", validate),

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import _validation as check
 from ._tokens import document_starts, segment_bounds, segment_sums, shift_targets
-from .lce import token_terms
+from .lce import FORWARD_ONLY_WHEN_KNOWN, autocast_dtype, token_terms, wants_forward_gradients, weighted_sum
 from .weighting import sequence_weights, with_sample_weights
 
 
@@ -108,8 +108,10 @@ def hardfocus_loss(
             on one rank is therefore not the global loss; the mean of the returned values
             over the ranks is (``dist.all_reduce(loss.detach()) / world_size``).  Stats
             hold this rank's sequences with their global weights.
-        backward_impl: the Triton path's backward strategy, ``"auto"`` (``"fused"``),
-            ``"fused"`` or ``"matmul"`` (see :func:`~hardfocus_fused.linear_cross_entropy`).
+        backward_impl: the Triton path's backward strategy, ``"auto"`` (the cost model's
+            choice for the device), ``"fused"``, ``"matmul"`` or, for ``method="mean"`` and
+            ``"uniform"`` without ``group`` (whose weights are known before the forward),
+            ``"forward"`` (three products; see :func:`~hardfocus_fused.linear_cross_entropy`).
         label_smoothing, class_weight, lse_square_scale: the per-token loss, as for
             :func:`~hardfocus_fused.linear_cross_entropy` (PyTorch's label smoothing and
             class weights, Liger's z-loss).  With class weights a sequence's mean divides
@@ -160,9 +162,24 @@ def hardfocus_loss(
                          "padding is otherwise marked by ignore_index labels")
     n_seq, seq_len, n_hidden = hidden.shape
     targets = shift_targets(labels, ignore_index, starts, shift).reshape(-1)
-    token_loss, lse, *_ = token_terms(hidden.reshape(-1, n_hidden), weight, targets, bias, ignore_index, softcap,
+    flat = hidden.reshape(-1, n_hidden)
+    check_name = check.deferred_label_check("labels", validate)
+    # The token mean and the uniform baseline weigh sequences by their sizes alone: every
+    # token's weight is known before the forward (the three-product path, if it pays).
+    known = isinstance(method, str) and method in ("mean", "uniform") and group is None and not terms.separate_z_loss
+    if backward_impl == "forward" and not known:
+        raise ValueError(FORWARD_ONLY_WHEN_KNOWN)
+    needs = wants_forward_gradients(flat, weight, bias, impl, deterministic, backward_impl,
+                                    autocast_dtype(hidden.device.type)) if known else None
+    if needs is not None:
+        return _known_weights_loss(flat, weight, bias, targets, starts, (n_seq, seq_len), method, seq_reduction,
+                                   ignore_index, softcap, terms, token_weight, sample_weight, needs, check_name,
+                                   return_stats)
+    if backward_impl == "forward":
+        backward_impl = "auto"      # nothing to differentiate, or the torch path: the plain forward
+    token_loss, lse, *_ = token_terms(flat, weight, targets, bias, ignore_index, softcap,
                                      impl, deterministic, backward_impl=backward_impl, terms=terms.kernel_terms(),
-                                     check_name=check.deferred_label_check("labels", validate))
+                                     check_name=check_name)
     valid = targets != ignore_index
     # With class weights and a z-loss, the z-loss is kept apart (from the differentiable lse):
     # a sequence's mean divides it by the token count, the cross-entropy by the class weights.
@@ -178,15 +195,7 @@ def hardfocus_loss(
         token_loss, mass, count = token_loss * token_scale, mass * token_scale, count * token_scale
         z_loss = z_loss * token_scale if z_loss is not None else None
         valid = valid & (token_scale > 0)
-    if starts is None:
-        n_tokens = valid.view(n_seq, seq_len).sum(dim=1)
-        per_seq = lambda values: values.view(n_seq, seq_len).sum(dim=1, dtype=torch.float32)  # noqa: E731
-        rows = None
-    else:
-        bounds = segment_bounds(starts.reshape(-1))
-        n_tokens = segment_sums(valid, bounds).round().long()
-        per_seq = functools.partial(segment_sums, bounds=bounds)
-        rows = bounds[:-1] // seq_len                   # each document's row
+    n_tokens, per_seq, rows, _ = _sequences(valid, starts, (n_seq, seq_len))
     # L_i = its cross-entropy part (over its mass) + its separate z-loss part (over its count).
     seq_ce, seq_mass = per_seq(token_loss), per_seq(mass)
     seq_z = per_seq(z_loss) if z_loss is not None else None
@@ -213,6 +222,52 @@ def hardfocus_loss(
     if not return_stats:
         return loss
     return loss, HardFocusStats(seq_loss=seq_loss.detach(), weights=weights, n_tokens=n_tokens)
+
+
+def _sequences(valid: torch.Tensor, starts: torch.Tensor | None, shape: tuple[int, int]):
+    """``(n_tokens, per_seq, rows, seq_of_token)``: each sequence's scored-token count, the
+    fp32 per-sequence sum of flat per-token values, each sequence's row (None unless
+    packed: one sequence per document), and each token's sequence (flat)."""
+    n_seq, seq_len = shape
+    if starts is None:
+        per_seq = lambda values: values.view(n_seq, seq_len).sum(dim=1, dtype=torch.float32)  # noqa: E731
+        seq_of_token = torch.arange(n_seq * seq_len, device=valid.device) // seq_len
+        return valid.view(n_seq, seq_len).sum(dim=1), per_seq, None, seq_of_token
+    bounds = segment_bounds(starts.reshape(-1))
+    seq_of_token = torch.searchsorted(bounds[1:], torch.arange(valid.numel(), device=valid.device), right=True)
+    return (segment_sums(valid, bounds).round().long(), functools.partial(segment_sums, bounds=bounds),
+            bounds[:-1] // seq_len, seq_of_token)
+
+
+def _known_weights_loss(flat, weight, bias, targets, starts, shape, method, seq_reduction, ignore_index, softcap,
+                        terms, token_weight, sample_weight, needs, check_name, return_stats):
+    """``hardfocus_loss`` for ``method="mean"``/``"uniform"`` by the three-product path
+    (``lce.weighted_sum``): the sequence weights depend on the sizes alone, so each token's
+    weight ``w_i * scale_t / mass_i`` is set before the forward."""
+    valid = targets != ignore_index
+    mass = terms.target_weight(targets, valid)
+    mass = valid.float() if mass is None else mass
+    scale = token_weight.reshape(-1).float() if token_weight is not None else None
+    if scale is not None:
+        mass, valid = mass * scale, valid & (scale > 0)
+    n_tokens, per_seq, rows, seq_of_token = _sequences(valid, starts, shape)
+    seq_mass = per_seq(mass)
+    if sample_weight is not None and rows is not None:
+        sample_weight = sample_weight[rows]
+    weigh = functools.partial(sequence_weights, method=method, seq_reduction=seq_reduction)
+    weights = with_sample_weights(weigh(torch.zeros_like(seq_mass), seq_mass if method == "mean" else n_tokens),
+                                  sample_weight)
+    denominator = torch.where(seq_mass > 0, seq_mass, 1.0) if seq_reduction == "mean" else torch.ones_like(seq_mass)
+    per_token = (weights / denominator)[seq_of_token]
+    per_token = torch.where(valid, per_token if scale is None else per_token * scale, 0.0)
+    loss, token_loss = weighted_sum(flat, weight, targets, per_token, bias, ignore_index, softcap, needs,
+                                    terms.kernel_terms(), check_name=check_name,
+                                    autocast=autocast_dtype(flat.device.type))
+    if not return_stats:
+        return loss
+    token_loss = token_loss if scale is None else token_loss * scale
+    seq_loss = per_seq(token_loss) / denominator
+    return loss, HardFocusStats(seq_loss=seq_loss, weights=weights, n_tokens=n_tokens)
 
 
 def _weights(weigh, seq_loss, counts, group, sample_weight) -> tuple[torch.Tensor, int]:

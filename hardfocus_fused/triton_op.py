@@ -35,7 +35,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     dtype = compute_dtype(hidden, weight, autocast)
     configs = _configs(hidden, weight, config, dtype)
     valid = targets != ignore_index
-    problem = HeadProblem(hidden, weight, bias, targets, *partition_active(valid), softcap, dtype, configs.forward,
+    problem = HeadProblem(hidden, weight, bias, targets, *partition_active(valid), softcap, dtype, configs.forward_for(entropy),
                           class_weight=terms.class_weight, smooth=terms.smooth, argmax=argmax, entropy=entropy)
     out = lse_forward(problem)
     lse = torch.where(valid, out.stats[:, 0], 0.0)
@@ -54,8 +54,8 @@ def backward(grad_loss: torch.Tensor | None, grad_lse: torch.Tensor | None, hidd
     """Gradients ``(hidden, weight, bias)`` (None where not in ``needs``) for per-token
     upstream gradients of the loss, of the log-sum-exp and of the entropy (None: zero;
     ``entropy``: the forward's, needed with ``grad_entropy``), by the backward
-    ``strategy``: ``"fused"`` (the atomic Triton kernel, or the deterministic kernels) or
-    ``"matmul"`` (``kernels.backward_matmul``)."""
+    ``strategy``: ``"fused"`` (the atomic Triton kernel, or the deterministic kernels),
+    ``"matmul"`` (``kernels.backward_matmul``) or ``"auto"`` (:func:`_auto_strategy`)."""
     from .kernels import HeadProblem, lce_backward, matmul_backward
 
     dtype = compute_dtype(hidden, weight, autocast)
@@ -66,6 +66,8 @@ def backward(grad_loss: torch.Tensor | None, grad_lse: torch.Tensor | None, hidd
     coef = terms.coefficients(grad_loss.float(), grad_lse.float() if grad_lse is not None else None,
                               stats[:, 0], targets, valid, weight.shape[0],
                               grad_entropy.float() if grad_entropy is not None else None, entropy)
+    if strategy == "auto":
+        strategy = _auto_strategy(hidden, weight, dtype, needs[1], deterministic)
     kernel_config = configs.deterministic if deterministic and strategy == "fused" else configs.backward
     # Only tokens with a non-zero coefficient enter the backward.
     active = coef != 0 if coef.dim() == 1 else (coef != 0).any(dim=1)
@@ -78,3 +80,19 @@ def backward(grad_loss: torch.Tensor | None, grad_lse: torch.Tensor | None, hidd
                                need_weight=need_w, need_bias=need_b)
     return lce_backward(problem, stats, coef, need_hidden=need_h, need_weight=need_w, need_bias=need_b,
                         deterministic=deterministic)
+
+
+def _auto_strategy(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, need_weight: bool,
+                   deterministic: bool) -> str:
+    """``backward_impl="auto"``: the strategy ``cost_model.choose_backward`` predicts faster
+    on this device for this head and token count, within a share of the device's memory
+    (``cost_model.MATMUL_MEMORY_SHARE``); ``"fused"`` off a GPU (the interpreter) and with
+    ``deterministic=True`` (its kernels are the reproducible ones)."""
+    from .cost_model import choose_backward
+    from .kernels.config import device_capability, device_memory_bytes, device_sm_count
+
+    capability = device_capability(hidden.device)
+    if deterministic or capability is None:
+        return "fused"
+    return choose_backward(hidden.shape[0], hidden.shape[1], weight.shape[0], dtype.itemsize, capability,
+                           device_sm_count(hidden.device), need_weight, device_memory_bytes(hidden.device))

@@ -106,23 +106,11 @@ def matmul_backward(
     z = torch.empty((n_active, cols), dtype=torch.float32, device=device)
     dz = z if dtype == torch.float32 else torch.empty((n_active, cols), dtype=dtype, device=device)
     grad_h = torch.zeros((n_active, problem.n_hidden), dtype=torch.float32, device=device) if need_hidden else None
-    constants = dot_options(dtype, problem.config)
     for v_start in range(0, problem.n_vocab, cols):
         v_stop = min(v_start + cols, problem.n_vocab)
         z_c, dz_c, w_c = z[:, : v_stop - v_start], dz[:, : v_stop - v_start], w[v_start:v_stop]
         _mm(h, w_c.T, out=z_c)
-        grid = (triton.cdiv(v_stop - v_start, DLOGITS_BLOCK_V),)
-        _dlogits_kernel[grid](
-            z_c, dz_c, grad_bias if need_bias else coef, bias if bias is not None else coef,
-            problem.class_weight if problem.class_weight is not None else coef,
-            problem.targets, problem.order, stats, coef,
-            n_active, v_stop - v_start, v_start, z_c.stride(0), dz_c.stride(0),
-            float(problem.softcap) if problem.softcap is not None else 1.0,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=problem.softcap is not None, GRAD_BIAS=need_bias,
-            **problem.backward_terms(),
-            COMPUTE_DTYPE=constants["COMPUTE_DTYPE"], DOT_UPCAST=constants["DOT_UPCAST"],
-            BLOCK_N=DLOGITS_BLOCK_N, BLOCK_V=DLOGITS_BLOCK_V, num_warps=4,
-        )
+        dlogits(problem, z_c, dz_c, stats, coef, v_start, grad_bias if need_bias else None)
         if need_weight:   # in row blocks whose fp32 product fits the budget too
             for r0 in range(0, v_stop - v_start, weight_rows):
                 r1 = min(r0 + weight_rows, v_stop - v_start)
@@ -136,6 +124,28 @@ def matmul_backward(
     if need_hidden:
         grad_hidden[active] = grad_h.to(hidden.dtype)
     return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if need_bias else None
+
+
+def dlogits(problem: HeadProblem, z: torch.Tensor, dz: torch.Tensor, stats: torch.Tensor, coef: torch.Tensor,
+            v_start: int, grad_bias: torch.Tensor | None) -> None:
+    """``dz = dloss/dlogits`` (in the compute dtype) from fp32 ``z = hidden @ weight.T``
+    (without bias or soft-cap) over the columns ``v_start ..`` of ``z``'s width: row ``r``
+    is token ``problem.order[r]``.  With ``grad_bias`` (fp32, (V,)) the columns' sums of
+    ``dz`` are stored into it (not added)."""
+    constants = dot_options(problem.compute_dtype, problem.config)
+    placeholder = coef     # any fp32 tensor; never dereferenced when its flag is off
+    bias, class_weight = problem.bias, problem.class_weight
+    _dlogits_kernel[(triton.cdiv(z.shape[1], DLOGITS_BLOCK_V),)](
+        z, dz, grad_bias if grad_bias is not None else placeholder, bias if bias is not None else placeholder,
+        class_weight if class_weight is not None else placeholder,
+        problem.targets, problem.order, stats, coef,
+        z.shape[0], z.shape[1], v_start, z.stride(0), dz.stride(0),
+        float(problem.softcap) if problem.softcap is not None else 1.0,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=problem.softcap is not None, GRAD_BIAS=grad_bias is not None,
+        **problem.backward_terms(),
+        COMPUTE_DTYPE=constants["COMPUTE_DTYPE"], DOT_UPCAST=constants["DOT_UPCAST"],
+        BLOCK_N=DLOGITS_BLOCK_N, BLOCK_V=DLOGITS_BLOCK_V, num_warps=4,
+    )
 
 
 _WIDENED = {"count": 0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 
@@ -70,12 +71,26 @@ BACKWARD_STRATEGIES = ("fused", "matmul")
 class HeadConfigs:
     """The configuration of each pass over one head: the forward kernel, the atomic
     backward kernel, the deterministic backward kernels, and the chunk budget of the
-    ``"matmul"`` backward strategy (bytes of fp32 logits per vocabulary chunk)."""
+    ``"matmul"`` backward strategy (bytes of fp32 logits per vocabulary chunk).
+    ``forward_entropy`` is the forward's when it also computes the entropy (more live
+    state per row: a wide tile that fits the plain forward may spill there); None: the
+    same as ``forward``."""
 
     forward: KernelConfig
     backward: KernelConfig
     deterministic: KernelConfig
     matmul_chunk_bytes: int = 512 * 2**20
+    forward_entropy: KernelConfig | None = None
+
+    def forward_for(self, entropy: bool) -> KernelConfig:
+        """The forward's configuration, with or without the entropy."""
+        return self.forward_entropy if entropy and self.forward_entropy is not None else self.forward
+
+    def map(self, change) -> "HeadConfigs":
+        """These configs with ``change(config)`` applied to each pass's ``KernelConfig``."""
+        passes = {name: change(getattr(self, name)) for name in ("forward", "backward", "deterministic")}
+        entropy = change(self.forward_entropy) if self.forward_entropy is not None else None
+        return dataclasses.replace(self, **passes, forward_entropy=entropy)
 
     @classmethod
     def of(cls, config: "KernelConfig | HeadConfigs") -> "HeadConfigs":
@@ -90,10 +105,16 @@ class HeadConfigs:
 # The compiled defaults, per compute dtype: each compiles for sm_90 with the launch-time
 # specialisation without register spills and within the shared memory of a Hopper SM
 # (tests/test_compile.py; the table is benchmarks/results/kernel-resources-sm90-*.md).
+# The forward's 128 x 256 tiles (wgmma 64x256x16, 255 registers, 144 KiB) load half as
+# many weight bytes per FLOP from L2 as 128 x 128 (85 FLOP per byte against 64), which
+# the cost model says is what bounds a 128 x 128 forward on an H100
+# (hardfocus_fused.cost_model; benchmarks/results/cost-model-*.md); with the entropy's
+# extra state they spill (168-256 bytes), so that forward keeps 128 x 128.
 _HALF = HeadConfigs(
-    forward=KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3),
+    forward=KernelConfig(block_n=128, block_v=256, block_h=64, num_warps=8, num_stages=3),
     backward=KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3),
     deterministic=KernelConfig(block_n=64, block_v=128, block_h=64, num_warps=8, num_stages=3),
+    forward_entropy=KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3),
 )
 # fp32 (exact "ieee" dots): 64 x 64 x 32 spills at 4 warps (a 4.4 KB stack in the
 # backward) and at 8 (128 registers a thread); 64 x 64 x 16 at 8 warps does not, except in
@@ -105,14 +126,16 @@ _FP32 = HeadConfigs(forward=_FP32_TILE, backward=_FP32_TILE, deterministic=datac
 # mma.sync (HMMA), whose fragments live in registers: the 128 x 128 forward spills (up to
 # 512 bytes a thread with every term and the entropy), and the 3-stage 128 x 128 backward
 # needs 128 KiB of shared memory, more than the 99 KiB a block may have on sm_86/89/120.
-# 128 x 64 forward tiles and a 2-stage backward (96 KiB) compile clean on all of them, and
-# the fp32 backward takes the deterministic kernels' 64 x 32 x 16 tile (64 x 64 spilled 16
-# bytes with every term and the entropy).  The tables are
+# A 2-stage backward (96 KiB) compiles clean on all of them, and so does a 128 x 128 x 32
+# forward at 4 stages (48 KiB) without the entropy (with it: 128 x 64 x 64); the fp32
+# backward takes the deterministic kernels' 64 x 32 x 16 tile (64 x 64 spilled 16 bytes
+# with every term and the entropy).  The tables are
 # benchmarks/results/kernel-resources-sm{80,86,89,100,120}-*.md.
 _HALF_MMA = HeadConfigs(
-    forward=KernelConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3),
+    forward=KernelConfig(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=4),
     backward=KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=2),
     deterministic=_HALF.deterministic,
+    forward_entropy=KernelConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3),
 )
 _FP32_MMA = HeadConfigs(forward=_FP32.forward, backward=_FP32.deterministic, deterministic=_FP32.deterministic)
 # sm_120 and sm_100a spill even the 64 x 64 fp32 forward with every term and the entropy
@@ -123,7 +146,7 @@ _FP32_NARROW = HeadConfigs.of(_FP32.deterministic)
 # (64 x 64 x 64 then spills the deterministic hidden gradient): 128 x 64 x 64 and 64 x 64 x 32
 # do not.
 _HALF_TCGEN05 = HeadConfigs(
-    forward=_HALF.forward,
+    forward=_HALF.forward_entropy,
     backward=KernelConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3),
     deterministic=KernelConfig(block_n=64, block_v=64, block_h=32, num_warps=8, num_stages=3),
 )
@@ -177,7 +200,7 @@ _INTERPRETER = KernelConfig(block_n=32, block_v=64, block_h=64, num_warps=4, num
 
 
 def default_configs(n_tokens: int, n_vocab: int, n_hidden: int, dtype: torch.dtype,
-                    capability: int | None = None) -> HeadConfigs:
+                    capability: int | None = None, interpreted: bool | None = None) -> HeadConfigs:
     """The per-pass configurations used when the caller passes none.
 
     Under the interpreter every program is executed in Python, so large tiles (few
@@ -187,18 +210,19 @@ def default_configs(n_tokens: int, n_vocab: int, n_hidden: int, dtype: torch.dty
     nothing spills, on tensor cores (tf32) when torch's fp32 matmuls may use them
     (:func:`fp32_on_tensor_cores`).  The tiles are those of the ``capability``'s
     :func:`architecture` (sm_90's when None), each compiling there without spills and
-    within the shared memory a block may have (``tests/test_compile.py``).
+    within the shared memory a block may have (``tests/test_compile.py``).  ``interpreted``
+    (None: whether the interpreter is on now) picks the interpreter's config instead.
     """
-    if interpreter_active():
+    if interpreter_active() if interpreted is None else interpreted:
         return HeadConfigs.of(_INTERPRETER)
     arch = architecture(capability)
     if dtype == torch.float32:
         if fp32_on_tensor_cores():
-            return HeadConfigs(*(dataclasses.replace(c, fp32_precision="tf32")
-                                 for c in (arch.fp32.forward, arch.fp32.backward, arch.fp32.deterministic)))
+            return arch.fp32.map(lambda c: dataclasses.replace(c, fp32_precision="tf32"))
         return arch.fp32
     if n_tokens <= SMALL_N:   # 64-token blocks; the forward keeps 128 columns (64 x 64 spills at 8 warps)
-        return dataclasses.replace(arch.half, forward=dataclasses.replace(arch.half.forward, block_n=64, block_v=128),
+        small_forward = dataclasses.replace(arch.half.forward, block_n=64, block_v=128)
+        return dataclasses.replace(arch.half, forward=small_forward, forward_entropy=None,
                                    backward=dataclasses.replace(arch.half.backward, block_n=64))
     return arch.half
 
@@ -221,6 +245,20 @@ def device_sm_count(device: torch.device) -> int | None:
     if device.type != "cuda" or interpreter_active():
         return None
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """The memory of a CUDA device in bytes, None elsewhere."""
+    if device.type != "cuda" or interpreter_active():
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def device_l2_bytes(device: torch.device) -> int | None:
+    """The L2 cache size of a CUDA device in bytes, None elsewhere (or when torch does not say)."""
+    if device.type != "cuda" or interpreter_active():
+        return None
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", None) or None
 
 
 def whole_wave_splits(n_row_blocks: int, n_tiles: int, sm_count: int | None, min_fill: float = 0.9) -> int:
@@ -254,3 +292,62 @@ def _wave_fill(n_programs: int, sm_count: int) -> float:
     """How full the waves of ``n_programs`` programs on ``sm_count`` SMs are, on average."""
     waves = -(-n_programs // sm_count)
     return n_programs / (waves * sm_count)
+
+
+# The share of L2 that one wave's hidden blocks may take in the forward (the rest: the
+# weight tiles in flight, the partial statistics, and on two-partition L2s the far copies).
+L2_HIDDEN_SHARE = 0.5
+
+
+@functools.lru_cache(maxsize=256)
+def wave_footprint(n_row_blocks: int, n_cols: int, group_n: int, wave: int) -> tuple[int, int]:
+    """``(token blocks, columns)`` that the first ``wave`` programs of a grouped grid cover
+    (the host-side twin of ``tiles.grouped_tile``)."""
+    rows, cols = set(), set()
+    per_group = group_n * n_cols
+    for pid in range(min(wave, n_row_blocks * n_cols)):
+        first = (pid // per_group) * group_n
+        size = min(n_row_blocks - first, group_n)
+        local = pid % per_group
+        rows.add(first + local % size)
+        cols.add(local // size)
+    return len(rows), len(cols)
+
+
+def forward_splits(n_row_blocks: int, n_tiles: int, sm_count: int | None, group_n: int,
+                   hidden_block_bytes: int, l2_bytes: int | None, min_fill: float = 0.9) -> int:
+    """Vocabulary splits per token block for the forward: whole waves
+    (:func:`whole_wave_splits`), and few enough token blocks in one wave that their hidden
+    rows, which every program re-reads for each vocabulary tile it walks, stay in L2
+    (``L2_HIDDEN_SHARE`` of ``l2_bytes``).
+
+    With one split every program walks the whole vocabulary, so a wave holds one token
+    block per SM: at the Llama-3-8B head (16384 tokens, H=4096, bf16) 128 blocks of 1 MiB,
+    far over an H100's 50 MB L2, and the hidden rows come from HBM again for every tile
+    (cost_model: about 95 GB).  In grouped order a wave covers ``group_n`` token blocks
+    per column: 8 splits there give waves of 17 blocks (17 MiB) that fill 97% of their
+    waves.  The smallest split count that fits and fills its waves to ``min_fill``; where
+    none fills, the fitting one that fills best; without the device's sizes, the whole-wave
+    count."""
+    splits = whole_wave_splits(n_row_blocks, n_tiles, sm_count, min_fill)
+    if not sm_count or not l2_bytes or n_tiles <= 1:
+        return splits
+    budget = L2_HIDDEN_SHARE * l2_bytes
+
+    def fits(s: int) -> bool:
+        return wave_footprint(n_row_blocks, s, group_n, sm_count)[0] * hidden_block_bytes <= budget
+
+    if fits(splits):
+        return splits
+    best, best_fill = None, -1.0
+    for s in range(splits + 1, n_tiles + 1):
+        if -(-n_tiles // -(-n_tiles // s)) != s or not fits(s):   # an empty split, or too many blocks
+            continue
+        fill = _wave_fill(n_row_blocks * s, sm_count)
+        if fill >= min_fill:
+            return s
+        if fill > best_fill:
+            best, best_fill = s, fill
+        if n_row_blocks * s > 16 * sm_count:
+            break
+    return best if best is not None else splits

@@ -24,22 +24,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import device_sm_count, whole_wave_splits
-from .tiles import grouped_tile, logit_tile, token_block, vocab_block
+from .config import device_l2_bytes, device_sm_count, forward_splits
+from .tiles import grouped_tile, logit_tile, stored_logit_tile, token_block, vocab_block
 from .types import HeadProblem
 
 
 @triton.jit
 def _lse_forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, class_weight_ptr, targets_ptr, order_ptr, n_active_ptr,
-    part_ptr, target_logit_ptr,
+    part_ptr, target_logit_ptr, logits_ptr,
     n_tokens, n_vocab, n_hidden, tiles_per_split, n_splits,
-    stride_hn, stride_hh, stride_wv, stride_wh, softcap,
+    stride_hn, stride_hh, stride_wv, stride_wh, softcap, stride_zn,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
     SMOOTH: tl.constexpr, ARGMAX: tl.constexpr, CLASS_WEIGHT: tl.constexpr, ENTROPY: tl.constexpr,
+    STORED_LOGITS: tl.constexpr,
 ):
+    # STORED_LOGITS: the fp32 products hidden @ weight.T are already in memory (row = token,
+    # ``stride_zn`` apart), as the three-product path computes them; the tiles are read
+    # instead of multiplied.
     # A 1-D grid of (token block, split) pairs in grouped order (see tiles.grouped_tile).
     pid_n, split = grouped_tile(tl.program_id(0), tl.cdiv(n_tokens, BLOCK_N), n_splits, GROUP_N)
     n_active = tl.load(n_active_ptr)
@@ -64,11 +68,15 @@ def _lse_forward_kernel(
     run_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols, col_mask = vocab_block(v0, v_end, BLOCK_V)
-        z = logit_tile(
-            hidden_ptr, weight_ptr, bias_ptr, tok, cols, row_mask, col_mask,
-            n_hidden, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
-            HAS_BIAS, HAS_SOFTCAP, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
-        )
+        if STORED_LOGITS:
+            z = stored_logit_tile(logits_ptr, stride_zn, tok, cols, row_mask, col_mask, bias_ptr, softcap,
+                                  HAS_BIAS, HAS_SOFTCAP)
+        else:
+            z = logit_tile(
+                hidden_ptr, weight_ptr, bias_ptr, tok, cols, row_mask, col_mask,
+                n_hidden, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
+                HAS_BIAS, HAS_SOFTCAP, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+            )
         if SMOOTH:
             if CLASS_WEIGHT:
                 c = tl.load(class_weight_ptr + cols, mask=col_mask, other=0.0)   # 0 past the vocabulary
@@ -137,18 +145,24 @@ class ForwardStats:
     entropy: torch.Tensor | None = None
 
 
-def lse_forward(problem: HeadProblem) -> ForwardStats:
+def lse_forward(problem: HeadProblem, logits: torch.Tensor | None = None) -> ForwardStats:
     """Per-token statistics of the active tokens of ``problem`` (see ``ForwardStats``, and
-    the module docstring for how ``nll`` keeps its precision).  The vocabulary split fills
-    whole waves of the device's multiprocessors (``config.whole_wave_splits``) unless the
-    config fixes it."""
+    the module docstring for how ``nll`` keeps its precision).  Unless the config fixes
+    it, the vocabulary split fills whole waves of the device's multiprocessors and keeps
+    the hidden rows one wave re-reads within L2 (``config.forward_splits``).
+
+    ``logits``: (n_tokens, V) fp32 ``hidden @ weight.T`` already computed (without bias
+    or soft-cap, unit column stride), read instead of recomputed."""
     config = problem.config
     n_tiles = triton.cdiv(problem.n_vocab, config.block_v)
     n_row_blocks = triton.cdiv(problem.n_tokens, config.block_n)
     if config.vocab_splits:
         n_splits = min(config.vocab_splits, n_tiles)
     else:
-        n_splits = whole_wave_splits(n_row_blocks, n_tiles, device_sm_count(problem.hidden.device))
+        device = problem.hidden.device
+        hidden_block = config.block_n * problem.n_hidden * problem.compute_dtype.itemsize
+        n_splits = forward_splits(n_row_blocks, n_tiles, device_sm_count(device), config.group_n, hidden_block,
+                                  device_l2_bytes(device))
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, tiles_per_split)  # no split may be empty
 
@@ -156,10 +170,15 @@ def lse_forward(problem: HeadProblem) -> ForwardStats:
     width = 2 + problem.smooth + problem.argmax + problem.entropy
     part = torch.zeros((problem.n_tokens, n_splits, width), dtype=torch.float32, device=device)
     target_logit = torch.zeros(problem.n_tokens, dtype=torch.float32, device=device)
+    if logits is not None and (logits.shape != (problem.n_tokens, problem.n_vocab) or logits.stride(1) != 1
+                               or logits.dtype != torch.float32):
+        raise ValueError(f"logits must be ({problem.n_tokens}, {problem.n_vocab}) fp32 with unit column stride")
     _lse_forward_kernel[(n_row_blocks * n_splits,)](
-        *problem.inputs(), part, target_logit,
+        *problem.inputs(), part, target_logit, logits if logits is not None else part,
         problem.n_tokens, problem.n_vocab, problem.n_hidden, tiles_per_split, n_splits, *problem.layout(),
-        **problem.constants(GROUP_N=config.group_n, **problem.forward_terms()), **problem.launch_options(),
+        logits.stride(0) if logits is not None else 0,
+        **problem.constants(GROUP_N=config.group_n, STORED_LOGITS=logits is not None, **problem.forward_terms()),
+        **problem.launch_options(),
     )
     out = ForwardStats(merge_splits(part[..., 0], part[..., 1], target_logit))
     if problem.smooth:

@@ -116,11 +116,27 @@ def logit_tile(
         w = tl.load(w_rows + ks[None, :] * stride_wh, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc = mma(to_compute(h, COMPUTE_DTYPE, DOT_UPCAST), tl.trans(to_compute(w, COMPUTE_DTYPE, DOT_UPCAST)), acc,
                   DOT_PRECISION, DOT_UPCAST)
+    return finish_logits(acc, bias_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def finish_logits(acc, bias_ptr, cols, col_mask, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """``softcap(acc + bias[cols])`` for an fp32 tile of ``hidden @ weight.T``."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
         acc = softcap * tanh(acc / softcap)
     return acc
+
+
+@triton.jit
+def stored_logit_tile(logits_ptr, stride_zn, tok, cols, row_mask, col_mask, bias_ptr, softcap,
+                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """The tile :func:`logit_tile` would compute, from fp32 ``hidden @ weight.T`` already in
+    memory (row ``tok``, column ``cols``; the bias and soft-cap are applied here)."""
+    z = tl.load(logits_ptr + tok[:, None] * stride_zn + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                other=0.0)
+    return finish_logits(z, bias_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
 
 
 @triton.jit

@@ -157,5 +157,8 @@ def test_defaults_follow_the_architecture(monkeypatch):
     shape = (16384, 128256, 4096, torch.bfloat16)
     hopper, ada = config.default_configs(*shape, 90), config.default_configs(*shape, 89)
     assert hopper == config.default_configs(*shape) and hopper.backward.num_stages == 3
-    assert ada.backward.num_stages == 2 and ada.forward.block_v == 64
+    assert ada.backward.num_stages == 2 and ada.forward_for(entropy=True).block_v == 64
+    assert ada.forward.block_h == 32 and hopper.forward.block_v == 256 and hopper.forward_for(True).block_v == 128
+    small = config.default_configs(512, 128256, 4096, torch.bfloat16, 90)
+    assert small.forward_for(True) == small.forward and small.forward.block_n == 64
     assert config.default_configs(*shape[:3], torch.float32, 86).backward.block_v == 32

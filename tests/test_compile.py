@@ -75,8 +75,22 @@ def test_atomic_backward_has_no_memory_barriers(variants):
 def test_pipelining_is_what_the_config_asks(variants):
     """Compiled with the launch-time specialisation, the half-precision forward is the
     3-stage pipelined kernel (the unspecialised compile came out with 1 stage, 24 KB)."""
-    half_forward = [v for v in variants if v["kernel"] == "forward" and v["dtype"] == "bf16"]
+    half_forward = [v for v in variants if v["kernel"] == "forward" and v["dtype"] == "bf16" and not _reads_logits(v)]
     assert half_forward and all(v["num_stages"] == 3 and v["shared"] >= 64 * 1024 for v in half_forward)
+
+
+def _reads_logits(variant) -> bool:
+    """The three-product path's forward, which reads stored logits: no matmul in it."""
+    return "STORED_LOGITS" in variant["flags"]
+
+
+def _matmul_kernels(variants, dtypes=("bf16",)):
+    return [v for v in variants if v["dtype"] in dtypes and v["kernel"] != "dlogits (matmul)" and not _reads_logits(v)]
+
+
+def test_stored_logits_forward_is_compiled(variants):
+    stored = [v for v in variants if _reads_logits(v)]
+    assert {v["dtype"] for v in stored} == {"bf16", "fp16", "fp32"} and all(v["mma"] == "-" for v in stored)
 
 
 def test_sweep_candidates_compile_without_spills():
@@ -114,10 +128,11 @@ def test_every_architecture_compiles_clean(arch_variants):
     assert not [v for v in variants if v["stack"] or v["local"]], name
     assert max(v["shared"] for v in variants) <= shared_bytes, name
     expected = "UTCHMMA" if name == "sm_100a" else "HMMA"
-    matmuls = [v for v in variants if v["dtype"] == "bf16" and v["kernel"] != "dlogits (matmul)"]
+    matmuls = _matmul_kernels(variants)
     assert matmuls and all(v["mma"] == expected for v in matmuls), [(v["kernel"], v["mma"]) for v in matmuls]
+    assert any(_reads_logits(v) for v in variants), name
 
 
 def test_hopper_uses_wgmma(variants):
-    matmuls = [v for v in variants if v["dtype"] in ("bf16", "fp16") and v["kernel"] != "dlogits (matmul)"]
+    matmuls = _matmul_kernels(variants, ("bf16", "fp16"))
     assert matmuls and all(v["mma"] == "HGMMA" for v in matmuls)

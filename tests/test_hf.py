@@ -86,9 +86,12 @@ def test_logits_never_materialised(arch, monkeypatch):
     assert spy.largest < logits_bytes // 2, (spy.largest, logits_bytes)
 
 
-def test_triton_path_inside_a_model(triton_device):
+@pytest.mark.parametrize("backward_impl", ["auto", "forward"])
+def test_triton_path_inside_a_model(backward_impl, triton_device):
+    """The model's own loss and gradients, by four products or (``"forward"``, the token
+    mean's weights being known up front) three."""
     model = tiny_model("llama").to(triton_device)
-    patched = apply_hardfocus(copy.deepcopy(model), method="mean", impl="triton")
+    patched = apply_hardfocus(copy.deepcopy(model), method="mean", impl="triton", backward_impl=backward_impl)
     ids, mask, labels = (t.to(triton_device) for t in left_padded_batch())
     want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     got = patched(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -96,6 +99,11 @@ def test_triton_path_inside_a_model(triton_device):
     want.backward()
     got.backward()
     assert_same_grads(named_grads(patched), named_grads(model), 1e-4)
+
+
+def test_forward_gradients_refused_for_loss_dependent_weights():
+    with pytest.raises(ValueError, match="backward_impl='forward'"):
+        apply_hardfocus(tiny_model("llama"), method="irdro", backward_impl="forward")
 
 
 def test_transformers_kwargs():

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from .. import _validation as check
+from ..lce import FORWARD_ONLY_WHEN_KNOWN
 from .parts import backbone_of, find_linear_head, not_causal_lm, unwrap  # noqa: F401  (find_linear_head re-exported)
 from .patch import HardFocusPatch, hardfocus_patch
 from .stats_log import log_tensors, log_values  # noqa: F401  (re-exported)
@@ -130,6 +131,8 @@ def apply_hardfocus(
     check.check_weighting(method, r, n1, n2, seq_reduction)
     check.check_choice("impl", impl, check.IMPLS)
     check.check_choice("backward_impl", backward_impl, check.BACKWARD_IMPLS)
+    if backward_impl == "forward" and (method not in ("mean", "uniform") or group is not None):
+        raise ValueError(FORWARD_ONLY_WHEN_KNOWN)
     if not isinstance(eval_logits, bool):
         raise TypeError(f"eval_logits must be True or False, got {eval_logits!r}")
     target = unwrap(model)
