@@ -151,10 +151,10 @@ def plot(result: dict, path: Path) -> None:
     """One picture: the held-out change per method and set, where each method's weight
     went (per kind), and each weighted method's weight against loss per sequence.  Methods
     and kinds of documents have colours of their own (``plots.METHOD_COLORS``,
-    ``plots.KIND_COLORS``)."""
+    ``plots.kind_colors``)."""
     import math
 
-    from .plots import FONT_SIZE, KIND_COLORS, METHOD_COLORS, _pyplot, weight_vs_loss
+    from .plots import FONT_SIZE, METHOD_COLORS, _pyplot, kind_colors, weight_vs_loss
 
     plt = _pyplot()
     summary = result["summary"]
@@ -182,11 +182,11 @@ def plot(result: dict, path: Path) -> None:
     bars.set_title("held-out loss change from the base\n(below 0: better" + ("; bars: sd over data orders)"
                                                                              if spread else ")"))
     bars.legend()
-    kinds = list(summary[methods[0]]["weight_share"])
+    colors = kind_colors(summary[methods[0]]["weight_share"])
     bottom = [0.0] * len(methods)
-    for kind in kinds:
+    for kind, color in colors.items():
         values = [summary[m]["weight_share"][kind] for m in methods]
-        shares.bar(methods, values, bottom=bottom, color=KIND_COLORS.get(kind), label=kind)
+        shares.bar(methods, values, bottom=bottom, color=color, label=kind)
         bottom = [b + v for b, v in zip(bottom, values)]
     shares.set_ylabel("mean share of each batch's weight")
     shares.set_title("where the weight went, per kind of document")

@@ -33,9 +33,19 @@ def _pyplot():
     return plt
 
 
+# Kinds a corpus of one's own names (e.g. the State of the Union's eras), in order of appearance.
+_OTHER_KIND_COLORS = ("tab:cyan", "tab:pink", "gold", "teal", "tab:gray")
+
+
+def kind_colors(kinds) -> dict[str, str]:
+    """A colour per kind of document: the built-in corpus's own, then others in turn."""
+    others = iter(_OTHER_KIND_COLORS * 4)
+    return {kind: KIND_COLORS.get(kind) or next(others) for kind in dict.fromkeys(kinds)}
+
+
 def weight_vs_loss(ax, steps: list[dict], title: str) -> None:
     """Each sequence's weight against its loss, coloured by the kind of document."""
-    for kind, color in KIND_COLORS.items():
+    for kind, color in kind_colors(k for s in steps for k in s["kinds"]).items():
         points = [(loss, w) for s in steps for loss, w, k in zip(s["seq_loss"], s["weights"], s["kinds"]) if k == kind]
         if points:
             ax.scatter(*zip(*points), s=6, alpha=0.5, color=color, label=kind)
@@ -79,9 +89,8 @@ def plot_run(log: dict, path: Path) -> None:
     curve.legend()
     heldout_bars(heldout, log.get("heldout_before", {}), log.get("heldout_after", {}))
     weight_vs_loss(scatter, steps, "where the weight went")
-    kinds = list(dict.fromkeys(k for s in steps for k in s["kinds"]))
-    for kind in kinds:
-        shares.plot(x, [s["weight_share"].get(kind, 0.0) for s in steps], color=KIND_COLORS.get(kind), label=kind)
+    for kind, color in kind_colors(k for s in steps for k in s["kinds"]).items():
+        shares.plot(x, [s["weight_share"].get(kind, 0.0) for s in steps], color=color, label=kind)
     shares.set_xlabel("batch")
     shares.set_ylabel("share of the batch's weight")
     shares.set_title("weight share per kind of document")
