@@ -48,7 +48,7 @@ import json
 from pathlib import Path
 
 from hardfocus_fused import cost_model as cm
-from hardfocus_fused.cost_model import Estimate, GPU, HeadShape, Launch, elementwise, gemm
+from hardfocus_fused.cost_model import Estimate, GPU, HeadShape, Launch, cdiv, elementwise, gemm
 
 from .report import table
 
@@ -61,20 +61,16 @@ MEMORY = {"H100 SXM": 80 * 10**9, "H200 SXM": 141 * 10**9, "A100 SXM 80GB": 80 *
 TARGET = 1.35            # issue #27: fwd+bwd at most this many times the 4-product floor
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _grouped_operands(n: int, h: int, v: int, block_n: int, e: int) -> float:
     """HBM bytes of a grouped (8 token blocks per group) tile grid's operands: the hidden
     states once, the weight once per group of token blocks."""
-    return n * h * e + _cdiv(_cdiv(n, block_n), 8) * v * h * e
+    return n * h * e + cdiv(cdiv(n, block_n), 8) * v * h * e
 
 
 def cce_forward(shape: HeadShape, gpu: GPU) -> Estimate:
     bb, bv, e, h, n, v = 256, 128, shape.dtype_bytes, shape.n_hidden, shape.n_tokens, shape.n_vocab
-    programs = _cdiv(n, bb) * _cdiv(v, bv)
-    lse = Launch("cce lse", flops=2.0 * _cdiv(n, bb) * bb * _cdiv(v, bv) * bv * h,
+    programs = cdiv(n, bb) * cdiv(v, bv)
+    lse = Launch("cce lse", flops=2.0 * cdiv(n, bb) * bb * cdiv(v, bv) * bv * h,
                  hbm_bytes=_grouped_operands(n, h, v, bb, e), l2_bytes=programs * (bb + bv) * h * e,
                  atomic_bytes=programs * bb * 8, programs=programs, dtype_bytes=e)
     return Estimate([lse, elementwise("cce target logit", 2 * n * h * e)])
@@ -82,10 +78,10 @@ def cce_forward(shape: HeadShape, gpu: GPU) -> Estimate:
 
 def cce_backward(shape: HeadShape, gpu: GPU, accum_bytes: int = 2) -> Estimate:
     bb, bv, e, h, n, v = 128, 128, shape.dtype_bytes, shape.n_hidden, shape.n_tokens, shape.n_vocab
-    programs = _cdiv(n, bb) * _cdiv(v, bv)
-    groups = _cdiv(_cdiv(n, bb), 8)
+    programs = cdiv(n, bb) * cdiv(v, bv)
+    groups = cdiv(cdiv(n, bb), 8)
     hbm = _grouped_operands(n, h, v, bb, e) + 2 * n * h * accum_bytes + groups * 2 * v * h * accum_bytes
-    launches = [Launch("cce backward", flops=3 * 2.0 * _cdiv(n, bb) * bb * _cdiv(v, bv) * bv * h, hbm_bytes=hbm,
+    launches = [Launch("cce backward", flops=3 * 2.0 * cdiv(n, bb) * bb * cdiv(v, bv) * bv * h, hbm_bytes=hbm,
                        l2_bytes=programs * 2 * (bb + bv) * h * e,
                        atomic_bytes=programs * (bb + bv) * h * 2 * accum_bytes, programs=programs, dtype_bytes=e)]
     if accum_bytes != e:
@@ -94,9 +90,9 @@ def cce_backward(shape: HeadShape, gpu: GPU, accum_bytes: int = 2) -> Estimate:
 
 
 def _liger_chunks(shape: HeadShape) -> tuple[int, int]:
-    inc = _cdiv(shape.n_vocab, shape.n_hidden)
-    chunk = min(shape.n_tokens, 1 << (_cdiv(shape.n_tokens, inc) - 1).bit_length())
-    return chunk, _cdiv(shape.n_tokens, chunk)
+    inc = cdiv(shape.n_vocab, shape.n_hidden)
+    chunk = min(shape.n_tokens, 1 << (cdiv(shape.n_tokens, inc) - 1).bit_length())
+    return chunk, cdiv(shape.n_tokens, chunk)
 
 
 def liger_pass(shape: HeadShape, gpu: GPU, gradients: bool) -> Estimate:

@@ -48,12 +48,11 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-from .kernels.config import L2_HIDDEN_SHARE, HeadConfigs, KernelConfig, default_configs, forward_splits, wave_footprint
+from .kernels.config import (L2_HIDDEN_SHARE, MATMUL_CHUNK_BYTES, HeadConfigs, KernelConfig, default_configs, split_plan,
+                             wave_footprint)
 
 # The share of L2 a wave's re-read operands may use before they miss (see the module doc).
 L2_USABLE = L2_HIDDEN_SHARE
-# fp32 logits per chunk of the "matmul" backward (HeadConfigs.matmul_chunk_bytes).
-MATMUL_CHUNK_BYTES = HeadConfigs.__dataclass_fields__["matmul_chunk_bytes"].default
 
 
 @dataclass(frozen=True)
@@ -97,14 +96,10 @@ GPUS = {
 def gpu_for(capability: int | None, sm_count: int | None = None) -> GPU:
     """The modelled GPU nearest a device: by compute capability (sm_86/89 and sm_120 as the
     L4, sm_80 the A100, sm_90 and above the H100), with the device's own SM count."""
-    if capability is None or capability >= 90:
+    if capability is None or 90 <= capability < 120:
         gpu = GPUS["H100"]
-    elif capability >= 86:
-        gpu = GPUS["L4"]
     else:
-        gpu = GPUS["A100"]
-    if capability is not None and capability >= 120:
-        gpu = GPUS["L4"]
+        gpu = GPUS["L4"] if capability >= 86 else GPUS["A100"]
     return dataclasses.replace(gpu, sm_count=sm_count) if sm_count else gpu
 
 
@@ -143,21 +138,23 @@ class Launch:
     tf32: bool = False
     dtype_bytes: int = 2
 
-    def seconds(self, gpu: GPU) -> float:
+    def pipes(self, gpu: GPU) -> dict[str, float]:
+        """Seconds each pipe needs: ``"mma"`` (in whole waves: the last one costs as much as
+        a full one), ``"hbm"`` and ``"l2"`` (loads and reductions)."""
         mma = self.flops / gpu.mma_rate(self.dtype_bytes, self.tf32) if self.flops else 0.0
-        if self.programs:          # whole waves: the last one costs as much as a full one
+        if self.programs:
             waves = math.ceil(self.programs / gpu.sm_count)
             mma *= waves * gpu.sm_count / self.programs
-        hbm = self.hbm_bytes / (gpu.hbm_tbps * 1e12)
-        l2 = self.l2_bytes / (gpu.l2_tbps * 1e12) + self.atomic_bytes / (gpu.atomic_tbps * 1e12)
-        return max(mma, hbm, l2)
+        return {"mma": mma, "hbm": self.hbm_bytes / (gpu.hbm_tbps * 1e12),
+                "l2": self.l2_bytes / (gpu.l2_tbps * 1e12) + self.atomic_bytes / (gpu.atomic_tbps * 1e12)}
+
+    def seconds(self, gpu: GPU) -> float:
+        return max(self.pipes(gpu).values())
 
     def bound(self, gpu: GPU) -> str:
         """Which pipe sets the time: "mma", "hbm" or "l2"."""
-        mma = self.flops / gpu.mma_rate(self.dtype_bytes, self.tf32) if self.flops else 0.0
-        hbm = self.hbm_bytes / (gpu.hbm_tbps * 1e12)
-        l2 = self.l2_bytes / (gpu.l2_tbps * 1e12) + self.atomic_bytes / (gpu.atomic_tbps * 1e12)
-        return max((mma, "mma"), (hbm, "hbm"), (l2, "l2"))[1]
+        pipes = self.pipes(gpu)
+        return max(pipes, key=pipes.get)
 
 
 @dataclass
@@ -178,11 +175,11 @@ class Estimate:
 
 
 def gemm(name: str, m: int, n: int, k: int, a_bytes: int, b_bytes: int, out_bytes: int,
-         accumulate: bool = False, dtype_bytes: int = 2, tf32: bool = False) -> Launch:
+         accumulate: bool = False, dtype_bytes: int = 2) -> Launch:
     """A library matmul ``(m x k) @ (k x n)``: each operand read once, the output written
     once (and read once when ``accumulate``)."""
     traffic = m * k * a_bytes + k * n * b_bytes + m * n * out_bytes * (2 if accumulate else 1)
-    return Launch(name, flops=2.0 * m * n * k, hbm_bytes=traffic, dtype_bytes=dtype_bytes, tf32=tf32)
+    return Launch(name, flops=2.0 * m * n * k, hbm_bytes=traffic, dtype_bytes=dtype_bytes)
 
 
 def elementwise(name: str, hbm_bytes: float) -> Launch:
@@ -195,34 +192,26 @@ def _miss(working_set: float, gpu: GPU) -> float:
     return min(1.0, max(0.0, 1.0 - L2_USABLE * gpu.l2_bytes / working_set)) if working_set else 0.0
 
 
-def _tiles(n: int, block: int) -> int:
+def cdiv(n: int, block: int) -> int:
+    """``ceil(n / block)``."""
     return -(-n // block)
 
 
-def configs_for(shape: HeadShape, gpu: GPU, tf32: bool = False) -> HeadConfigs:
+def configs_for(shape: HeadShape, gpu: GPU) -> HeadConfigs:
     """The default per-pass configs the launchers would use on ``gpu`` for ``shape``."""
     import torch
 
     dtype = torch.bfloat16 if shape.dtype_bytes == 2 else torch.float32
-    configs = default_configs(shape.n_tokens, shape.n_vocab, shape.n_hidden, dtype, gpu.capability,
-                              interpreted=False)
-    if tf32 and dtype == torch.float32:
-        configs = configs.map(lambda c: dataclasses.replace(c, fp32_precision="tf32"))
-    return configs
+    return default_configs(shape.n_tokens, shape.n_vocab, shape.n_hidden, dtype, gpu.capability, interpreted=False)
 
 
 def forward(shape: HeadShape, gpu: GPU, config: KernelConfig | None = None) -> Estimate:
     """Our forward kernel (``kernels.forward.lse_forward``) with its vocabulary splits."""
     config = config or configs_for(shape, gpu).forward
     e, h = shape.dtype_bytes, shape.n_hidden
-    n_blocks, n_tiles = _tiles(shape.n_tokens, config.block_n), _tiles(shape.n_vocab, config.block_v)
+    n_blocks, n_tiles = cdiv(shape.n_tokens, config.block_n), cdiv(shape.n_vocab, config.block_v)
     hidden_block, weight_tile = config.block_n * h * e, config.block_v * h * e
-    if config.vocab_splits:
-        splits = min(config.vocab_splits, n_tiles)
-    else:
-        splits = forward_splits(n_blocks, n_tiles, gpu.sm_count, config.group_n, hidden_block, gpu.l2_bytes)
-    per_split = _tiles(n_tiles, splits)
-    splits = _tiles(n_tiles, per_split)
+    splits, per_split = split_plan(n_blocks, n_tiles, config, gpu.sm_count, hidden_block, gpu.l2_bytes)
     programs = n_blocks * splits
     rows, cols = wave_footprint(n_blocks, splits, config.group_n, gpu.sm_count)
     waves = programs / min(programs, gpu.sm_count)
@@ -244,7 +233,7 @@ def backward_fused(shape: HeadShape, gpu: GPU, config: KernelConfig | None = Non
     again) and adds ``(block_n + block_v) x H`` fp32 partial gradients with reductions."""
     config = config or configs_for(shape, gpu).backward
     e, h, n = shape.dtype_bytes, shape.n_hidden, shape.backward_tokens
-    n_blocks, n_tiles = _tiles(n, config.block_n), _tiles(shape.n_vocab, config.block_v)
+    n_blocks, n_tiles = cdiv(n, config.block_n), cdiv(shape.n_vocab, config.block_v)
     hidden_block, weight_tile = config.block_n * h * e, config.block_v * h * e
     products = 1 + need_hidden + need_weight
     if e == 4 or not need_weight:
@@ -253,10 +242,10 @@ def backward_fused(shape: HeadShape, gpu: GPU, config: KernelConfig | None = Non
         chunk_rows = max(config.block_v, config.weight_grad_chunk_bytes // (4 * h) // config.block_v * config.block_v)
     launches = []
     for v0 in range(0, shape.n_vocab, chunk_rows):
-        tiles = _tiles(min(chunk_rows, shape.n_vocab - v0), config.block_v)
+        tiles = cdiv(min(chunk_rows, shape.n_vocab - v0), config.block_v)
         programs = n_blocks * tiles
         rows, cols = wave_footprint(n_blocks, tiles, config.group_n, gpu.sm_count)
-        groups = _tiles(n_blocks, config.group_n)
+        groups = cdiv(n_blocks, config.group_n)
         # Operands: each token block once per chunk, each weight tile once per group of
         # token blocks; accumulators: the hidden gradient's rows once per chunk (read and
         # written), each fp32 weight-gradient tile once per group (it is cold again by
@@ -276,7 +265,7 @@ def backward_fused(shape: HeadShape, gpu: GPU, config: KernelConfig | None = Non
 
 
 def backward_matmul(shape: HeadShape, gpu: GPU, chunk_bytes: int = MATMUL_CHUNK_BYTES,
-                    need_weight: bool = True, need_hidden: bool = True, tf32: bool = False) -> Estimate:
+                    need_weight: bool = True, need_hidden: bool = True) -> Estimate:
     """The ``"matmul"`` strategy (``kernels.backward_matmul``): per vocabulary chunk, the
     recompute (fp32 logits written), the elementwise ``dlogits`` kernel (fp32 read, the
     compute dtype written), the weight gradient's rows and the hidden gradient's fp32
@@ -286,14 +275,14 @@ def backward_matmul(shape: HeadShape, gpu: GPU, chunk_bytes: int = MATMUL_CHUNK_
     launches = [elementwise("gather active hidden", 2 * n * h * e)] if shape.active < 1 else []
     for v0 in range(0, shape.n_vocab, cols):
         c = min(cols, shape.n_vocab - v0)
-        launches.append(gemm("recompute", n, c, h, e, e, 4, dtype_bytes=e, tf32=tf32))
+        launches.append(gemm("recompute", n, c, h, e, e, 4, dtype_bytes=e))
         launches.append(elementwise("dlogits", n * c * (4 + e)))
         if need_weight:
-            launches.append(gemm("grad weight", c, h, n, e, e, 4, dtype_bytes=e, tf32=tf32))
+            launches.append(gemm("grad weight", c, h, n, e, e, 4, dtype_bytes=e))
             if e == 2:
                 launches.append(elementwise("cast weight rows", c * h * (4 + e)))
         if need_hidden:
-            launches.append(gemm("grad hidden", n, h, c, e, e, 4, accumulate=True, dtype_bytes=e, tf32=tf32))
+            launches.append(gemm("grad hidden", n, h, c, e, e, 4, accumulate=True, dtype_bytes=e))
     if need_hidden:
         launches.append(elementwise("scatter hidden gradient", n * h * (4 + e)))
     return Estimate(launches)
@@ -343,7 +332,7 @@ def backward_deterministic(shape: HeadShape, gpu: GPU, config: KernelConfig | No
     every token block (weight gradient); each recomputes its logits."""
     config = config or configs_for(shape, gpu).deterministic
     e, h, n = shape.dtype_bytes, shape.n_hidden, shape.backward_tokens
-    n_blocks, n_tiles = _tiles(n, config.block_n), _tiles(shape.n_vocab, config.block_v)
+    n_blocks, n_tiles = cdiv(n, config.block_n), cdiv(shape.n_vocab, config.block_v)
     hidden_block, weight_tile = config.block_n * h * e, config.block_v * h * e
     tile_flops = 2.0 * config.block_n * config.block_v * h
     launches = []

@@ -88,8 +88,8 @@ _SYMBOLIC_TOKENS = 16384
 
 
 def wants_forward_gradients(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, impl: str,
-                            deterministic: bool | None, backward_impl: str, autocast: torch.dtype | None,
-                            n_scored: int | None = None) -> tuple[bool, bool, bool] | None:
+                            deterministic: bool | None, backward_impl: str,
+                            autocast: torch.dtype | None) -> tuple[bool, bool, bool] | None:
     """The gradients ``(hidden, weight, bias)`` the three-product path should form in the
     forward for a loss whose per-token weights are known up front, or None to take the
     four-product path: none is needed; not the Triton path; ``backward_impl`` is
@@ -107,8 +107,7 @@ def wants_forward_gradients(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     from .cost_model import choose_forward_gradients
     from .kernels.config import device_capability, device_memory_bytes, device_sm_count
 
-    n = n_scored if n_scored is not None else hidden.shape[0]
-    n = n if isinstance(n, int) else _SYMBOLIC_TOKENS
+    n = hidden.shape[0] if isinstance(hidden.shape[0], int) else _SYMBOLIC_TOKENS
     dtype = compute_dtype(hidden, weight, autocast)
     fits = choose_forward_gradients(n, hidden.shape[1], weight.shape[0], dtype.itemsize,
                                     device_capability(hidden.device), device_sm_count(hidden.device), needs[1],

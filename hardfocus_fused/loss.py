@@ -225,18 +225,16 @@ def hardfocus_loss(
 
 
 def _sequences(valid: torch.Tensor, starts: torch.Tensor | None, shape: tuple[int, int]):
-    """``(n_tokens, per_seq, rows, seq_of_token)``: each sequence's scored-token count, the
-    fp32 per-sequence sum of flat per-token values, each sequence's row (None unless
-    packed: one sequence per document), and each token's sequence (flat)."""
+    """``(n_tokens, per_seq, rows, bounds)``: each sequence's scored-token count, the fp32
+    per-sequence sum of flat per-token values, and for packed rows (one sequence per
+    document) each sequence's row and the documents' ``segment_bounds`` (else None, None)."""
     n_seq, seq_len = shape
     if starts is None:
         per_seq = lambda values: values.view(n_seq, seq_len).sum(dim=1, dtype=torch.float32)  # noqa: E731
-        seq_of_token = torch.arange(n_seq * seq_len, device=valid.device) // seq_len
-        return valid.view(n_seq, seq_len).sum(dim=1), per_seq, None, seq_of_token
+        return valid.view(n_seq, seq_len).sum(dim=1), per_seq, None, None
     bounds = segment_bounds(starts.reshape(-1))
-    seq_of_token = torch.searchsorted(bounds[1:], torch.arange(valid.numel(), device=valid.device), right=True)
     return (segment_sums(valid, bounds).round().long(), functools.partial(segment_sums, bounds=bounds),
-            bounds[:-1] // seq_len, seq_of_token)
+            bounds[:-1] // seq_len, bounds)
 
 
 def _known_weights_loss(flat, weight, bias, targets, starts, shape, method, seq_reduction, ignore_index, softcap,
@@ -250,7 +248,9 @@ def _known_weights_loss(flat, weight, bias, targets, starts, shape, method, seq_
     scale = token_weight.reshape(-1).float() if token_weight is not None else None
     if scale is not None:
         mass, valid = mass * scale, valid & (scale > 0)
-    n_tokens, per_seq, rows, seq_of_token = _sequences(valid, starts, shape)
+    n_tokens, per_seq, rows, bounds = _sequences(valid, starts, shape)
+    position = torch.arange(valid.numel(), device=valid.device)
+    seq_of_token = position // shape[1] if bounds is None else torch.searchsorted(bounds[1:], position, right=True)
     seq_mass = per_seq(mass)
     if sample_weight is not None and rows is not None:
         sample_weight = sample_weight[rows]

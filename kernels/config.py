@@ -65,6 +65,8 @@ class KernelConfig:
 
 
 BACKWARD_STRATEGIES = ("fused", "matmul")
+# The "matmul" backward's default budget of fp32 logits per chunk.
+MATMUL_CHUNK_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class HeadConfigs:
     forward: KernelConfig
     backward: KernelConfig
     deterministic: KernelConfig
-    matmul_chunk_bytes: int = 512 * 2**20
+    matmul_chunk_bytes: int = MATMUL_CHUNK_BYTES
     forward_entropy: KernelConfig | None = None
 
     def forward_for(self, entropy: bool) -> KernelConfig:
@@ -351,3 +353,16 @@ def forward_splits(n_row_blocks: int, n_tiles: int, sm_count: int | None, group_
         if n_row_blocks * s > 16 * sm_count:
             break
     return best if best is not None else splits
+
+
+def split_plan(n_row_blocks: int, n_tiles: int, config: KernelConfig, sm_count: int | None,
+               hidden_block_bytes: int, l2_bytes: int | None) -> tuple[int, int]:
+    """``(splits, tiles per split)`` of the forward: ``config.vocab_splits`` when it fixes
+    them, else :func:`forward_splits`; then as many splits as the tiles per split need (no
+    split is empty)."""
+    if config.vocab_splits:
+        splits = min(config.vocab_splits, n_tiles)
+    else:
+        splits = forward_splits(n_row_blocks, n_tiles, sm_count, config.group_n, hidden_block_bytes, l2_bytes)
+    per_split = -(-n_tiles // splits)
+    return -(-n_tiles // per_split), per_split

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import device_l2_bytes, device_sm_count, forward_splits
+from .config import device_l2_bytes, device_sm_count, split_plan
 from .tiles import grouped_tile, logit_tile, stored_logit_tile, token_block, vocab_block
 from .types import HeadProblem
 
@@ -149,24 +149,17 @@ def lse_forward(problem: HeadProblem, logits: torch.Tensor | None = None) -> For
     """Per-token statistics of the active tokens of ``problem`` (see ``ForwardStats``, and
     the module docstring for how ``nll`` keeps its precision).  Unless the config fixes
     it, the vocabulary split fills whole waves of the device's multiprocessors and keeps
-    the hidden rows one wave re-reads within L2 (``config.forward_splits``).
+    the hidden rows one wave re-reads within L2 (``config.split_plan``).
 
     ``logits``: (n_tokens, V) fp32 ``hidden @ weight.T`` already computed (without bias
     or soft-cap, unit column stride), read instead of recomputed."""
     config = problem.config
     n_tiles = triton.cdiv(problem.n_vocab, config.block_v)
     n_row_blocks = triton.cdiv(problem.n_tokens, config.block_n)
-    if config.vocab_splits:
-        n_splits = min(config.vocab_splits, n_tiles)
-    else:
-        device = problem.hidden.device
-        hidden_block = config.block_n * problem.n_hidden * problem.compute_dtype.itemsize
-        n_splits = forward_splits(n_row_blocks, n_tiles, device_sm_count(device), config.group_n, hidden_block,
-                                  device_l2_bytes(device))
-    tiles_per_split = triton.cdiv(n_tiles, n_splits)
-    n_splits = triton.cdiv(n_tiles, tiles_per_split)  # no split may be empty
-
     device = problem.hidden.device
+    hidden_block = config.block_n * problem.n_hidden * problem.compute_dtype.itemsize
+    n_splits, tiles_per_split = split_plan(n_row_blocks, n_tiles, config, device_sm_count(device), hidden_block,
+                                           device_l2_bytes(device))
     width = 2 + problem.smooth + problem.argmax + problem.entropy
     part = torch.zeros((problem.n_tokens, n_splits, width), dtype=torch.float32, device=device)
     target_logit = torch.zeros(problem.n_tokens, dtype=torch.float32, device=device)

@@ -19,6 +19,7 @@ least ``MIN_WORDS`` words), one per sequence.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import random
@@ -58,12 +59,11 @@ def paragraphs(text: str) -> tuple[str, ...]:
     return tuple(part for part in parts if len(part.split()) >= MIN_WORDS)
 
 
-def addresses() -> list[Address]:
-    """Every address, by date."""
-    out = []
-    for path in sorted(data_folder().glob("*.txt")):
-        out.append(Address(int(path.name[:4]), path.stem, paragraphs(path.read_text(encoding="utf-8"))))
-    return out
+@functools.lru_cache(maxsize=1)
+def addresses() -> tuple[Address, ...]:
+    """Every address, by date (read once per process: every split and set is made from them)."""
+    return tuple(Address(int(path.name[:4]), path.stem, paragraphs(path.read_text(encoding="utf-8")))
+                 for path in sorted(data_folder().glob("*.txt")))
 
 
 def split(train_until: int) -> tuple[list[Address], dict[str, list[Address]]]:
