@@ -37,8 +37,9 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import create_function_from_signature
 
 from hardfocus_fused._tokens import partition_active
-from hardfocus_fused.kernels import HeadProblem, backward, backward_deterministic, backward_matmul, forward
+from hardfocus_fused.kernels import backward, backward_deterministic, backward_matmul, forward
 from hardfocus_fused.kernels.config import ARCHITECTURES, default_configs
+from hardfocus_fused.kernels.types import HeadProblem
 
 from .report import table
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from hardfocus_fused.kernels import HeadConfigs, KernelConfig, default_configs
+from hardfocus_fused.kernels.config import HeadConfigs, KernelConfig, default_configs
 from hardfocus_fused.lce import token_nll
 
 from .peers import shifted

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hardfocus_fused.kernels import HeadConfigs, KernelConfig
+from hardfocus_fused.kernels.config import HeadConfigs, KernelConfig
 
 from .shapes import SHAPES
 
@@ -90,22 +90,23 @@ class Applied:
 def apply(choices: list[HeadChoice]) -> Applied:
     """Use ``choices`` as the defaults in this process (see the module's docstring); the
     ``"auto"`` backward strategy becomes :func:`strategy`'s."""
-    from hardfocus_fused import kernels, lce
+    from hardfocus_fused import lce
+    from hardfocus_fused.kernels import config
 
     by_head = {(SHAPES[c.head].vocab, SHAPES[c.head].hidden): c for c in choices if c.head in SHAPES}
-    original_configs, original_resolve = kernels.default_configs, lce.resolve_backward
+    original_configs, original_resolve = config.default_configs, lce.resolve_backward
 
     def tuned_configs(n_tokens: int, n_vocab: int, n_hidden: int, dtype: torch.dtype, *args, **kwargs) -> HeadConfigs:
         configs = original_configs(n_tokens, n_vocab, n_hidden, dtype, *args, **kwargs)
         choice = by_head.get((n_vocab, n_hidden))
-        if choice is None or dtype == torch.float32 or n_tokens <= kernels.config.SMALL_N:
+        if choice is None or dtype == torch.float32 or n_tokens <= config.SMALL_N:
             return configs
         return dataclasses.replace(
             configs, forward=choice.forward or configs.forward, backward=choice.backward or configs.backward,
             matmul_chunk_bytes=choice.matmul_chunk_bytes or configs.matmul_chunk_bytes)
 
     chosen = strategy(choices)
-    kernels.default_configs = tuned_configs
+    config.default_configs = tuned_configs
     lce.resolve_backward = lambda backward_impl: chosen if backward_impl == "auto" else backward_impl
-    return Applied(choices, chosen, [lambda: setattr(kernels, "default_configs", original_configs),
+    return Applied(choices, chosen, [lambda: setattr(config, "default_configs", original_configs),
                                      lambda: setattr(lce, "resolve_backward", original_resolve)])

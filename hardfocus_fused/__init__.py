@@ -13,9 +13,43 @@ The package has three parts:
 when first used, and neither the core nor the integration needs transformers to import.
 """
 
-from .lce import LCEOutput, linear_cross_entropy
-from .loss import HardFocusLoss, HardFocusStats, hardfocus_loss
-from .weighting import METHODS, sequence_weights
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def _register_kernels_folder() -> None:
+    """Make the repository's top-level ``kernels/`` folder importable as
+    ``hardfocus_fused.kernels`` when the package runs from a checkout.
+
+    A wheel holds the kernels inside the package (``pyproject.toml`` maps the folder there), so
+    nothing is done.  In a plain checkout on ``sys.path`` and in an editable install (whose
+    setuptools finder cannot map a folder without ``__init__.py`` into a regular package)
+    the folder sits beside this package: it is registered as the namespace subpackage
+    ``hardfocus_fused.kernels``.  ``kernels/`` has no ``__init__.py`` on purpose: from the
+    repository root a directory without one never hides an installed regular package of
+    the same name, and the name ``kernels`` belongs to Hugging Face's package, which
+    transformers imports (README, "Layout").
+    """
+    name = f"{__name__}.kernels"
+    if name in sys.modules or (Path(__file__).parent / "kernels").is_dir():
+        return
+    folder = Path(__file__).resolve().parent.parent / "kernels"
+    if not (folder / "forward.py").is_file():
+        return          # neither layout: ``import hardfocus_fused.kernels`` names the missing module
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [str(folder)]
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    globals()["kernels"] = module       # what importing a submodule does to its parent
+
+
+_register_kernels_folder()
+
+from .lce import LCEOutput, linear_cross_entropy  # noqa: E402
+from .loss import HardFocusLoss, HardFocusStats, hardfocus_loss  # noqa: E402
+from .weighting import METHODS, sequence_weights  # noqa: E402
 
 __all__ = [
     "hardfocus_loss",

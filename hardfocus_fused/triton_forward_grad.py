@@ -57,7 +57,8 @@ def forward_with_gradients(hidden: torch.Tensor, weight: torch.Tensor, bias: tor
     ``sum_t token_weight[t] * loss_t`` over the scored tokens, the fp32 per-token loss (0
     where not scored) and the gradients of that scalar (None where not in ``needs``), in
     the inputs' dtypes."""
-    from .kernels import HeadProblem, lse_forward
+    from .kernels.forward import lse_forward
+    from .kernels.types import HeadProblem
     from .kernels.backward_matmul import _mm, dlogits
     from .triton_op import _configs
 

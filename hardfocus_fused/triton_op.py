@@ -10,13 +10,12 @@ from .ce_terms import LossTerms
 
 
 def _configs(hidden: torch.Tensor, weight: torch.Tensor, config, dtype: torch.dtype):
-    from .kernels import HeadConfigs, default_configs
-    from .kernels.config import device_capability
+    from .kernels import config as settings    # looked up per call: benchmarks.tuned replaces the defaults
 
     if config is None:   # the defaults of the device's architecture
-        return default_configs(hidden.shape[0], weight.shape[0], hidden.shape[1], dtype,
-                               device_capability(hidden.device))
-    return HeadConfigs.of(config)
+        return settings.default_configs(hidden.shape[0], weight.shape[0], hidden.shape[1], dtype,
+                                        settings.device_capability(hidden.device))
+    return settings.HeadConfigs.of(config)
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
@@ -30,14 +29,15 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     ``config`` is a ``KernelConfig`` (every pass) or ``HeadConfigs`` (per pass), None for
     the defaults; the matmuls run in ``compute_dtype(hidden, weight, autocast)``.
     """
-    from .kernels import HeadProblem, lse_forward
+    from .kernels import forward as kernel_forward
+    from .kernels.types import HeadProblem
 
     dtype = compute_dtype(hidden, weight, autocast)
     configs = _configs(hidden, weight, config, dtype)
     valid = targets != ignore_index
     problem = HeadProblem(hidden, weight, bias, targets, *partition_active(valid), softcap, dtype, configs.forward_for(entropy),
                           class_weight=terms.class_weight, smooth=terms.smooth, argmax=argmax, entropy=entropy)
-    out = lse_forward(problem)
+    out = kernel_forward.lse_forward(problem)
     lse = torch.where(valid, out.stats[:, 0], 0.0)
     loss = terms.token_loss(lse, out.stats[:, 1], out.smooth, targets, valid, weight.shape[0])
     best = torch.where(valid, out.argmax, -1) if argmax else torch.empty(0, dtype=torch.long, device=loss.device)
@@ -56,7 +56,9 @@ def backward(grad_loss: torch.Tensor | None, grad_lse: torch.Tensor | None, hidd
     ``entropy``: the forward's, needed with ``grad_entropy``), by the backward
     ``strategy``: ``"fused"`` (the atomic Triton kernel, or the deterministic kernels),
     ``"matmul"`` (``kernels.backward_matmul``) or ``"auto"`` (:func:`_auto_strategy`)."""
-    from .kernels import HeadProblem, lce_backward, matmul_backward
+    from .kernels import backward as kernel_backward
+    from .kernels import backward_matmul
+    from .kernels.types import HeadProblem
 
     dtype = compute_dtype(hidden, weight, autocast)
     configs = _configs(hidden, weight, config, dtype)
@@ -76,10 +78,10 @@ def backward(grad_loss: torch.Tensor | None, grad_lse: torch.Tensor | None, hidd
     need_h, need_w, need_b = needs
     coef = coef.contiguous()
     if strategy == "matmul":
-        return matmul_backward(problem, stats, coef, configs.matmul_chunk_bytes, need_hidden=need_h,
-                               need_weight=need_w, need_bias=need_b)
-    return lce_backward(problem, stats, coef, need_hidden=need_h, need_weight=need_w, need_bias=need_b,
-                        deterministic=deterministic)
+        return backward_matmul.matmul_backward(problem, stats, coef, configs.matmul_chunk_bytes, need_hidden=need_h,
+                                               need_weight=need_w, need_bias=need_b)
+    return kernel_backward.lce_backward(problem, stats, coef, need_hidden=need_h, need_weight=need_w, need_bias=need_b,
+                                        deterministic=deterministic)
 
 
 def _auto_strategy(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, need_weight: bool,

@@ -15,6 +15,26 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# What the suite ran on, printed in pytest's header (CI installs the newest releases, and
+# the oldest declared versions, into new environments: this says which it resolved).
+_VERSIONS_OF = ("torch", "triton", "numpy", "transformers", "trl", "peft", "accelerate", "kernels", "liger-kernel",
+                "lm-eval", "deepspeed")
+
+
+def pytest_report_header(config) -> str:
+    import importlib.metadata
+    import platform
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "-"
+
+    return "versions: " + ", ".join([f"python {platform.python_version()}"] +
+                                    [f"{name} {version(name)}" for name in _VERSIONS_OF])
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (compiled Triton kernels); skipped on CPU")
     config.addinivalue_line("markers", "slow: long-running test")

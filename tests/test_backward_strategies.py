@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hardfocus_fused import hardfocus_loss
-from hardfocus_fused.kernels import HeadConfigs, KernelConfig
+from hardfocus_fused.kernels.config import HeadConfigs, KernelConfig
 from hardfocus_fused.kernels import backward_matmul
 from hardfocus_fused.kernels.config import whole_wave_splits
 from hardfocus_fused.lce import token_nll

@@ -227,7 +227,7 @@ def test_sweep_writes_a_row_per_case(tmp_path, monkeypatch):
     is rewritten after each, and an exhausted time budget records the cases it skipped."""
     from benchmarks import sweep
     from benchmarks.shapes import Shape
-    from hardfocus_fused.kernels import KernelConfig
+    from hardfocus_fused.kernels.config import KernelConfig
 
     monkeypatch.setitem(sweep.SHAPES, "micro", Shape("micro", 32, 16, 64, seq_len=16))
     monkeypatch.setattr(sweep, "FORWARD", (None, KernelConfig(block_n=16, block_v=32, block_h=16)))
@@ -246,7 +246,7 @@ def test_sweep_writes_a_row_per_case(tmp_path, monkeypatch):
 
 
 def _sweep_row(head, kind, strategy, ms, **params):
-    from hardfocus_fused.kernels import KernelConfig
+    from hardfocus_fused.kernels.config import KernelConfig
 
     row = {"head": head, "pass": kind, "strategy": strategy, "config": "", "ms": ms}
     if strategy == "matmul":
@@ -261,7 +261,8 @@ def test_tuned_applies_the_sweeps_fastest_configs_in_process():
     defaults for half precision on that head (not fp32, not other heads, not small N), the
     strategy with the least summed backward time becomes "auto"'s, and undo() restores."""
     from benchmarks import tuned
-    from hardfocus_fused import kernels, lce
+    from hardfocus_fused import lce
+    from hardfocus_fused.kernels import config
 
     sweep = {"rows": [
         _sweep_row("llama3-8b", "fwd", "-", 30.0, block_n=128, block_v=128),
@@ -277,25 +278,25 @@ def test_tuned_applies_the_sweeps_fastest_configs_in_process():
     assert choices[0].forward.block_v == 256 and choices[0].backward.block_v == 64
     assert choices[1].forward is None and choices[1].matmul_chunk_bytes == 2**28
     assert tuned.strategy(choices) == "fused"            # 70 + 40 < 75 + 45, though matmul won on gemma
-    original = kernels.default_configs
+    original = config.default_configs
     before = original(16384, 128256, 4096, torch.bfloat16)
     applied = tuned.apply(choices)
     try:
-        got = kernels.default_configs(16384, 128256, 4096, torch.bfloat16)
+        got = config.default_configs(16384, 128256, 4096, torch.bfloat16)
         assert got.forward.block_v == 256 and got.backward.block_v == 64
-        assert kernels.default_configs(1024, 128256, 4096, torch.bfloat16).forward.block_v == 256   # any N > 512
-        assert kernels.default_configs(16384, 128256, 4096, torch.float32) == \
+        assert config.default_configs(1024, 128256, 4096, torch.bfloat16).forward.block_v == 256   # any N > 512
+        assert config.default_configs(16384, 128256, 4096, torch.float32) == \
             original(16384, 128256, 4096, torch.float32)
-        assert kernels.default_configs(8192, 256000, 2304, torch.bfloat16).matmul_chunk_bytes == 2**28
-        assert kernels.default_configs(4096, 32000, 1024, torch.bfloat16) == \
+        assert config.default_configs(8192, 256000, 2304, torch.bfloat16).matmul_chunk_bytes == 2**28
+        assert config.default_configs(4096, 32000, 1024, torch.bfloat16) == \
             original(4096, 32000, 1024, torch.bfloat16)                                             # not swept
-        assert kernels.default_configs(512, 128256, 4096, torch.bfloat16) == \
+        assert config.default_configs(512, 128256, 4096, torch.bfloat16) == \
             original(512, 128256, 4096, torch.bfloat16)                                             # small N
         assert lce.resolve_backward("auto") == "fused" and lce.resolve_backward("matmul") == "matmul"
         assert applied.describe()["strategy"] == "fused"
     finally:
         applied.undo()
-    assert kernels.default_configs(16384, 128256, 4096, torch.bfloat16) == before
+    assert config.default_configs(16384, 128256, 4096, torch.bfloat16) == before
     assert lce.resolve_backward.__module__ == "hardfocus_fused.lce"
 
 

@@ -167,7 +167,7 @@ def test_accuracy_per_token_and_summed(triton_device):
 
 def test_argmax_takes_the_first_maximum(triton_device):
     """Ties: the first column with the largest logit, across tiles and splits."""
-    from hardfocus_fused.kernels import KernelConfig
+    from hardfocus_fused.kernels.config import KernelConfig
     from hardfocus_fused.lce import token_terms
 
     h = torch.ones(4, 8, device=triton_device)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hardfocus_fused import cost_model, fused_op, hardfocus_loss, linear_cross_entropy
-from hardfocus_fused.kernels import HeadConfigs, KernelConfig
+from hardfocus_fused.kernels.config import HeadConfigs, KernelConfig
 from hardfocus_fused.lce import weighted_sum
 from helpers import make_batch
 

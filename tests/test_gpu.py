@@ -69,7 +69,7 @@ def test_half_precision_weight_gradient_needs_no_fp32_copy():
     # chunk, not a 65.5 MB fp32 copy of the weight gradient on top.
     import dataclasses
 
-    from hardfocus_fused.kernels import default_config
+    from hardfocus_fused.kernels.config import default_config
     from hardfocus_fused.lce import token_nll
 
     n_tokens, n_hidden, vocab = 4096, 256, 64000

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hardfocus_fused import linear_cross_entropy
-from hardfocus_fused.kernels import KernelConfig
+from hardfocus_fused.kernels.config import KernelConfig
 from hardfocus_fused.lce import token_nll
 from hardfocus_fused.kernels import backward as backward_module
 from helpers import TOLERANCES, device_for, grads_of, make_batch

@@ -66,7 +66,7 @@ def test_entropy_alone_backpropagates(impl, triton_device):
 
 def test_entropy_across_vocabulary_splits(triton_device):
     """The forward's per-split sums merge into the entropy (several splits and tiles)."""
-    from hardfocus_fused.kernels import KernelConfig
+    from hardfocus_fused.kernels.config import KernelConfig
     from hardfocus_fused.lce import token_terms
 
     h, w, b, labels = make_batch(2, 9, 16, 100, device=triton_device, seed=14, ragged=False, dead=False)

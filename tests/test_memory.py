@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import hardfocus_fused.kernels as kernels
+import hardfocus_fused.kernels.backward as kernel_backward
 import hardfocus_fused.torch_op as torch_op
 from hardfocus_fused import hardfocus_loss
+from hardfocus_fused.kernels.config import KernelConfig
 from hardfocus_fused.lce import token_nll
 from helpers import make_batch
 
@@ -49,7 +50,7 @@ def test_half_precision_weight_gradient_is_accumulated_in_chunks(triton_device):
     vocab, n_hidden = 600, 16
     h, w, b, labels = make_batch(4, 32, n_hidden, vocab, dtype=torch.bfloat16, device=triton_device,
                                  bias=False, dead=False, ragged=False)
-    config = kernels.KernelConfig(block_n=32, block_v=64, block_h=16, weight_grad_chunk_bytes=128 * n_hidden * 4)
+    config = KernelConfig(block_n=32, block_v=64, block_h=16, weight_grad_chunk_bytes=128 * n_hidden * 4)
     flat, targets = h.reshape(-1, n_hidden), labels.reshape(-1)
     nll = token_nll(flat, w, targets, None, -100, None, "triton", kernel_config=config)
     with LargestTensor() as spy:
@@ -61,13 +62,13 @@ def test_half_precision_weight_gradient_is_accumulated_in_chunks(triton_device):
 def test_triton_backward_visits_only_weighted_tokens(triton_device, monkeypatch):
     # MidRanking over 8 sequences keeps 2: only their target tokens may enter the backward.
     seen = {}
-    original = kernels.lce_backward
+    original = kernel_backward.lce_backward
 
     def spy(*args, **kwargs):
         seen["n_active"] = int(args[0].n_active.item())
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "lce_backward", spy)
+    monkeypatch.setattr(kernel_backward, "lce_backward", spy)
     h, w, b, labels = make_batch(8, 6, 16, 40, device=triton_device, ragged=False, dead=False)
     loss = hardfocus_loss(h, w, labels, method="midranking", impl="triton")
     loss.backward()
