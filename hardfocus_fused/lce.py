@@ -7,9 +7,10 @@ import torch
 from typing import NamedTuple
 
 from . import _validation as check
+from . import fused_op
 from ._tokens import compute_dtype, shift_targets
 from .ce_terms import LossTerms
-from . import fused_op
+from .options import FORWARD_ONLY_WHEN_KNOWN, CrossEntropy, Execution, LCEOptions
 
 
 def triton_available() -> bool:
@@ -23,7 +24,6 @@ def triton_available() -> bool:
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     """``"triton"`` or ``"torch"`` for ``impl`` in ``("auto", "triton", "torch")``."""
-    check.check_choice("impl", impl, check.IMPLS)
     if impl == "torch":
         return "torch"
     if impl == "auto":
@@ -76,33 +76,26 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
-FORWARD_ONLY_WHEN_KNOWN = (
-    "backward_impl='forward' forms the gradients in the forward pass, which needs every token's weight in the "
-    "loss before it: linear_cross_entropy with reduction='mean' or 'sum' (and no return_* option), or "
-    "hardfocus_loss with method='mean' or 'uniform'; per-token losses, IR-DRO and the rankings need "
-    "backward_impl='auto', 'fused' or 'matmul'")
-
 # Under torch.compile with dynamic shapes the token count is symbolic; the three-product
 # choice is then made for this many tokens (it depends on the head far more than on N).
 _SYMBOLIC_TOKENS = 16384
 
 
-def wants_forward_gradients(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, impl: str,
-                            deterministic: bool | None, backward_impl: str,
+def wants_forward_gradients(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, run: Execution,
                             autocast: torch.dtype | None) -> tuple[bool, bool, bool] | None:
     """The gradients ``(hidden, weight, bias)`` the three-product path should form in the
     forward for a loss whose per-token weights are known up front, or None to take the
-    four-product path: none is needed; not the Triton path; ``backward_impl`` is
-    ``"fused"``/``"matmul"``; or it is ``"auto"`` and ``deterministic``, or
+    four-product path: none is needed; not the Triton path; ``run.backward_impl`` is
+    ``"fused"``/``"matmul"``; or it is ``"auto"`` and deterministic, or
     ``cost_model.choose_forward_gradients`` says no (always off a GPU)."""
     needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if not any(needs) or backward_impl in ("fused", "matmul") or hidden.shape[0] == 0:
+    if not any(needs) or run.backward_impl in ("fused", "matmul") or hidden.shape[0] == 0:
         return None
-    if resolve_impl(impl, hidden.device, hidden.dtype) != "triton":
+    if resolve_impl(run.impl, hidden.device, hidden.dtype) != "triton":
         return None
-    if backward_impl == "forward":
+    if run.backward_impl == "forward":
         return needs
-    if resolve_deterministic(deterministic) or resolve_backward("auto") != "auto":
+    if resolve_deterministic(run.deterministic) or resolve_backward("auto") != "auto":
         return None      # reproducible kernels asked for, or a measured choice in force (benchmarks.tuned)
     from .cost_model import choose_forward_gradients
     from .kernels.config import device_capability, device_memory_bytes, device_sm_count
@@ -168,7 +161,6 @@ def token_terms(
     ``lm_head`` would, without a cast copy of the weight), the torch path in fp32 as
     always; the loss is fp32 and each gradient has its input's dtype either way.
     """
-    check.check_choice("backward_impl", backward_impl, check.BACKWARD_IMPLS)
     if backward_impl == "forward":
         raise ValueError(FORWARD_ONLY_WHEN_KNOWN)
     which = resolve_impl(impl, hidden.device, hidden.dtype)
@@ -208,148 +200,94 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    softcap: float | None = None,
-    shift: bool | int = False,
-    reduction: str = "none",
-    label_smoothing: float = 0.0,
-    class_weight: torch.Tensor | None = None,
-    lse_square_scale: float = 0.0,
-    return_lse: bool = False,
-    return_z_loss: bool = False,
-    return_token_accuracy: bool = False,
-    return_predicted_tokens: bool = False,
-    return_entropy: bool = False,
-    temperature: float = 1.0,
-    impl: str = "auto",
-    validate: bool = True,
-    deterministic: bool | None = None,
-    backward_impl: str = "auto",
+    options: LCEOptions | None = None,
+    **keywords,
 ) -> torch.Tensor | LCEOutput:
     """Cross-entropy of ``softcap(hidden @ weight.T + bias) / temperature`` against
-    ``targets``, fused.
+    ``targets``, fused: the (tokens x V) logits are never allocated.
 
+    Called like ``F.cross_entropy(hidden @ weight.T, targets)`` it returns the same mean.
     With ``reduction="none"`` the loss is minus each target's log-probability, so
     ``-loss`` is the per-token log-prob with its gradient (what policy-gradient losses are
-    built on; see ``hardfocus_fused.rl``).
+    built on; see ``hardfocus_fused.rl``); the backward accepts any per-token upstream
+    gradient, so any weighting can be built on it.  Options left at their defaults cost
+    nothing (the kernels are specialised on them).
 
     Args:
         hidden: (..., H) float32/bfloat16/float16 (float64 on ``impl="torch"``).
         weight: (V, H) classifier (lm_head) weight.
         targets: (...) integer class ids, ``ignore_index`` for positions to skip.
         bias: optional (V,) bias.
-        ignore_index: target value that is skipped (loss 0, no gradient); as in PyTorch it
-            may be any integer, a vocabulary id included.
-        softcap: if set, logits are ``softcap * tanh(logits / softcap)`` (Gemma-2).
-        shift: if True (or 1), position t is scored against ``targets[..., t + 1]``
-            (causal-LM labels) and the last position has no target; an integer ``k >= 0``
-            scores position t against ``targets[..., t + k]`` (the last k have none).
-        reduction: ``"none"`` returns the fp32 per-token loss with the shape of ``targets``
-            (0 at ignored positions); ``"sum"``; ``"mean"`` over non-ignored positions, or
-            with ``class_weight`` divided by the class weights of their targets, as
-            PyTorch does (0.0, not NaN, when there are none); the z-loss part is always
-            divided by the count of non-ignored positions (Liger's definition: class
-            weights weigh the cross-entropy, not the z-loss).
-        label_smoothing: as ``F.cross_entropy``'s: the loss is ``(1 - eps)`` times the
-            cross-entropy plus ``eps`` times the cross-entropy against the uniform
-            distribution (with ``class_weight``, weighted as PyTorch weighs it).
-        class_weight: (V,) weight of each class, as ``F.cross_entropy``'s ``weight``
-            (Liger's ``ce_weight``): each token's loss is multiplied by its target's weight.
-        lse_square_scale: z-loss coefficient ``s`` (Liger's): ``s * lse^2`` is added to
-            each scored token's loss, unweighted by ``class_weight``.
-        return_lse: also return the per-token log-sum-exp (shape of ``targets``, fp32, 0
-            where not scored; differentiable: a loss built on it, such as a z-loss of your
-            own, backpropagates through the fused kernels).
-        return_z_loss: also return the z-loss part of the loss, reduced as in the loss
-            (not differentiable: for logging).
-        return_token_accuracy: also return whether each scored token's largest logit is
-            its target: per token (1.0 / 0.0, 0 where not scored) for ``"none"``, their
-            count for ``"sum"``, their fraction for ``"mean"``.  Computed in the forward's
-            pass over the vocabulary, no logits kept.
-        return_predicted_tokens: also return each position's argmax (int64, the first
-            maximum; -1 where not scored), shaped like ``targets``.
-        return_entropy: also return the entropy of each position's softmax (shape of
-            ``targets``, fp32, 0 where not scored), differentiable: its gradient
-            ``-p (log p + H)`` is applied inside the backward's tiles, no logits kept.
-        temperature: the logits are divided by it (after the soft-capping), as samplers
-            do; every output (loss, lse, entropy, argmax) is of the tempered softmax.  Done
-            by dividing the hidden states, bias and cap by it: one (tokens x H) copy of the
-            hidden states when it is not 1, nothing in the kernels.
-        impl: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton for CUDA tensors).
-        validate: check that every target is in ``[0, V)`` or ``ignore_index`` (one host
-            synchronisation on GPU). ``False`` skips it; an out-of-range target then gives
-            an undefined loss.
-        deterministic: bitwise-reproducible gradients on the same device (the Triton
-            backward then runs without atomics, at the cost of one more logit recompute).
-            ``None`` follows ``torch.are_deterministic_algorithms_enabled()``.  The torch
-            path is always deterministic.
-        backward_impl: the Triton path's backward: ``"fused"`` (Triton kernels),
-            ``"matmul"`` (cuBLAS matmuls over budgeted vocabulary chunks, a Triton kernel
-            for the elementwise part), ``"forward"`` (with ``reduction="mean"``/``"sum"``
-            and no ``return_*`` option: the gradients are formed in the forward, three
-            products instead of four, ``triton_forward_grad``) or ``"auto"`` (on a GPU,
-            what the cost model predicts faster within 5% of the device's memory;
-            ``"fused"`` off a GPU and when deterministic; see :func:`resolve_backward`).
+        options: an :class:`~hardfocus_fused.options.LCEOptions` (None: the defaults).
+        **keywords: its fields, changing ``options``:
+
+            - the per-token loss (:class:`~hardfocus_fused.options.CrossEntropy`):
+              ``ignore_index`` (-100), ``label_smoothing`` (PyTorch's), ``class_weight``
+              ((V,), PyTorch's ``weight``, Liger's ``ce_weight``), ``lse_square_scale``
+              (Liger's z-loss ``s * lse^2``, unweighted by the class weights), ``softcap``
+              (Gemma-2), ``temperature`` (the logits divided by it, as samplers do: one
+              (tokens x H) copy of the hidden states when it is not 1);
+            - ``reduction``: ``"mean"`` (default) over the scored positions, with class
+              weights divided by their targets' weights as PyTorch does (0.0 when none is
+              scored) and the z-loss part by their count (Liger's); ``"sum"``; ``"none"``,
+              the fp32 per-token loss shaped like ``targets`` (0 where not scored);
+            - ``shift``: True or ``k >= 0`` scores position t against ``targets[..., t + k]``
+              (causal-LM labels: True); False (default) against ``t``;
+            - extra outputs (:class:`~hardfocus_fused.options.Returns`): ``return_lse``
+              (per-token log-sum-exp, differentiable), ``return_z_loss`` (reduced as in
+              the loss, for logging), ``return_token_accuracy`` (per token for
+              ``"none"``, their count for ``"sum"``, their fraction for ``"mean"``),
+              ``return_predicted_tokens`` (each position's argmax, -1 where not scored),
+              ``return_entropy`` (the softmax's entropy, differentiable);
+            - how it runs (:class:`~hardfocus_fused.options.Execution`): ``impl``
+              (``"auto"``: Triton for CUDA tensors; ``"triton"``, ``"torch"``),
+              ``backward_impl`` (``"auto"``, ``"fused"``, ``"matmul"``, or ``"forward"``
+              for a mean or sum with nothing else returned: three products instead of
+              four), ``deterministic`` (bitwise-reproducible gradients; None follows
+              ``torch.are_deterministic_algorithms_enabled()``), ``validate`` (check the
+              targets' values: one host synchronisation on a GPU).
 
     Returns:
         The loss; with any ``return_*`` option an :class:`LCEOutput` ``(loss, lse, z_loss,
         token_accuracy, predicted_tokens, entropy)`` whose fields not asked for are None.
 
-    The backward accepts an arbitrary upstream gradient for each token, so any weighting
-    can be built on the ``"none"`` output.  The (tokens x V) logits are never allocated,
-    and options left at their defaults cost nothing (the kernels are specialised on them).
+    Raises:
+        ValueError, TypeError: an option, or an input, that cannot be used (named), before
+            any kernel runs.
     """
+    options = LCEOptions.build(options, **keywords)
+    ce, returns, run = options.cross_entropy, options.returns, options.execution
     check.check_tensor("hidden", hidden, tuple(range(1, 9)))
     check.check_head(hidden, weight, bias)
-    check.check_softcap(softcap)
-    check.check_choice("reduction", reduction, check.REDUCTIONS)
-    check.check_labels("targets", targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device,
-                       check_values=validate)
-    terms = check.check_loss_terms(label_smoothing, class_weight, lse_square_scale, weight.shape[0], weight.device)
-    for name, flag in (("return_lse", return_lse), ("return_z_loss", return_z_loss),
-                       ("return_token_accuracy", return_token_accuracy),
-                       ("return_predicted_tokens", return_predicted_tokens), ("return_entropy", return_entropy)):
-        check.check_flag(name, flag)
-    temperature = check.check_temperature(temperature)
-    shift = check.check_shift(shift)
-    if shift:
+    ce.check_head(weight.shape[0], weight.device)
+    check.check_labels("targets", targets, hidden.shape[:-1], weight.shape[0], ce.ignore_index, hidden.device,
+                       check_values=run.validate)
+    terms = ce.terms()
+    if options.shift:
         if targets.dim() == 0:
-            raise ValueError(f"shift={shift} needs targets with a sequence dimension")
-        targets = shift_targets(targets, ignore_index, shift=shift)
-    flat = hidden.reshape(-1, hidden.shape[-1])
+            raise ValueError(f"shift={options.shift} needs targets with a sequence dimension")
+        targets = shift_targets(targets, ce.ignore_index, shift=options.shift)
+    flat, bias, softcap = tempered(hidden.reshape(-1, hidden.shape[-1]), bias, ce)
     flat_targets = targets.reshape(-1)
-    if temperature != 1.0:
-        # softcap(x) / T == (c / T) tanh((x / T) / (c / T)): dividing the hidden states, the
-        # bias and the cap by T divides the logits by T, with no change to the kernels.
-        flat = flat / temperature
-        bias = bias / temperature if bias is not None else None
-        softcap = softcap / temperature if softcap is not None else None
-    want_argmax = return_token_accuracy or return_predicted_tokens
-    known_up_front = reduction != "none" and not (return_lse or return_z_loss or want_argmax or return_entropy
-                                                  or terms.separate_z_loss)
-    if backward_impl == "forward" and not known_up_front:
-        raise ValueError(FORWARD_ONLY_WHEN_KNOWN)
+    check_name = check.deferred_label_check("targets", run.validate)
     autocast = autocast_dtype(hidden.device.type)
-    needs = wants_forward_gradients(flat, weight, bias, impl, deterministic, backward_impl, autocast) \
-        if known_up_front else None
+    needs = wants_forward_gradients(flat, weight, bias, run, autocast) if options.known_up_front else None
     if needs is not None:
-        valid = flat_targets != ignore_index
+        valid = flat_targets != ce.ignore_index
         # The per-token weights a sum or mean puts on the loss, known before the forward.
-        token_weight = valid.float() if reduction == "sum" else terms.mean_weights(flat_targets, valid)
-        loss, _ = weighted_sum(flat, weight, flat_targets, token_weight, bias, ignore_index, softcap, needs,
-                               terms.kernel_terms(), check_name=check.deferred_label_check("targets", validate),
-                               autocast=autocast)
+        token_weight = valid.float() if options.reduction == "sum" else terms.mean_weights(flat_targets, valid)
+        loss, _ = weighted_sum(flat, weight, flat_targets, token_weight, bias, ce.ignore_index, softcap, needs,
+                               terms.kernel_terms(), check_name=check_name, autocast=autocast)
         return loss
-    if backward_impl == "forward":
-        backward_impl = "auto"      # nothing to differentiate, or the torch path: the plain forward
     loss, lse, best, entropy = token_terms(
-        flat, weight, flat_targets, bias, ignore_index, softcap, impl, deterministic, backward_impl=backward_impl,
-        terms=terms.kernel_terms(), argmax=want_argmax, check_name=check.deferred_label_check("targets", validate),
-        entropy=return_entropy)
-    valid = flat_targets != ignore_index
+        flat, weight, flat_targets, bias, ce.ignore_index, softcap, run.impl, run.deterministic,
+        backward_impl=plain_backward(run.backward_impl), terms=terms.kernel_terms(), argmax=returns.argmax,
+        check_name=check_name, entropy=returns.entropy)
+    valid = flat_targets != ce.ignore_index
     # With class weights and a z-loss together, the z-loss is added here from the
     # differentiable lse: a mean divides it by the token count, the rest by the class weights.
     z_apart = terms.z_loss(lse, valid) if terms.separate_z_loss else None
+    reduction = options.reduction
 
     def reduce(per_token: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         if reduction == "mean":
@@ -359,21 +297,38 @@ def linear_cross_entropy(
         return per_token.view(targets.shape) if reduction == "none" else per_token.sum()
 
     out = reduce(loss, z_apart)
-    if not (return_lse or return_z_loss or want_argmax or return_entropy):
+    if not returns.any:
         return out
-    correct = (best == flat_targets) & valid if want_argmax else None
+    correct = (best == flat_targets) & valid if returns.argmax else None
     accuracy = None
-    if return_token_accuracy:
+    if returns.token_accuracy:
         accuracy = correct.float().view(targets.shape) if reduction == "none" else (
             correct.sum().float() if reduction == "sum" else correct.sum() / valid.sum().clamp_min(1))
     return LCEOutput(
         loss=out,
-        lse=lse.view(targets.shape) if return_lse else None,
-        z_loss=_reduced_z_loss(terms, lse.detach(), valid, reduction, targets.shape) if return_z_loss else None,
+        lse=lse.view(targets.shape) if returns.lse else None,
+        z_loss=_reduced_z_loss(terms, lse.detach(), valid, reduction, targets.shape) if returns.z_loss else None,
         token_accuracy=accuracy,
-        predicted_tokens=best.view(targets.shape) if return_predicted_tokens else None,
-        entropy=entropy.view(targets.shape) if return_entropy else None,
+        predicted_tokens=best.view(targets.shape) if returns.predicted_tokens else None,
+        entropy=entropy.view(targets.shape) if returns.entropy else None,
     )
+
+
+def tempered(flat: torch.Tensor, bias: torch.Tensor | None,
+             ce: CrossEntropy) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+    """``(hidden, bias, softcap)`` whose logits are ``ce``'s tempered ones:
+    ``softcap(x) / T == (c / T) tanh((x / T) / (c / T))``, so dividing the hidden states,
+    the bias and the cap by T divides the logits by T, with no change to the kernels."""
+    t = ce.temperature
+    if t == 1.0:
+        return flat, bias, ce.softcap
+    return (flat / t, bias / t if bias is not None else None, ce.softcap / t if ce.softcap is not None else None)
+
+
+def plain_backward(backward_impl: str) -> str:
+    """The backward strategy of the plain (four-product) path: ``"forward"`` there means
+    nothing was left to form in the forward (no gradient needed, or the torch path)."""
+    return "auto" if backward_impl == "forward" else backward_impl
 
 
 def _reduced_z_loss(terms: LossTerms, lse: torch.Tensor, valid: torch.Tensor, reduction: str,

@@ -10,7 +10,8 @@ from torch import nn
 
 from . import _validation as check
 from ._tokens import document_starts, segment_bounds, segment_sums, shift_targets
-from .lce import FORWARD_ONLY_WHEN_KNOWN, autocast_dtype, token_terms, wants_forward_gradients, weighted_sum
+from .lce import autocast_dtype, plain_backward, tempered, token_terms, wants_forward_gradients, weighted_sum
+from .options import HardFocusOptions, Weighting
 from .weighting import sequence_weights, with_sample_weights
 
 
@@ -38,27 +39,12 @@ def hardfocus_loss(
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    method: str = "irdro",
-    r: float = 10.0,
-    n1: float = 0.25,
-    n2: float = 0.25,
-    seq_reduction: str = "mean",
-    ignore_index: int = -100,
-    shift: bool | int = True,
-    softcap: float | None = None,
-    impl: str = "auto",
-    return_stats: bool = False,
-    validate: bool = True,
-    deterministic: bool | None = None,
     position_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
-    group=None,
-    backward_impl: str = "auto",
-    label_smoothing: float = 0.0,
-    class_weight: torch.Tensor | None = None,
-    lse_square_scale: float = 0.0,
     token_weight: torch.Tensor | None = None,
     sample_weight: torch.Tensor | None = None,
+    options: HardFocusOptions | None = None,
+    **keywords,
 ) -> torch.Tensor | tuple[torch.Tensor, HardFocusStats]:
     """Sequence-reweighted language-model loss computed without materialising logits.
 
@@ -67,27 +53,6 @@ def hardfocus_loss(
         weight: (V, H) lm_head weight.
         labels: (B, T) int64 labels in the Hugging Face convention (``ignore_index`` to skip).
         bias: optional (V,) lm_head bias.
-        method: ``"irdro"`` (``w = softmax(L / r)``), ``"midranking"`` (skip the
-            ``floor(n1 B)`` largest losses, keep the next ``max(1, floor(n2 B))``),
-            ``"highranking"``, ``"lowranking"``, ``"uniform"`` or ``"mean"`` (token mean over
-            the batch: the standard Hugging Face causal-LM loss); or a weighting rule, a
-            callable ``(seq_loss, n_tokens) -> weights`` of (B,) tensors, such as the
-            global-batch helpers in ``hardfocus_fused.accumulate``.
-        r: IR-DRO temperature (10 in the paper).
-        n1, n2: MidRanking fractions (0.25 in the paper).
-        seq_reduction: per-sequence loss ``L_i`` is the ``"mean"`` or ``"sum"`` of its token NLL.
-        ignore_index: label value that is not scored (any integer, as in PyTorch).
-        shift: if True position t is scored against ``labels[:, t + 1]``; if False against
-            ``labels[:, t]``; an integer ``k >= 0`` scores it against ``labels[:, t + k]``.
-        softcap: Gemma-2 final-logit soft-capping, applied inside the kernel.
-        impl: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton on CUDA tensors, torch otherwise).
-        return_stats: also return a :class:`HardFocusStats`.
-        validate: check that every label is in ``[0, V)`` or ``ignore_index`` (always
-            cheap on CPU; one host synchronisation on GPU). ``False`` skips the check, and
-            an out-of-range label then gives an undefined loss.
-        deterministic: bitwise-reproducible gradients on the same device: the Triton
-            backward runs without atomics (one more logit recompute).  ``None`` (default)
-            follows ``torch.are_deterministic_algorithms_enabled()``.
         position_ids: (B, T) position ids of packed rows (several documents per row, as
             ``DataCollatorWithFlattening`` produces).  A new document starts wherever the
             position id drops to 0 (see ``_tokens.document_starts``); each document is one
@@ -99,26 +64,6 @@ def hardfocus_loss(
             model's own loss).  Without it, a row's leading run of one repeated non-zero
             position id before its first 0 (how ``generate`` fills left padding) is taken
             as padding.
-        group: a ``torch.distributed`` process group (data parallel).  ``None`` (default,
-            as in the paper's code) weighs the local batch only.  With a group, the
-            per-sequence losses of all ranks are all-gathered (B floats per rank, no
-            logits), the weights are computed over the global batch, and each rank returns
-            ``world_size * sum_{i local} w_i L_i``: DDP's (or FSDP's) gradient averaging
-            then yields exactly ``sum_i w_i grad L_i`` over the global batch.  The value
-            on one rank is therefore not the global loss; the mean of the returned values
-            over the ranks is (``dist.all_reduce(loss.detach()) / world_size``).  Stats
-            hold this rank's sequences with their global weights.
-        backward_impl: the Triton path's backward strategy, ``"auto"`` (the cost model's
-            choice for the device), ``"fused"``, ``"matmul"`` or, for ``method="mean"`` and
-            ``"uniform"`` without ``group`` (whose weights are known before the forward),
-            ``"forward"`` (three products; see :func:`~hardfocus_fused.linear_cross_entropy`).
-        label_smoothing, class_weight, lse_square_scale: the per-token loss, as for
-            :func:`~hardfocus_fused.linear_cross_entropy` (PyTorch's label smoothing and
-            class weights, Liger's z-loss).  With class weights a sequence's mean divides
-            its cross-entropy by its targets' weights (PyTorch's weighted mean) and its
-            z-loss by its token count (Liger's), and ``method="mean"`` is
-            ``linear_cross_entropy(..., class_weight=..., reduction="mean")`` over the
-            batch.
         token_weight: (B, T) non-negative weights of the positions (aligned with
             ``labels``, before the shift: the weight of position t's target label
             ``labels[:, t + shift]`` is ``token_weight[:, t + shift]``), multiplying each
@@ -128,26 +73,63 @@ def hardfocus_loss(
             ``position_ids``): the method's sequence weights are multiplied by them and
             renormalised to sum 1 (for IR-DRO, the DRO solution with ``sample_weight`` as
             the reference distribution).  Not with a weighting rule (callable ``method``).
+        options: a :class:`~hardfocus_fused.options.HardFocusOptions` (None: the defaults).
+        **keywords: its fields, changing ``options``:
+
+            - the weighting (:class:`~hardfocus_fused.options.Weighting`): ``method``
+              (``"irdro"``: ``w = softmax(L / r)``; ``"midranking"``: skip the
+              ``floor(n1 B)`` largest losses, keep the next ``max(1, floor(n2 B))``;
+              ``"highranking"``, ``"lowranking"``, ``"uniform"``, ``"mean"``: the token
+              mean over the batch, the standard causal-LM loss; or a weighting rule, a
+              callable ``(seq_loss, n_tokens) -> weights``), ``r`` (10.0, as in the paper),
+              ``n1``, ``n2`` (0.25), ``seq_reduction`` (``L_i`` is the ``"mean"`` or
+              ``"sum"`` of its tokens' losses), ``group`` (below);
+            - the per-token loss (:class:`~hardfocus_fused.options.CrossEntropy`), as for
+              :func:`~hardfocus_fused.linear_cross_entropy`: ``ignore_index``,
+              ``label_smoothing``, ``class_weight``, ``lse_square_scale``, ``softcap``,
+              ``temperature``.  With class weights a sequence's mean divides its
+              cross-entropy by its targets' weights (PyTorch's weighted mean) and its
+              z-loss by its token count (Liger's), and ``method="mean"`` is
+              ``linear_cross_entropy(..., class_weight=..., reduction="mean")``;
+            - ``shift``: True (default) scores position t against ``labels[:, t + 1]``,
+              False against ``labels[:, t]``, ``k >= 0`` against ``labels[:, t + k]``;
+            - ``return_stats``: also return a :class:`HardFocusStats`;
+            - how it runs (:class:`~hardfocus_fused.options.Execution`): ``impl``,
+              ``backward_impl`` (``"forward"``: three products, for ``method="mean"`` and
+              ``"uniform"`` without ``group``, whose weights are known before the
+              forward), ``deterministic``, ``validate``.
+
+            ``group``, a ``torch.distributed`` process group (data parallel): ``None``
+            (default, as in the paper's code) weighs the local batch only.  With a group,
+            the per-sequence losses of all ranks are all-gathered (B floats per rank, no
+            logits), the weights are computed over the global batch, and each rank
+            returns ``world_size * sum_{i local} w_i L_i``: DDP's (or FSDP's) gradient
+            averaging then yields exactly ``sum_i w_i grad L_i`` over the global batch.
+            The value on one rank is therefore not the global loss; the mean of the
+            returned values over the ranks is.  Stats hold this rank's sequences with
+            their global weights.
 
     Returns:
         The 0-dim fp32 loss ``sum_i w_i L_i`` (weights are constants for autograd), and the
         stats if asked.  A batch without any target token gives 0.0 and zero gradients.
     """
+    options = HardFocusOptions.build(options, **keywords)
+    ce, weighting, run = options.cross_entropy, options.weighting, options.execution
+    method = weighting.method
     check.check_tensor("hidden", hidden, 3)
     check.check_head(hidden, weight, bias)
-    check.check_weighting(method, r, n1, n2, seq_reduction)
-    check.check_softcap(softcap)
-    check.check_labels("labels", labels, hidden.shape[:2], weight.shape[0], ignore_index, hidden.device,
-                       check_values=validate)
-
-    shift = check.check_shift(shift)
-    terms = check.check_loss_terms(label_smoothing, class_weight, lse_square_scale, weight.shape[0], weight.device)
+    ce.check_head(weight.shape[0], weight.device)
+    check.check_labels("labels", labels, hidden.shape[:2], weight.shape[0], ce.ignore_index, hidden.device,
+                       check_values=run.validate)
+    shift = options.shift
+    terms = ce.terms()
     if token_weight is not None:
-        token_weight = check.check_data_weight("token_weight", token_weight, labels.shape, hidden.device, validate)
+        token_weight = check.check_data_weight("token_weight", token_weight, labels.shape, hidden.device,
+                                               run.validate)
         token_weight = shift_targets(token_weight, 0, shift=shift) if shift else token_weight
     if sample_weight is not None:
         sample_weight = check.check_data_weight("sample_weight", sample_weight, labels.shape[:1], hidden.device,
-                                                validate)
+                                                run.validate)
         if callable(method):
             raise ValueError("sample_weight is not supported with a weighting rule (callable method): fold the "
                              "sample weights into the rule")
@@ -161,25 +143,21 @@ def hardfocus_loss(
         raise ValueError("attention_mask is only used with position_ids (to tell padding from documents); "
                          "padding is otherwise marked by ignore_index labels")
     n_seq, seq_len, n_hidden = hidden.shape
-    targets = shift_targets(labels, ignore_index, starts, shift).reshape(-1)
-    flat = hidden.reshape(-1, n_hidden)
-    check_name = check.deferred_label_check("labels", validate)
+    targets = shift_targets(labels, ce.ignore_index, starts, shift).reshape(-1)
+    flat, bias, softcap = tempered(hidden.reshape(-1, n_hidden), bias, ce)
+    ignore_index = ce.ignore_index
+    check_name = check.deferred_label_check("labels", run.validate)
     # The token mean and the uniform baseline weigh sequences by their sizes alone: every
     # token's weight is known before the forward (the three-product path, if it pays).
-    known = isinstance(method, str) and method in ("mean", "uniform") and group is None and not terms.separate_z_loss
-    if backward_impl == "forward" and not known:
-        raise ValueError(FORWARD_ONLY_WHEN_KNOWN)
-    needs = wants_forward_gradients(flat, weight, bias, impl, deterministic, backward_impl,
-                                    autocast_dtype(hidden.device.type)) if known else None
+    needs = wants_forward_gradients(flat, weight, bias, run, autocast_dtype(hidden.device.type)) \
+        if options.known_up_front else None
     if needs is not None:
-        return _known_weights_loss(flat, weight, bias, targets, starts, (n_seq, seq_len), method, seq_reduction,
-                                   ignore_index, softcap, terms, token_weight, sample_weight, needs, check_name,
-                                   return_stats)
-    if backward_impl == "forward":
-        backward_impl = "auto"      # nothing to differentiate, or the torch path: the plain forward
-    token_loss, lse, *_ = token_terms(flat, weight, targets, bias, ignore_index, softcap,
-                                     impl, deterministic, backward_impl=backward_impl, terms=terms.kernel_terms(),
-                                     check_name=check_name)
+        return _known_weights_loss(flat, weight, bias, targets, starts, (n_seq, seq_len), weighting, ignore_index,
+                                   softcap, terms, token_weight, sample_weight, needs, check_name,
+                                   options.return_stats)
+    token_loss, lse, *_ = token_terms(flat, weight, targets, bias, ignore_index, softcap, run.impl, run.deterministic,
+                                      backward_impl=plain_backward(run.backward_impl), terms=terms.kernel_terms(),
+                                      check_name=check_name)
     valid = targets != ignore_index
     # With class weights and a z-loss, the z-loss is kept apart (from the differentiable lse):
     # a sequence's mean divides it by the token count, the cross-entropy by the class weights.
@@ -200,26 +178,26 @@ def hardfocus_loss(
     seq_ce, seq_mass = per_seq(token_loss), per_seq(mass)
     seq_z = per_seq(z_loss) if z_loss is not None else None
     seq_count = per_seq(count) if z_loss is not None else None
-    if seq_reduction == "mean":
+    if weighting.seq_reduction == "mean":
         seq_ce = seq_ce / torch.where(seq_mass > 0, seq_mass, 1.0)
         if seq_z is not None:
             seq_z = seq_z / torch.where(seq_count > 0, seq_count, 1.0)
     seq_loss = seq_ce if seq_z is None else seq_ce + seq_z
-    if callable(method):
-        weigh = method
-    else:
-        weigh = functools.partial(sequence_weights, method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction)
+    weigh = method if callable(method) else functools.partial(
+        sequence_weights, method=method, r=weighting.r, n1=weighting.n1, n2=weighting.n2,
+        seq_reduction=weighting.seq_reduction)
     if sample_weight is not None and rows is not None:
         sample_weight = sample_weight[rows]             # a row's weight for each of its documents
     # The token mean weighs sequences by their mass (their token count when unweighted).
-    weights, scale = _weights(weigh, seq_loss, seq_mass if method == "mean" else n_tokens, group, sample_weight)
+    weights, scale = _weights(weigh, seq_loss, seq_mass if method == "mean" else n_tokens, weighting.group,
+                              sample_weight)
     if seq_z is not None and method == "mean":
         # The token mean's separate z-loss is a mean over tokens, not over class-weight mass.
-        z_weights, _ = _weights(weigh, seq_loss, seq_count, group, sample_weight)
+        z_weights, _ = _weights(weigh, seq_loss, seq_count, weighting.group, sample_weight)
         loss = ((weights * seq_ce).sum() + (z_weights * seq_z).sum()) * scale
     else:
         loss = (weights * seq_loss).sum() * scale
-    if not return_stats:
+    if not options.return_stats:
         return loss
     return loss, HardFocusStats(seq_loss=seq_loss.detach(), weights=weights, n_tokens=n_tokens)
 
@@ -237,7 +215,7 @@ def _sequences(valid: torch.Tensor, starts: torch.Tensor | None, shape: tuple[in
             bounds[:-1] // seq_len, bounds)
 
 
-def _known_weights_loss(flat, weight, bias, targets, starts, shape, method, seq_reduction, ignore_index, softcap,
+def _known_weights_loss(flat, weight, bias, targets, starts, shape, weighting: Weighting, ignore_index, softcap,
                         terms, token_weight, sample_weight, needs, check_name, return_stats):
     """``hardfocus_loss`` for ``method="mean"``/``"uniform"`` by the three-product path
     (``lce.weighted_sum``): the sequence weights depend on the sizes alone, so each token's
@@ -254,6 +232,7 @@ def _known_weights_loss(flat, weight, bias, targets, starts, shape, method, seq_
     seq_mass = per_seq(mass)
     if sample_weight is not None and rows is not None:
         sample_weight = sample_weight[rows]
+    method, seq_reduction = weighting.method, weighting.seq_reduction
     weigh = functools.partial(sequence_weights, method=method, seq_reduction=seq_reduction)
     weights = with_sample_weights(weigh(torch.zeros_like(seq_mass), seq_mass if method == "mean" else n_tokens),
                                   sample_weight)
@@ -297,42 +276,13 @@ def _token_scale(method, token_weight, token_loss, valid, shape) -> torch.Tensor
 
 
 class HardFocusLoss(nn.Module):
-    """Module form of :func:`hardfocus_loss`; options are fixed at construction."""
+    """Module form of :func:`hardfocus_loss`: its options (a
+    :class:`~hardfocus_fused.options.HardFocusOptions`, or its fields as keywords) are
+    fixed and checked at construction."""
 
-    def __init__(
-        self,
-        *,
-        method: str = "irdro",
-        r: float = 10.0,
-        n1: float = 0.25,
-        n2: float = 0.25,
-        seq_reduction: str = "mean",
-        ignore_index: int = -100,
-        shift: bool | int = True,
-        softcap: float | None = None,
-        impl: str = "auto",
-        return_stats: bool = False,
-        validate: bool = True,
-        deterministic: bool | None = None,
-        group=None,
-        backward_impl: str = "auto",
-        label_smoothing: float = 0.0,
-        class_weight: torch.Tensor | None = None,
-        lse_square_scale: float = 0.0,
-    ) -> None:
+    def __init__(self, options: HardFocusOptions | None = None, **keywords) -> None:
         super().__init__()
-        check.check_weighting(method, r, n1, n2, seq_reduction)
-        check.check_softcap(softcap)
-        check.check_choice("impl", impl, check.IMPLS)
-        check.check_shift(shift)
-        check.check_choice("backward_impl", backward_impl, check.BACKWARD_IMPLS)
-        check.check_loss_terms(label_smoothing, class_weight, lse_square_scale,
-                               class_weight.shape[0] if isinstance(class_weight, torch.Tensor) else 0, None)
-        self.options = dict(method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction,
-                            ignore_index=ignore_index, shift=shift, softcap=softcap, impl=impl,
-                            return_stats=return_stats, validate=validate, deterministic=deterministic,
-                            group=group, backward_impl=backward_impl, label_smoothing=label_smoothing,
-                            class_weight=class_weight, lse_square_scale=lse_square_scale)
+        self.options = HardFocusOptions.build(options, **keywords)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 bias: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -340,7 +290,7 @@ class HardFocusLoss(nn.Module):
                 sample_weight: torch.Tensor | None = None):
         return hardfocus_loss(hidden, weight, labels, bias=bias, position_ids=position_ids,
                               attention_mask=attention_mask, token_weight=token_weight, sample_weight=sample_weight,
-                              **self.options)
+                              options=self.options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.as_keywords().items())

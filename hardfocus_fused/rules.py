@@ -49,7 +49,7 @@ class ExcessLoss(Rule):
 
     Set ``rule.reference`` to the reference model's per-token loss for the batch before
     each loss call (a (B, T) tensor aligned like ``token_loss``, e.g.
-    ``linear_cross_entropy(ref_hidden, ref_head, labels, shift=True)`` under
+    ``linear_cross_entropy(ref_hidden, ref_head, labels, shift=True, reduction="none")`` under
     ``torch.no_grad()``).  The ``keep`` fraction of the batch's scored tokens with the
     largest ``token_loss - reference`` get weight 1, the others 0 (ties by position); then
     the sequences are weighted by ``method`` (``"mean"``: the token mean over the kept

@@ -13,6 +13,18 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # ``@triton.jit`` reads TRITON_INTERPRET when a kernel module is imported: import them
+    # now, so that a test changing the variable (to check the error without the
+    # interpreter) cannot leave compiled-mode kernels to the tests after it.
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        import hardfocus_fused.kernels.backward  # noqa: F401
+        import hardfocus_fused.kernels.backward_deterministic  # noqa: F401
+        import hardfocus_fused.kernels.backward_matmul  # noqa: F401
+        import hardfocus_fused.kernels.forward  # noqa: F401
 
 
 # What the suite ran on, printed in pytest's header (CI installs the newest releases, and

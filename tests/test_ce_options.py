@@ -158,7 +158,7 @@ def test_returned_lse_z_loss_accuracy_and_predictions(impl, backward_impl, deter
 
 def test_accuracy_per_token_and_summed(triton_device):
     h, w, b, targets = _batch(torch.float32, "cpu", seed=34)
-    per_token = linear_cross_entropy(h, w, targets, bias=b, return_token_accuracy=True, impl="torch")
+    per_token = linear_cross_entropy(h, w, targets, reduction="none", bias=b, return_token_accuracy=True, impl="torch")
     summed = linear_cross_entropy(h, w, targets, bias=b, reduction="sum", return_token_accuracy=True, impl="torch")
     assert per_token.token_accuracy.shape == targets.shape
     assert summed.token_accuracy.item() == per_token.token_accuracy.sum().item()

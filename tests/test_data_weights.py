@@ -134,11 +134,11 @@ def test_excess_loss_rule_is_rho1(triton_device):
     h, w, b, labels = make_batch(3, 10, 16, 40, seed=46)
     ref_w = w.detach() + 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
-        reference_loss = linear_cross_entropy(h, ref_w, labels, bias=b, shift=True, impl="torch")
+        reference_loss = linear_cross_entropy(h, ref_w, labels, reduction="none", bias=b, shift=True, impl="torch")
     rule = ExcessLoss(keep=0.6)
     rule.reference = reference_loss
     ours = hardfocus_loss(h, w, labels, bias=b, method=rule, impl="torch")
-    nll = linear_cross_entropy(h.double(), w.double(), labels, bias=b.double(), shift=True, impl="torch")
+    nll = linear_cross_entropy(h.double(), w.double(), labels, reduction="none", bias=b.double(), shift=True, impl="torch")
     targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
     scored = targets != -100
     excess = (nll - reference_loss.double())[scored]

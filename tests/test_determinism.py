@@ -52,16 +52,16 @@ def backward_calls(monkeypatch):
 
 def test_default_follows_torch_deterministic_algorithms(backward_calls, triton_device):
     h, w, b, labels = make_batch(2, 5, 16, 20, device=triton_device, seed=7)
-    linear_cross_entropy(h, w, labels, impl="triton").sum().backward()
+    linear_cross_entropy(h, w, labels, reduction="none", impl="triton").sum().backward()
     assert backward_calls == []
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        linear_cross_entropy(h, w, labels, impl="triton").sum().backward()
+        linear_cross_entropy(h, w, labels, reduction="none", impl="triton").sum().backward()
     finally:
         torch.use_deterministic_algorithms(previous)
     assert backward_calls == [True]
-    linear_cross_entropy(h, w, labels, impl="triton", deterministic=False).sum().backward()
+    linear_cross_entropy(h, w, labels, reduction="none", impl="triton", deterministic=False).sum().backward()
     assert backward_calls == [True]
 
 

@@ -37,7 +37,7 @@ def test_default_configs_match_reference(dtype, method, backward_impl):
 def test_small_token_count_uses_vocabulary_splits():
     # 64 tokens are one row block: the forward must split the vocabulary to fill the GPU.
     h, w, labels = head_batch(1, 64, 256, 50000, torch.bfloat16, seed=1)
-    nll = linear_cross_entropy(h, w, labels, impl="triton")
+    nll = linear_cross_entropy(h, w, labels, reduction="none", impl="triton")
     ref = torch.nn.functional.cross_entropy((h.double() @ w.double().T)[0], labels[0], reduction="none",
                                             ignore_index=-100)
     assert rel_err(nll[0], ref) <= 2e-3
@@ -107,8 +107,8 @@ def test_deterministic_gradients_are_bitwise_reproducible():
 ])
 def test_index_space_beyond_int32(n_tokens, n_hidden, n_vocab):
     h, w, labels = head_batch(1, n_tokens, n_hidden, n_vocab, torch.bfloat16, seed=5)
-    got = linear_cross_entropy(h, w, labels, impl="triton")
-    want = linear_cross_entropy(h, w, labels, impl="torch")   # chunked fp32, independent of the kernels
+    got = linear_cross_entropy(h, w, labels, reduction="none", impl="triton")
+    want = linear_cross_entropy(h, w, labels, reduction="none", impl="torch")   # chunked fp32, independent of the kernels
     assert rel_err(got, want) <= 2e-3
     upstream = torch.rand_like(got)
     for g, r in zip(grads_of((got * upstream).sum(), (h, w)), grads_of((want * upstream).sum(), (h, w))):

@@ -100,9 +100,9 @@ def test_trainer_keeps_and_pads_the_weight_columns(tmp_path):
     patch = hardfocus_patch(model)
     real = patch.compute
 
-    def spy(hidden, call, **overrides):
+    def spy(hidden, call, options):
         seen.append({"token_weight": call.token_weight, "sample_weight": call.sample_weight, "labels": call.labels})
-        return real(hidden, call, **overrides)
+        return real(hidden, call, options)
 
     patch.compute = spy
     args = sgd_args(tmp_path, 4, 1, max_steps=1)          # remove_unused_columns stays on (the default)

@@ -18,7 +18,7 @@ IMPLS = ["torch", "triton"]
 @pytest.mark.parametrize("shift", [False, True])
 def test_per_token_nll_with_arbitrary_upstream_gradient(impl, shift, triton_device):
     h, w, b, labels = make_batch(3, 10, 36, 75, device=device_for(impl, triton_device), seed=11)
-    nll = linear_cross_entropy(h, w, labels, bias=b, shift=shift, softcap=6.0, impl=impl)
+    nll = linear_cross_entropy(h, w, labels, reduction="none", bias=b, shift=shift, softcap=6.0, impl=impl)
     targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1) if shift else labels
     ref = reference_token_nll(h, w, targets, b, softcap=6.0)
     assert nll.shape == labels.shape and nll.dtype == torch.float32

@@ -58,7 +58,7 @@ def test_entropy_alone_backpropagates(impl, triton_device):
     """An entropy bonus without the log-probs in the loss: only the entropy's gradient."""
     device = device_for(impl, triton_device)
     h, w, b, labels = make_batch(2, 8, 16, 40, device=device, seed=13)
-    out = linear_cross_entropy(h, w, labels, bias=b, shift=True, return_entropy=True, impl=impl)
+    out = linear_cross_entropy(h, w, labels, reduction="none", bias=b, shift=True, return_entropy=True, impl=impl)
     _, entropy, _ = reference(h, w, labels, b)
     for g, r in zip(grads_of(out.entropy.sum(), (h, w, b)), grads_of(entropy.sum(), (h, w, b))):
         assert rel_err(g, r) <= 1e-4
@@ -85,7 +85,7 @@ def test_a_confident_entropy_keeps_its_relative_precision(impl, triton_device):
     h, w, b, labels = make_batch(2, 8, 16, 40, device=device, seed=15, bias=False, scale=1.0)
     with torch.no_grad():
         h.mul_(6.0)
-    out = linear_cross_entropy(h, w, labels, shift=True, return_entropy=True, impl=impl)
+    out = linear_cross_entropy(h, w, labels, reduction="none", shift=True, return_entropy=True, impl=impl)
     _, entropy, _ = reference(h, w, labels)
     valid = entropy != 0
     assert entropy[valid].min() < 1e-4          # the case this is about
@@ -96,7 +96,7 @@ def test_a_confident_entropy_keeps_its_relative_precision(impl, triton_device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision(dtype, triton_device):
     h, w, b, labels = make_batch(3, 10, 24, 70, dtype=dtype, device=triton_device, seed=16)
-    out = linear_cross_entropy(h, w, labels, bias=b, shift=True, return_entropy=True, temperature=0.8,
+    out = linear_cross_entropy(h, w, labels, reduction="none", bias=b, shift=True, return_entropy=True, temperature=0.8,
                                impl="triton")
     logp, entropy, _ = reference(h, w, labels, b, 0.8)
     tol_loss, tol_grad = TOLERANCES[dtype]
@@ -109,17 +109,17 @@ def test_half_precision(dtype, triton_device):
 def test_temperature_is_checked(temperature):
     h, w, b, labels = make_batch(2, 6, 8, 12)
     with pytest.raises(ValueError, match="temperature"):
-        linear_cross_entropy(h, w, labels, temperature=temperature)
+        linear_cross_entropy(h, w, labels, reduction="none", temperature=temperature)
 
 
 def test_unused_entropy_keeps_the_plain_kernels(triton_device, monkeypatch):
     """Log-probs alone launch the forward without the entropy's sums and the plain backward."""
     seen = spy_on_launches(monkeypatch, ("ENTROPY", "RICH_COEF"))
     h, w, b, labels = make_batch(2, 6, 8, 12, device=triton_device)
-    (-linear_cross_entropy(h, w, labels, shift=True, impl="triton")).sum().backward()
+    (-linear_cross_entropy(h, w, labels, reduction="none", shift=True, impl="triton")).sum().backward()
     assert seen == [dict(ENTROPY=False), dict(RICH_COEF=False, ENTROPY=False)]
     seen.clear()
-    out = linear_cross_entropy(h, w, labels, shift=True, return_entropy=True, impl="triton")
+    out = linear_cross_entropy(h, w, labels, reduction="none", shift=True, return_entropy=True, impl="triton")
     out.loss.sum().backward()            # the entropy is computed but not in the loss: no entropy gradient
     assert seen == [dict(ENTROPY=True), dict(RICH_COEF=False, ENTROPY=False)]
 

@@ -53,7 +53,7 @@ def test_bad_tensors(batch):
     with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
         hardfocus_loss(h, None, labels)
     with pytest.raises(ValueError, match="targets must have shape"):
-        linear_cross_entropy(h, w, labels[0])
+        linear_cross_entropy(h, w, labels[0], reduction="none")
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(h, w, labels, reduction="avg")
 
@@ -94,7 +94,7 @@ def test_sequence_weights_checks_its_inputs():
 def test_integer_shift_on_the_op_is_checked(batch):
     h, w, b, labels = batch
     with pytest.raises(TypeError, match="shift"):
-        linear_cross_entropy(h, w, labels, shift="yes")
+        linear_cross_entropy(h, w, labels, reduction="none", shift="yes")
     with pytest.raises(ValueError, match="shift"):
         HardFocusLoss(shift=-2)
 

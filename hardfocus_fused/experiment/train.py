@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from ..options import HardFocusOptions
 from ..weighting import METHODS
 
 BUILTIN = "builtin"
@@ -124,6 +125,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def loss_options(args: argparse.Namespace) -> HardFocusOptions:
+    """The loss the run trains on; a value it refuses is a one-line user error (the
+    option's own message, which starts with its name)."""
+    try:
+        return HardFocusOptions.build(method=args.method, r=args.r, n1=args.n1, n2=args.n2, impl=args.impl)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"--{error}") from None
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Option values that cannot work, before any slow work."""
     positive = ("num_batches", "batch_size", "seq_len", "save_every")
@@ -132,11 +142,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if not args.r > 0:
-        raise UserError(f"--r must be > 0, got {args.r}")
-    for name in ("n1", "n2"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise UserError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    loss_options(args)
     if not args.lr > 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
     if args.eval_batches < 0:
@@ -442,7 +448,7 @@ def train(args: argparse.Namespace, save: bool = True) -> dict:
         raise UserError(f"--dataset {args.dataset} has fewer than --batch-size {args.batch_size} documents after "
                         f"the held-out batches: nothing to train on")
     stream = itertools.chain([first], stream)
-    apply_hardfocus(model, method=args.method, r=args.r, n1=args.n1, n2=args.n2, impl=args.impl)
+    apply_hardfocus(model, loss_options(args))
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-autocast")

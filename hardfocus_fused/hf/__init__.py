@@ -51,8 +51,7 @@ import warnings
 import torch
 from torch import nn
 
-from .. import _validation as check
-from ..lce import FORWARD_ONLY_WHEN_KNOWN
+from ..options import HardFocusOptions
 from .parts import backbone_of, find_linear_head, not_causal_lm, unwrap  # noqa: F401  (find_linear_head re-exported)
 from .patch import HardFocusPatch, hardfocus_patch
 from .stats_log import log_tensors, log_values  # noqa: F401  (re-exported)
@@ -60,21 +59,11 @@ from .stats_log import log_tensors, log_values  # noqa: F401  (re-exported)
 
 def apply_hardfocus(
     model: nn.Module,
+    options: HardFocusOptions | None = None,
     *,
-    method: str = "irdro",
-    r: float = 10.0,
-    n1: float = 0.25,
-    n2: float = 0.25,
-    seq_reduction: str = "mean",
-    impl: str = "auto",
-    deterministic: bool | None = None,
-    group=None,
-    backward_impl: str = "auto",
-    label_smoothing: float = 0.0,
-    class_weight: torch.Tensor | None = None,
-    lse_square_scale: float = 0.0,
     eval_logits: bool = True,
     verify: bool = True,
+    **keywords,
 ) -> nn.Module:
     """Make ``model`` (a Hugging Face causal LM, or a PEFT model around one) train on the
     sample-reweighted loss, computed by the fused kernels without logits.
@@ -105,13 +94,19 @@ def apply_hardfocus(
     Args:
         model: the model to patch (or a PEFT, DDP or FSDP1 wrapper around it); returned,
             patched in place.
-        method, r, n1, n2, seq_reduction, impl, deterministic, group, backward_impl,
-            label_smoothing, class_weight, lse_square_scale: as for :func:`hardfocus_loss`
-            (``group``: weights over a data-parallel group's global batch).  The batch
-            columns ``token_weight`` (aligned with ``labels``) and ``sample_weight`` (one
-            per row), when the model is called with them, are ``hardfocus_loss``'s; the
-            Trainer keeps them (the patched forward's signature names them) and
-            ``hf.trainer.WeightColumns`` pads them in a collator.
+        options: a :class:`~hardfocus_fused.options.HardFocusOptions` (None: the defaults).
+        **keywords: its fields, changing ``options``, as for :func:`hardfocus_loss`: the
+            weighting (``method``, ``r``, ``n1``, ``n2``, ``seq_reduction``, ``group``: weights
+            over a data-parallel group's global batch), ``label_smoothing``,
+            ``class_weight``, ``lse_square_scale``, and how it runs (``impl``,
+            ``backward_impl``, ``deterministic``, ``validate``).  What the model defines
+            itself is not an option here: ``softcap`` (its config's
+            ``final_logit_softcapping``), ``ignore_index`` (-100), ``shift`` (the model
+            shifts its labels), ``temperature`` and ``return_stats`` (the output carries
+            the stats).  The batch columns ``token_weight`` (aligned with ``labels``) and
+            ``sample_weight`` (one per row), when the model is called with them, are
+            ``hardfocus_loss``'s; the Trainer keeps them (the patched forward's signature
+            names them) and ``hf.trainer.WeightColumns`` pads them in a collator.
         eval_logits: return the logits from evaluation forwards (what ``compute_metrics``
             needs; as much memory as the unpatched model's evaluation).  ``False`` keeps
             evaluation logit-free too (``logits=None``).
@@ -128,18 +123,14 @@ def apply_hardfocus(
         raise TypeError(f"model must be a loaded torch.nn.Module (a transformers causal LM), got "
                         f"{type(model).__name__} {model!r:.80}; load it first, e.g. "
                         f"AutoModelForCausalLM.from_pretrained(name)")
-    check.check_weighting(method, r, n1, n2, seq_reduction)
-    check.check_choice("impl", impl, check.IMPLS)
-    check.check_choice("backward_impl", backward_impl, check.BACKWARD_IMPLS)
-    if backward_impl == "forward" and (method not in ("mean", "uniform") or group is not None):
-        raise ValueError(FORWARD_ONLY_WHEN_KNOWN)
+    options = model_options(HardFocusOptions.build(options, **keywords))
     if not isinstance(eval_logits, bool):
         raise TypeError(f"eval_logits must be True or False, got {eval_logits!r}")
     target = unwrap(model)
     previous = hardfocus_patch(target)
     if previous is not None:
         warnings.warn(f"{type(target).__name__} was already patched by apply_hardfocus (method="
-                      f"{previous.options['method']!r}); that patch is replaced by this one", stacklevel=2)
+                      f"{previous.options.weighting.method!r}); that patch is replaced by this one", stacklevel=2)
         remove_hardfocus(target)
     config = getattr(target, "config", None)
     if getattr(config, "is_encoder_decoder", False):
@@ -153,10 +144,7 @@ def apply_hardfocus(
     if not hasattr(target, "loss_function"):
         raise ValueError(f"{type(target).__name__} has no loss_function; apply_hardfocus needs a transformers "
                          f"causal LM that computes its loss through self.loss_function")
-    check.check_loss_terms(label_smoothing, class_weight, lse_square_scale, head.out_features, None)
-    options = dict(method=method, r=r, n1=n1, n2=n2, seq_reduction=seq_reduction, impl=impl,
-                   deterministic=deterministic, group=group, backward_impl=backward_impl,
-                   label_smoothing=label_smoothing, class_weight=class_weight, lse_square_scale=lse_square_scale)
+    options.cross_entropy.check_head(head.out_features, None)
     patch = HardFocusPatch(target, head, backbone_of(target), options, eval_logits=eval_logits)
     patch.install()
     if verify:
@@ -167,6 +155,23 @@ def apply_hardfocus(
             patch.uninstall()
             raise
     return model
+
+
+# What a Hugging Face model defines itself: not options of apply_hardfocus (the patch sets
+# them per model, see HardFocusPatch.compute).
+MODEL_DEFINED = {"ignore_index": "the models score labels -100 as ignored", "softcap": "the patch reads the config's "
+                 "final_logit_softcapping", "temperature": "training uses the logits as they are",
+                 "shift": "the model shifts its labels itself", "return_stats": "the output carries hardfocus_stats"}
+
+
+def model_options(options: HardFocusOptions) -> HardFocusOptions:
+    """``options`` for a patched model: refused in one line where it sets what the model
+    defines itself (``MODEL_DEFINED``)."""
+    given, defaults = options.as_keywords(), HardFocusOptions().as_keywords()
+    for name, why in MODEL_DEFINED.items():
+        if given[name] != defaults[name]:
+            raise ValueError(f"apply_hardfocus does not take {name}: {why}")
+    return options
 
 
 def remove_hardfocus(model: nn.Module) -> nn.Module:

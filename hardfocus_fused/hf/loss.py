@@ -9,6 +9,7 @@ import torch
 
 from .._tokens import document_starts, shift_targets
 from ..loss import HardFocusStats
+from ..options import HardFocusOptions
 
 
 @dataclass
@@ -102,16 +103,16 @@ def trainer_factor(stats: HardFocusStats, num_items_in_batch, method, group,
     return (counts[0] / counts[1]).float()
 
 
-def batch_options(options: dict) -> dict:
+def batch_options(options: HardFocusOptions) -> HardFocusOptions:
     """The loss options for a call that must not touch a weighting rule's state
     (evaluation): a rule from ``hardfocus_fused.accumulate`` becomes its per-batch method
     (``rule.batch_options()``), any other callable the token mean; the weights are over
     this rank's batch."""
-    method = options["method"]
+    method = options.weighting.method
     if callable(method):
         per_batch = getattr(method, "batch_options", None)
-        options = dict(options, **(per_batch() if callable(per_batch) else {"method": "mean"}))
-    return dict(options, group=None)
+        options = options.replace(**(per_batch() if callable(per_batch) else {"method": "mean"}))
+    return options.replace(group=None)
 
 
 def _world_size() -> int:

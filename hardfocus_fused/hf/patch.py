@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..loss import HardFocusStats, hardfocus_loss
+from ..options import HardFocusOptions
 from .loss import batch_options, call_targets, token_mean, trainer_factor
 from .parts import find_linear_head
 from .stats_log import StatsLog
@@ -94,7 +95,7 @@ class HardFocusPatch:
     (settable) says whether evaluation calls return the logits.
     """
 
-    def __init__(self, model: nn.Module, head: nn.Linear, backbone: nn.Module | None, options: dict,
+    def __init__(self, model: nn.Module, head: nn.Linear, backbone: nn.Module | None, options: HardFocusOptions,
                  eval_logits: bool = True) -> None:
         self.model, self.head, self.backbone, self.options = model, head, backbone, options
         self.eval_logits = eval_logits
@@ -209,8 +210,8 @@ class HardFocusPatch:
             if call.head_calls > 1:
                 raise RuntimeError(f"lm_head ran more than once in one forward of {self.name}; hardfocus supports "
                                    f"exactly one")
-            overrides = batch_options(self.options) if call.evaluating else {}
-            call.loss, call.stats = self.compute(hidden, call, **overrides)
+            options = batch_options(self.options) if call.evaluating else self.options
+            call.loss, call.stats = self.compute(hidden, call, options)
             if call.evaluating and self.eval_logits:
                 return self._head_forward(hidden)
             # Stands in for the logits: empty, but downstream of the loss, so the backward
@@ -245,12 +246,13 @@ class HardFocusPatch:
             # Evaluation reports the plain token-mean loss, comparable across methods; the
             # weighted one goes to the eval log (HardFocusCallback: eval_hardfocus/...).
             self.eval_log.record(stats)
-            return token_mean(stats, self.options["seq_reduction"])
+            return token_mean(stats, self.options.weighting.seq_reduction)
         # Adding the stand-in's sum (0) keeps lm_head's output on the backward path.
         loss = call.loss + logits.sum().to(call.loss.dtype)
         if num_items_in_batch is not None:
-            loss = loss * trainer_factor(stats, num_items_in_batch, self.options["method"],
-                                         self.options.get("group"), self.trainer_loss_scale)
+            weighting = self.options.weighting
+            loss = loss * trainer_factor(stats, num_items_in_batch, weighting.method, weighting.group,
+                                         self.trainer_loss_scale)
         self.train_log.record(stats)
         return loss
 
@@ -277,8 +279,11 @@ class HardFocusPatch:
 
     # -- the loss ------------------------------------------------------------------------
 
-    def compute(self, hidden: torch.Tensor, call: _Call, **overrides) -> tuple[torch.Tensor, HardFocusStats]:
-        """``hardfocus_loss`` of the hidden states ``lm_head`` was given, with the options."""
+    def compute(self, hidden: torch.Tensor, call: _Call,
+                options: HardFocusOptions) -> tuple[torch.Tensor, HardFocusStats]:
+        """``hardfocus_loss`` of the hidden states ``lm_head`` was given, with ``options``
+        and what the model defines (its soft-capping, labels already aligned by
+        ``call_targets``, -100 ignored, the stats returned)."""
         where = call_targets(call.labels, call.shift_labels, call.position_ids, call.attention_mask,
                              call.logits_to_keep, hidden.device, token_weight=call.token_weight)
         if where.targets.shape != hidden.shape[:2]:
@@ -291,18 +296,17 @@ class HardFocusPatch:
         if self.scale != 1.0:
             hidden = hidden * self.scale
             bias = bias * self.scale if bias is not None else None
-        options = dict(self.options, **overrides)
+        options = options.replace(softcap=self.softcap, shift=0, ignore_index=-100, return_stats=True)
         sample_weight = call.sample_weight.to(hidden.device).float() if call.sample_weight is not None else None
         return hardfocus_loss(hidden, weight, where.targets, bias=bias, shift=False, position_ids=where.position_ids,
                               attention_mask=where.attention_mask if where.position_ids is not None else None,
-                              token_weight=where.token_weight, sample_weight=sample_weight,
-                              softcap=self.softcap, ignore_index=-100, return_stats=True, **options)
+                              token_weight=where.token_weight, sample_weight=sample_weight, options=options)
 
     @contextlib.contextmanager
     def options_for(self, **overrides):
         """Temporarily change loss options, e.g. ``method="mean"`` for a held-out loss."""
         saved = self.options
-        self.options = dict(saved, **overrides)
+        self.options = saved.replace(**overrides)
         try:
             yield self
         finally:

@@ -54,7 +54,7 @@ def take_label_smoothing(trainer: Trainer) -> None:
     smoother = getattr(trainer, "label_smoother", None)
     if patch is None or smoother is None:
         return
-    patch.options = dict(patch.options, label_smoothing=float(smoother.epsilon))
+    patch.options = patch.options.replace(label_smoothing=float(smoother.epsilon))
     trainer.label_smoother = None
 
 
