@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 CPU_TORCH = "torch==2.13.0"
 TEST_TOOLS = {"pytest", "pytest-benchmark", "hypothesis"}

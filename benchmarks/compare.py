@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import json
 import multiprocessing as mp
 import resource
 import statistics
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .peers import IMPLS, loss_fn, shifted, unavailable, _eager
+from .peers import IMPLS, _eager, loss_fn, shifted, unavailable
 from .shapes import HEADS, SHAPES, SWEEP, fresh_inputs, make_inputs
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -62,8 +61,7 @@ def _clock(device: str):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         return begin.record, lambda: (end.record(), end.synchronize(), begin.elapsed_time(end))[-1]
     box = {}
-    return (lambda: box.__setitem__("t", time.perf_counter()),
-            lambda: 1000 * (time.perf_counter() - box["t"]))
+    return (lambda: box.__setitem__("t", time.perf_counter()), lambda: 1000 * (time.perf_counter() - box["t"]))
 
 
 def time_pass(fn, tensors, kind: str, iters: int, device: str) -> float:
@@ -93,7 +91,7 @@ def cuda_peak_mb(fn, tensors, kind: str) -> float:
         t.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
-    loss = fn() if kind == "bwd" else None   # bwd: what the forward keeps counts, its own peak does not
+    loss = fn() if kind == "bwd" else None  # bwd: what the forward keeps counts, its own peak does not
     torch.cuda.reset_peak_memory_stats()
     if loss is None:
         loss = fn()
@@ -113,9 +111,15 @@ def accuracy(impl: str, hidden, weight, labels, method: str) -> dict:
     ref_grads = torch.autograd.grad(ref, (h64, w64))
     loss = loss_fn(impl, hidden, weight, labels, method)()
     grads = torch.autograd.grad(loss, (hidden, weight))
-    err = lambda a, b: ((a.double() - b).abs().max() / b.abs().max()).item()
-    return {"err_loss": err(loss, ref), "err_grad_hidden": err(grads[0], ref_grads[0]),
-            "err_grad_weight": err(grads[1], ref_grads[1])}
+
+    def err(a, b):
+        return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+    return {
+        "err_loss": err(loss, ref),
+        "err_grad_hidden": err(grads[0], ref_grads[0]),
+        "err_grad_weight": err(grads[1], ref_grads[1]),
+    }
 
 
 def cpu_peak_mb(fn, kind: str) -> float:
@@ -128,8 +132,9 @@ def cpu_peak_mb(fn, kind: str) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 
 
-def measure(impl, method, shape_name, data, head, dtype, device, iters, with_accuracy,
-            cpu_peak_pass=None) -> list[dict]:
+def measure(
+    impl, method, shape_name, data, head, dtype, device, iters, with_accuracy, cpu_peak_pass=None
+) -> list[dict]:
     """Rows for every pass of one case.  With ``cpu_peak_pass`` (CPU, in a fresh process):
     only that pass's peak RSS growth, as ``{"peak_mb": ...}`` in a one-element list."""
     shape = SHAPES[shape_name]
@@ -139,18 +144,28 @@ def measure(impl, method, shape_name, data, head, dtype, device, iters, with_acc
     tensors = (hidden, weight)
     fn = loss_fn(impl, hidden, weight, labels, method)
     if cpu_peak_pass is not None:
-        warm = make_inputs(SHAPES["tiny"], "random", dtype, device)   # lazy library set-up, not the case's
+        warm = make_inputs(SHAPES["tiny"], "random", dtype, device)  # lazy library set-up, not the case's
         loss_fn(impl, *warm, method)().backward()
         return [{"peak_mb": cpu_peak_mb(fn, cpu_peak_pass)}]
-    for _ in range(2):   # warm-up (compilation, autotuning, caches)
+    for _ in range(2):  # warm-up (compilation, autotuning, caches)
         fn().backward()
     rows = []
     for kind in PASSES:
         ms = time_pass(fn, tensors, kind, iters, device)
         flops = matmuls(kind, head) * 2 * shape.tokens * shape.hidden * shape.vocab
-        rows.append({"impl": impl, "method": method, "shape": shape_name, "data": data, "head": head, "pass": kind,
-                     "ms": ms, "peak_mb": cuda_peak_mb(fn, tensors, kind) if device == "cuda" else None,
-                     "tflops": flops / (ms * 1e-3) / 1e12})
+        rows.append(
+            {
+                "impl": impl,
+                "method": method,
+                "shape": shape_name,
+                "data": data,
+                "head": head,
+                "pass": kind,
+                "ms": ms,
+                "peak_mb": cuda_peak_mb(fn, tensors, kind) if device == "cuda" else None,
+                "tflops": flops / (ms * 1e-3) / 1e12,
+            }
+        )
     if with_accuracy and head == "trainable":
         rows[-1].update(accuracy(impl, hidden, weight, labels, method))
     return rows
@@ -176,7 +191,7 @@ def measure_cpu(*case) -> list[dict] | str:
 def _child(queue, *args):
     try:
         queue.put(measure(*args))
-    except Exception as err:   # reported as a note, the run goes on
+    except Exception as err:  # reported as a note, the run goes on
         queue.put(f"{type(err).__name__}: {err}")
 
 
@@ -220,15 +235,26 @@ def new_result(args: argparse.Namespace) -> dict:
     device, dtype = args.device, getattr(torch, args.dtype)
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"device": device_name(device), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "torch": torch.__version__, "triton": triton_version, "dtype": args.dtype,
-              "matmul_tflops": matmul_tflops(dtype, device), "iters": args.iters,
-              "memory": ("torch.cuda.max_memory_allocated above the inputs" if device == "cuda" else
-                         "peak RSS growth of a fresh child process per pass; bwd reports the fwd+bwd peak"),
-              "notes": [], "rows": []}
+    return {
+        "device": device_name(device),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "dtype": args.dtype,
+        "matmul_tflops": matmul_tflops(dtype, device),
+        "iters": args.iters,
+        "memory": (
+            "torch.cuda.max_memory_allocated above the inputs"
+            if device == "cuda"
+            else "peak RSS growth of a fresh child process per pass; bwd reports the fwd+bwd peak"
+        ),
+        "notes": [],
+        "rows": [],
+    }
 
 
 def run(args: argparse.Namespace, cases=None, on_case=None) -> dict:
@@ -236,8 +262,12 @@ def run(args: argparse.Namespace, cases=None, on_case=None) -> dict:
     combination of the options in ``args``), in the order given; ``on_case(result)`` is
     called after each case (to write what was measured so far)."""
     if cases is None:
-        cases = ((impl, method, shape, data, head) for impl, shape, data, method, head
-                 in itertools.product(args.impls, args.shapes, args.data, args.methods, args.heads))
+        cases = (
+            (impl, method, shape, data, head)
+            for impl, shape, data, method, head in itertools.product(
+                args.impls, args.shapes, args.data, args.methods, args.heads
+            )
+        )
     cases = list(cases)
     why_not = {impl: unavailable(impl, args.device) for impl in dict.fromkeys(key[0] for key in cases)}
     result = new_result(args)
@@ -257,8 +287,11 @@ def run(args: argparse.Namespace, cases=None, on_case=None) -> dict:
             result["rows"] += rows
             if not args.quiet:
                 for r in rows:
-                    print(f"{' '.join(key):55s} {r['pass']:7s} {r['ms']:9.2f} ms {r['peak_mb']:9.1f} MiB "
-                          f"{r['tflops']:7.2f} TFLOP/s", flush=True)
+                    print(
+                        f"{' '.join(key):55s} {r['pass']:7s} {r['ms']:9.2f} ms {r['peak_mb']:9.1f} MiB "
+                        f"{r['tflops']:7.2f} TFLOP/s",
+                        flush=True,
+                    )
         if on_case is not None:
             on_case(result)
     return result
@@ -283,8 +316,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shapes", nargs="+", default=[*HEADS, *(s.name for s in SWEEP), "mid"] if cuda else ["cpu"])
     p.add_argument("--data", nargs="+", default=["random", "trained-like"])
     p.add_argument("--methods", nargs="+", default=["irdro", "midranking"])
-    p.add_argument("--heads", nargs="+", choices=HEADS_GRAD, default=["trainable"],
-                   help="frozen: the weight needs no gradient")
+    p.add_argument(
+        "--heads", nargs="+", choices=HEADS_GRAD, default=["trainable"], help="frozen: the weight needs no gradient"
+    )
     p.add_argument("--accuracy-shapes", nargs="*", default=["mid"] if cuda else ["cpu"])
     p.add_argument("--iters", type=int, default=20 if cuda else 5)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))

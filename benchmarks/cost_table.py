@@ -4,9 +4,9 @@
 
 writes ``cost-model-DATE.md`` / ``.json``: for the Llama-3-8B and Gemma-2-2B heads at
 N=1024 and 16384 tokens (bf16), on the H100, A100 and L4 of
-:data:`hardfocus_fused.cost_model.GPUS`, the predicted forward, backward and total time of
+:data:`hardfocus_fused.kernels.cost_model.GPUS`, the predicted forward, backward and total time of
 each implementation, its ratio to the 4-product floor, and the bytes behind it.  **A
-model, not a measurement** (see :mod:`hardfocus_fused.cost_model` for what it counts and
+model, not a measurement** (see :mod:`hardfocus_fused.kernels.cost_model` for what it counts and
 which constants are estimates).
 
 The peers are modelled from their published code (read, not copied), with the launch
@@ -47,8 +47,8 @@ import datetime
 import json
 from pathlib import Path
 
-from hardfocus_fused import cost_model as cm
-from hardfocus_fused.cost_model import Estimate, GPU, HeadShape, Launch, cdiv, elementwise, gemm
+from hardfocus_fused.kernels import cost_model as cm
+from hardfocus_fused.kernels.cost_model import GPU, Estimate, HeadShape, Launch, cdiv, elementwise, gemm
 
 from .report import table
 
@@ -58,7 +58,7 @@ GPU_NAMES = ("H100", "A100", "L4")
 # Device memory of each modelled GPU (the 80 GB H100 and A100, the 24 GB L4): "auto"
 # weighs the strategies' extra memory against it.
 MEMORY = {"H100 SXM": 80 * 10**9, "H200 SXM": 141 * 10**9, "A100 SXM 80GB": 80 * 10**9, "L4": 24 * 10**9}
-TARGET = 1.35            # issue #27: fwd+bwd at most this many times the 4-product floor
+TARGET = 1.35  # issue #27: fwd+bwd at most this many times the 4-product floor
 
 
 def _grouped_operands(n: int, h: int, v: int, block_n: int, e: int) -> float:
@@ -70,9 +70,15 @@ def _grouped_operands(n: int, h: int, v: int, block_n: int, e: int) -> float:
 def cce_forward(shape: HeadShape, gpu: GPU) -> Estimate:
     bb, bv, e, h, n, v = 256, 128, shape.dtype_bytes, shape.n_hidden, shape.n_tokens, shape.n_vocab
     programs = cdiv(n, bb) * cdiv(v, bv)
-    lse = Launch("cce lse", flops=2.0 * cdiv(n, bb) * bb * cdiv(v, bv) * bv * h,
-                 hbm_bytes=_grouped_operands(n, h, v, bb, e), l2_bytes=programs * (bb + bv) * h * e,
-                 atomic_bytes=programs * bb * 8, programs=programs, dtype_bytes=e)
+    lse = Launch(
+        "cce lse",
+        flops=2.0 * cdiv(n, bb) * bb * cdiv(v, bv) * bv * h,
+        hbm_bytes=_grouped_operands(n, h, v, bb, e),
+        l2_bytes=programs * (bb + bv) * h * e,
+        atomic_bytes=programs * bb * 8,
+        programs=programs,
+        dtype_bytes=e,
+    )
     return Estimate([lse, elementwise("cce target logit", 2 * n * h * e)])
 
 
@@ -81,9 +87,17 @@ def cce_backward(shape: HeadShape, gpu: GPU, accum_bytes: int = 2) -> Estimate:
     programs = cdiv(n, bb) * cdiv(v, bv)
     groups = cdiv(cdiv(n, bb), 8)
     hbm = _grouped_operands(n, h, v, bb, e) + 2 * n * h * accum_bytes + groups * 2 * v * h * accum_bytes
-    launches = [Launch("cce backward", flops=3 * 2.0 * cdiv(n, bb) * bb * cdiv(v, bv) * bv * h, hbm_bytes=hbm,
-                       l2_bytes=programs * 2 * (bb + bv) * h * e,
-                       atomic_bytes=programs * (bb + bv) * h * 2 * accum_bytes, programs=programs, dtype_bytes=e)]
+    launches = [
+        Launch(
+            "cce backward",
+            flops=3 * 2.0 * cdiv(n, bb) * bb * cdiv(v, bv) * bv * h,
+            hbm_bytes=hbm,
+            l2_bytes=programs * 2 * (bb + bv) * h * e,
+            atomic_bytes=programs * (bb + bv) * h * 2 * accum_bytes,
+            programs=programs,
+            dtype_bytes=e,
+        )
+    ]
     if accum_bytes != e:
         launches.append(elementwise("cce casts", (n + v) * h * (accum_bytes + e)))
     return Estimate(launches)
@@ -114,17 +128,33 @@ def liger_pass(shape: HeadShape, gpu: GPU, gradients: bool) -> Estimate:
 def implementations(shape: HeadShape, gpu: GPU) -> dict[str, tuple[Estimate, Estimate]]:
     """``name -> (forward, backward)`` estimates of every modelled implementation."""
     forward = cm.forward(shape, gpu)
-    auto = cm.choose_backward(shape.n_tokens, shape.n_hidden, shape.n_vocab, shape.dtype_bytes, gpu.capability,
-                              gpu.sm_count, memory_bytes=MEMORY[gpu.name])
-    three = cm.choose_forward_gradients(shape.n_tokens, shape.n_hidden, shape.n_vocab, shape.dtype_bytes,
-                                        gpu.capability, gpu.sm_count, memory_bytes=MEMORY[gpu.name])
+    auto = cm.choose_backward(
+        shape.n_tokens,
+        shape.n_hidden,
+        shape.n_vocab,
+        shape.dtype_bytes,
+        gpu.capability,
+        gpu.sm_count,
+        memory_bytes=MEMORY[gpu.name],
+    )
+    three = cm.choose_forward_gradients(
+        shape.n_tokens,
+        shape.n_hidden,
+        shape.n_vocab,
+        shape.dtype_bytes,
+        gpu.capability,
+        gpu.sm_count,
+        memory_bytes=MEMORY[gpu.name],
+    )
     return {
         f"ours, auto: {auto} backward": (forward, cm.backward(shape, gpu, auto)),
         "ours, fused": (forward, cm.backward_fused(shape, gpu)),
         "ours, matmul": (forward, cm.backward_matmul(shape, gpu)),
         "ours, deterministic": (forward, cm.backward_deterministic(shape, gpu)),
-        f'ours, "mean", three products (auto: {"yes" if three else "no"})': (cm.forward_gradients(shape, gpu),
-                                                                             Estimate()),
+        f'ours, "mean", three products (auto: {"yes" if three else "no"})': (
+            cm.forward_gradients(shape, gpu),
+            Estimate(),
+        ),
         "Cut Cross-Entropy (exact)": (cce_forward(shape, gpu), cce_backward(shape, gpu)),
         'Liger, reduction="none"': (liger_pass(shape, gpu, gradients=False), liger_pass(shape, gpu, gradients=True)),
         'Liger, "mean" (3 products, no weights)': (liger_pass(shape, gpu, gradients=True), Estimate()),
@@ -141,34 +171,78 @@ def predictions() -> list[dict]:
                 floor = cm.floor_seconds(shape, gpu, 4)
                 for name, (fwd, bwd) in implementations(shape, gpu).items():
                     both = fwd + bwd
-                    rows.append(dict(
-                        gpu=gpu_name, head=head, tokens=n, impl=name, fwd_ms=fwd.seconds(gpu) * 1e3,
-                        bwd_ms=bwd.seconds(gpu) * 1e3, total_ms=both.seconds(gpu) * 1e3, floor4_ms=floor * 1e3,
-                        x_floor=both.seconds(gpu) / floor, products=both.total("flops") / shape.product_flops,
-                        hbm_gb=both.total("hbm_bytes") / 1e9, l2_gb=both.total("l2_bytes") / 1e9,
-                        atomic_gb=both.total("atomic_bytes") / 1e9))
+                    rows.append(
+                        dict(
+                            gpu=gpu_name,
+                            head=head,
+                            tokens=n,
+                            impl=name,
+                            fwd_ms=fwd.seconds(gpu) * 1e3,
+                            bwd_ms=bwd.seconds(gpu) * 1e3,
+                            total_ms=both.seconds(gpu) * 1e3,
+                            floor4_ms=floor * 1e3,
+                            x_floor=both.seconds(gpu) / floor,
+                            products=both.total("flops") / shape.product_flops,
+                            hbm_gb=both.total("hbm_bytes") / 1e9,
+                            l2_gb=both.total("l2_bytes") / 1e9,
+                            atomic_gb=both.total("atomic_bytes") / 1e9,
+                        )
+                    )
     return rows
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# Cost model: predicted times (a model, not a measurement)", "",
-             f"{meta['date']}; `python -m benchmarks.cost_table`; `hardfocus_fused.cost_model` with its GPU constants "
-             f"(vendor peak rates and HBM bandwidth, 80% of the peak matrix rate, L2 and reduction bandwidths "
-             f"estimated: see the module). Nothing here ran on a GPU: every number is arithmetic on the launch "
-             f"grids and tile sizes, ours from the package's launchers and defaults, the peers' from their "
-             f"published code (`benchmarks/cost_table.py` says how). bf16, all tokens scored. floor4: four "
-             f"N x H x V products at 80% of the peak rate; products: the matrix work done, in those products "
-             f"(padded tiles included). \"ours, auto\": the loss-dependent weights (IR-DRO, the rankings, any "
-             f"per-token loss) with the backward `backward_impl=\"auto\"` picks; \"three products\": losses "
-             f"whose token weights are known up front (the token mean, the uniform baseline), and whether "
-             f"\"auto\" takes that path there (it needs an fp32 weight-gradient sum within 5% of the device's "
-             f"memory: 80 GB H100/A100, 24 GB L4). The target (issue #27): ours at most {TARGET}x floor4 at the "
-             f"Llama-3-8B head on the H100, and ahead of both peers.", "",
-             *table(["GPU", "head", "N", "implementation", "fwd ms", "bwd ms", "total ms", "x floor4", "products",
-                     "HBM GB", "L2 GB", "reductions GB"],
-                    [[r["gpu"], r["head"], r["tokens"], r["impl"], f"{r['fwd_ms']:.2f}", f"{r['bwd_ms']:.2f}",
-                      f"{r['total_ms']:.2f}", f"{r['x_floor']:.2f}", f"{r['products']:.2f}", f"{r['hbm_gb']:.1f}",
-                      f"{r['l2_gb']:.0f}", f"{r['atomic_gb']:.0f}"] for r in rows])]
+    lines = [
+        "# Cost model: predicted times (a model, not a measurement)",
+        "",
+        f"{meta['date']}; `python -m benchmarks.cost_table`; `hardfocus_fused.kernels.cost_model` with its GPU "
+        "constants "
+        f"(vendor peak rates and HBM bandwidth, 80% of the peak matrix rate, L2 and reduction bandwidths "
+        f"estimated: see the module). Nothing here ran on a GPU: every number is arithmetic on the launch "
+        f"grids and tile sizes, ours from the package's launchers and defaults, the peers' from their "
+        f"published code (`benchmarks/cost_table.py` says how). bf16, all tokens scored. floor4: four "
+        f"N x H x V products at 80% of the peak rate; products: the matrix work done, in those products "
+        f'(padded tiles included). "ours, auto": the loss-dependent weights (IR-DRO, the rankings, any '
+        f'per-token loss) with the backward `backward_impl="auto"` picks; "three products": losses '
+        f"whose token weights are known up front (the token mean, the uniform baseline), and whether "
+        f'"auto" takes that path there (it needs an fp32 weight-gradient sum within 5% of the device\'s '
+        f"memory: 80 GB H100/A100, 24 GB L4). The target (issue #27): ours at most {TARGET}x floor4 at the "
+        f"Llama-3-8B head on the H100, and ahead of both peers.",
+        "",
+        *table(
+            [
+                "GPU",
+                "head",
+                "N",
+                "implementation",
+                "fwd ms",
+                "bwd ms",
+                "total ms",
+                "x floor4",
+                "products",
+                "HBM GB",
+                "L2 GB",
+                "reductions GB",
+            ],
+            [
+                [
+                    r["gpu"],
+                    r["head"],
+                    r["tokens"],
+                    r["impl"],
+                    f"{r['fwd_ms']:.2f}",
+                    f"{r['bwd_ms']:.2f}",
+                    f"{r['total_ms']:.2f}",
+                    f"{r['x_floor']:.2f}",
+                    f"{r['products']:.2f}",
+                    f"{r['hbm_gb']:.1f}",
+                    f"{r['l2_gb']:.0f}",
+                    f"{r['atomic_gb']:.0f}",
+                ]
+                for r in rows
+            ],
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -177,8 +251,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     rows = predictions()
-    meta = {"date": datetime.date.today().isoformat(), "gpus": {k: vars(v) for k, v in cm.GPUS.items()},
-            "l2_usable": cm.L2_USABLE, "note": "a model, not a measurement"}
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "gpus": {k: vars(v) for k, v in cm.GPUS.items()},
+        "l2_usable": cm.L2_USABLE,
+        "note": "a model, not a measurement",
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"cost-model-{meta['date']}"

@@ -74,8 +74,13 @@ def loss_fn(impl: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         return lambda: compiled(hidden, weight, targets, method)
     if impl == "torch_native":
         options = torch.nn.LinearCrossEntropyOptions()
-        return lambda: weighted(F.linear_cross_entropy(flat_h, weight, flat_t, reduction="none", ignore_index=-100,
-                                                       options=options).view(batch, seq), targets, method)
+        return lambda: weighted(
+            F.linear_cross_entropy(flat_h, weight, flat_t, reduction="none", ignore_index=-100, options=options).view(
+                batch, seq
+            ),
+            targets,
+            method,
+        )
     if impl == "liger":
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
@@ -84,10 +89,16 @@ def loss_fn(impl: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         def liger():
             out = module(weight, flat_h, flat_t)
             return weighted((out[0] if isinstance(out, tuple) else out).view(batch, seq), targets, method)
+
         return liger
     if impl in CCE_FILTER:
         from cut_cross_entropy import linear_cross_entropy
 
-        return lambda: weighted(linear_cross_entropy(flat_h, weight, flat_t, reduction="none",
-                                                     filter_eps=CCE_FILTER[impl]).view(batch, seq), targets, method)
+        return lambda: weighted(
+            linear_cross_entropy(flat_h, weight, flat_t, reduction="none", filter_eps=CCE_FILTER[impl]).view(
+                batch, seq
+            ),
+            targets,
+            method,
+        )
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

@@ -8,25 +8,34 @@ from pathlib import Path
 
 def table(header: list[str], rows: list[list]) -> list[str]:
     """Lines of a markdown table: the header, its rule and one line per row of cells."""
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
-        ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(cell) for cell in row) + " |" for row in rows
+    ]
 
 
 def markdown(result: dict) -> str:
-    lines = [f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['date']}, "
-             f"{result['dtype']}; dense matmul {result['matmul_tflops']:.3g} TFLOP/s; median of {result['iters']}; "
-             f"memory: {result['memory']}", ""]
+    lines = [
+        f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['date']}, "
+        f"{result['dtype']}; dense matmul {result['matmul_tflops']:.3g} TFLOP/s; median of {result['iters']}; "
+        f"memory: {result['memory']}",
+        "",
+    ]
     has_err = any("err_loss" in r for r in result["rows"])
     head = "| shape | data | method | pass | impl | ms | peak extra MiB | TFLOP/s |"
-    lines += [head + (" err loss | err grad_hidden | err grad_weight |" if has_err else ""),
-              "|---|---|---|---|---|---:|---:|---:|" + ("---:|---:|---:|" if has_err else "")]
+    lines += [
+        head + (" err loss | err grad_hidden | err grad_weight |" if has_err else ""),
+        "|---|---|---|---|---|---:|---:|---:|" + ("---:|---:|---:|" if has_err else ""),
+    ]
     for r in result["rows"]:
         method = r["method"] + (" (frozen head)" if r.get("head") == "frozen" else "")
-        line = (f"| {r['shape']} | {r['data']} | {method} | {r['pass']} | {r['impl']} | {r['ms']:.2f} | "
-                f"{'' if r['peak_mb'] is None else format(r['peak_mb'], '.1f')} | {r['tflops']:.2f} |")
+        line = (
+            f"| {r['shape']} | {r['data']} | {method} | {r['pass']} | {r['impl']} | {r['ms']:.2f} | "
+            f"{'' if r['peak_mb'] is None else format(r['peak_mb'], '.1f')} | {r['tflops']:.2f} |"
+        )
         if has_err:
-            line += "".join(f" {r[k]:.1e} |" if k in r else " |"
-                            for k in ("err_loss", "err_grad_hidden", "err_grad_weight"))
+            line += "".join(
+                f" {r[k]:.1e} |" if k in r else " |" for k in ("err_loss", "err_grad_hidden", "err_grad_weight")
+            )
         lines.append(line)
     lines += [""] + [f"- {note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"
@@ -34,8 +43,14 @@ def markdown(result: dict) -> str:
 
 def plot_sweep(result: dict, path: Path) -> bool:
     """Time and memory vs tokens for the ``sweep-N*`` shapes (fwd+bwd, irdro); False if none."""
-    rows = [r for r in result["rows"] if r["shape"].startswith("sweep-N") and r["pass"] == "fwd+bwd"
-            and r["method"] == "irdro" and r.get("head", "trainable") == "trainable"]
+    rows = [
+        r
+        for r in result["rows"]
+        if r["shape"].startswith("sweep-N")
+        and r["pass"] == "fwd+bwd"
+        and r["method"] == "irdro"
+        and r.get("head", "trainable") == "trainable"
+    ]
     if not rows:
         return False
     import matplotlib

@@ -35,10 +35,10 @@ HEADS = {
     "opt-350m": Shape("opt-350m", 4096, 512, 50272),
 }
 SWEEP = [Shape(f"sweep-N{n}", n, 4096, 128256) for n in (1024, 2048, 4096, 8192, 16384, 32768)]
-MID = Shape("mid", 2048, 1024, 32000)                   # the accuracy comparison
-CPU = Shape("cpu", 4096, 256, 32000, seq_len=512)       # what every machine here can run
-TINY = Shape("tiny", 256, 64, 1000, seq_len=64)          # harness self-test
-MICRO = Shape("micro", 32, 16, 64, seq_len=16)           # the harness's plumbing, in the interpreter
+MID = Shape("mid", 2048, 1024, 32000)  # the accuracy comparison
+CPU = Shape("cpu", 4096, 256, 32000, seq_len=512)  # what every machine here can run
+TINY = Shape("tiny", 256, 64, 1000, seq_len=64)  # harness self-test
+MICRO = Shape("micro", 32, 16, 64, seq_len=16)  # the harness's plumbing, in the interpreter
 SHAPES = {s.name: s for s in [*HEADS.values(), *SWEEP, MID, CPU, TINY, MICRO]}
 TARGET_NATS = 2.5
 
@@ -59,7 +59,7 @@ def make_inputs(shape: Shape, data: str, dtype: torch.dtype, device: str, seed: 
     labels = torch.randint(0, shape.vocab, (b, t), **draw)
     hidden = torch.randn(b, t, shape.hidden, **draw)
     if data == "trained-like":
-        targets = torch.cat([labels[:, 1:], labels[:, :1]], dim=1)   # what each position predicts
+        targets = torch.cat([labels[:, 1:], labels[:, :1]], dim=1)  # what each position predicts
         pull = weight[targets] * (0.7 + 0.6 * torch.rand(b, 1, 1, **draw))
         sample = torch.randperm(b * t, **draw)[:512]
         flat_h, flat_p, flat_t = hidden.view(-1, shape.hidden), pull.view(-1, shape.hidden), targets.view(-1)

@@ -63,14 +63,18 @@ def main(argv=None) -> list[dict]:
     if args.tokens:
         shape = dataclasses.replace(shape, tokens=args.tokens, seq_len=min(shape.seq_len, args.tokens))
     rows = analyse(shape, args.block_n, args.block_v, [2.0**e for e in args.log2_eps])
-    print(f"shape {args.shape} (N={shape.tokens}, H={shape.hidden}, V={shape.vocab}), trained-like, "
-          f"tiles {args.block_n} x {args.block_v}, fp64")
+    print(
+        f"shape {args.shape} (N={shape.tokens}, H={shape.hidden}, V={shape.vocab}), trained-like, "
+        f"tiles {args.block_n} x {args.block_v}, fp64"
+    )
     print("| eps | tiles kept | grad_hidden err (norm / max) | grad_weight err (norm / max) |")
     print("|---|---:|---:|---:|")
     for r in rows:
-        print(f"| 2^{round(torch.log2(torch.tensor(r['eps'])).item())} | {r['tiles_kept']:.3f} | "
-              f"{r['grad_hidden_err_norm']:.1e} / {r['grad_hidden_err_max']:.1e} | "
-              f"{r['grad_weight_err_norm']:.1e} / {r['grad_weight_err_max']:.1e} |")
+        print(
+            f"| 2^{round(torch.log2(torch.tensor(r['eps'])).item())} | {r['tiles_kept']:.3f} | "
+            f"{r['grad_hidden_err_norm']:.1e} / {r['grad_hidden_err_max']:.1e} | "
+            f"{r['grad_weight_err_norm']:.1e} / {r['grad_weight_err_max']:.1e} |"
+        )
     return rows
 
 

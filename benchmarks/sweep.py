@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from hardfocus_fused.kernels.config import HeadConfigs, KernelConfig, default_configs
-from hardfocus_fused.lce import token_nll
+from hardfocus_fused.op.dispatch import token_nll
 
 from .peers import shifted
 from .shapes import SHAPES, make_inputs
@@ -117,17 +117,21 @@ def run_head(head: str, device: str, dtype: torch.dtype, timer, record, deadline
             row["params"] = dataclasses.asdict(configs.forward if kind == "fwd" else configs.backward)
         try:
             backward = strategy if strategy != "-" else "fused"
-            forward = lambda: token_nll(flat, weight, targets, None, -100, None, "triton", kernel_config=configs,
-                                        backward_impl=backward)
+
+            def forward(configs=configs, backward=backward):
+                return token_nll(
+                    flat, weight, targets, None, -100, None, "triton", kernel_config=configs, backward_impl=backward
+                )
+
             if kind == "fwd":
                 ms = timer(forward)
                 products = 1
             else:
                 nll = forward()
-                ms = timer(lambda: torch.autograd.grad(nll, (flat, weight), coef, retain_graph=True))
+                ms = timer(lambda nll=nll: torch.autograd.grad(nll, (flat, weight), coef, retain_graph=True))
                 products = 3
             row.update(ms=ms, tflops=products * 2 * shape.tokens * shape.hidden * shape.vocab / (ms * 1e-3) / 1e12)
-        except Exception as error:   # a candidate that fails is recorded, the sweep goes on
+        except Exception as error:  # a candidate that fails is recorded, the sweep goes on
             row["error"] = f"{type(error).__name__}: {error}"[:300]
         record(row)
 
@@ -141,8 +145,13 @@ def main(argv=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    result = {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "dtype": str(dtype), "rows": []}
+    result = {
+        "device": name,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "dtype": str(dtype),
+        "rows": [],
+    }
     path = Path(args.out) / f"sweep-{'gpu' if device == 'cuda' else 'cpu'}-{result['date']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
 

@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 DATA = "trained-like"
 HEAD_SHAPES = ("llama3-8b", "gemma2-2b")
-SMALL_N, LARGE_N = "sweep-N1024", "llama3-8b"   # the Llama-3-8B head at 1024 and 16384 tokens
+SMALL_N, LARGE_N = "sweep-N1024", "llama3-8b"  # the Llama-3-8B head at 1024 and 16384 tokens
 ACCURACY_SHAPE = "mid"
 PEERS = ("cce_exact", "cce", "liger", "torch_compile", "eager", "torch_native")
-GRAD_TOLERANCE = 2e-2          # README / docs/numerics.md, bf16 inputs
-TIE_BAND = 1.1                 # "no worse than the best peer" up to bf16 output rounding
+GRAD_TOLERANCE = 2e-2  # README / docs/numerics.md, bf16 inputs
+TIE_BAND = 1.1  # "no worse than the best peer" up to bf16 output rounding
 
 
 def _head_cases(shape: str):
@@ -58,8 +58,10 @@ class Rows:
 
     def __init__(self, result: dict):
         self.matmul_tflops = result.get("matmul_tflops")
-        self._rows = {(r["impl"], r["method"], r["shape"], r["data"], r.get("head", "trainable"), r["pass"]): r
-                      for r in result["rows"]}
+        self._rows = {
+            (r["impl"], r["method"], r["shape"], r["data"], r.get("head", "trainable"), r["pass"]): r
+            for r in result["rows"]
+        }
 
     def get(self, impl: str, shape: str, kind: str, method: str = "irdro", head: str = "trainable") -> dict:
         return self._rows[(impl, method, shape, DATA, head, kind)]
@@ -98,6 +100,7 @@ def _peak_ratio(peer: str) -> Callable[[Rows, str], float]:
         if ours is None or theirs is None:
             raise KeyError("peak memory is measured on a GPU only")
         return ours / theirs
+
     return ratio
 
 
@@ -120,8 +123,9 @@ def _over_floor(rows: Rows, shape: str) -> float:
 
 
 def _fill(kind: str) -> Callable[[Rows, str], float]:
-    return lambda rows, shape: rows.get("hardfocus", shape, kind)["tflops"] / rows.get("hardfocus", LARGE_N,
-                                                                                        kind)["tflops"]
+    return lambda rows, shape: (
+        rows.get("hardfocus", shape, kind)["tflops"] / rows.get("hardfocus", LARGE_N, kind)["tflops"]
+    )
 
 
 GRADS = ("err_grad_hidden", "err_grad_weight")
@@ -151,26 +155,41 @@ def _against_best_peer(rows: Rows, shape: str) -> float:
 
 TARGETS = (
     Target("forward TFLOP/s / dense matmul TFLOP/s", 0.7, False, HEAD_SHAPES, _forward_share),
-    Target("IR-DRO fwd+bwd time / 4-product floor at the measured matmul rate", 1.35, True, HEAD_SHAPES,
-           _over_floor),
-    Target("IR-DRO fwd+bwd time / Cut Cross-Entropy's, filter_eps=None", 0.9, True, HEAD_SHAPES,
-           _time_ratio("cce_exact")),
-    Target("IR-DRO fwd+bwd time / Cut Cross-Entropy's default (filtered)", None, True, HEAD_SHAPES,
-           _time_ratio("cce")),
-    Target("IR-DRO fwd+bwd time / Liger's (reduction='none' + weighting)", 0.8, True, HEAD_SHAPES,
-           _time_ratio("liger")),
+    Target("IR-DRO fwd+bwd time / 4-product floor at the measured matmul rate", 1.35, True, HEAD_SHAPES, _over_floor),
+    Target(
+        "IR-DRO fwd+bwd time / Cut Cross-Entropy's, filter_eps=None", 0.9, True, HEAD_SHAPES, _time_ratio("cce_exact")
+    ),
+    Target("IR-DRO fwd+bwd time / Cut Cross-Entropy's default (filtered)", None, True, HEAD_SHAPES, _time_ratio("cce")),
+    Target(
+        "IR-DRO fwd+bwd time / Liger's (reduction='none' + weighting)", 0.8, True, HEAD_SHAPES, _time_ratio("liger")
+    ),
     Target("IR-DRO fwd+bwd time / torch.compile's", 1.0, True, HEAD_SHAPES, _time_ratio("torch_compile")),
     Target("IR-DRO fwd+bwd peak extra memory / Liger's", 1.0, True, HEAD_SHAPES, _peak_ratio("liger")),
     Target("IR-DRO fwd+bwd peak extra memory / Cut Cross-Entropy's", 1.2, True, HEAD_SHAPES, _peak_ratio("cce")),
-    Target("MidRanking bwd time / IR-DRO bwd time", 0.55, True, HEAD_SHAPES,
-           lambda rows, s: rows.ms("hardfocus", s, "bwd", method="midranking") / rows.ms("hardfocus", s, "bwd")),
-    Target("frozen-head bwd time / trainable-head bwd time", 0.7, True, HEAD_SHAPES,
-           lambda rows, s: rows.ms("hardfocus", s, "bwd", head="frozen") / rows.ms("hardfocus", s, "bwd")),
+    Target(
+        "MidRanking bwd time / IR-DRO bwd time",
+        0.55,
+        True,
+        HEAD_SHAPES,
+        lambda rows, s: rows.ms("hardfocus", s, "bwd", method="midranking") / rows.ms("hardfocus", s, "bwd"),
+    ),
+    Target(
+        "frozen-head bwd time / trainable-head bwd time",
+        0.7,
+        True,
+        HEAD_SHAPES,
+        lambda rows, s: rows.ms("hardfocus", s, "bwd", head="frozen") / rows.ms("hardfocus", s, "bwd"),
+    ),
     Target("fwd TFLOP/s at N=1024 / at N=16384", 0.8, False, (SMALL_N,), _fill("fwd")),
     Target("fwd+bwd TFLOP/s at N=1024 / at N=16384", 0.8, False, (SMALL_N,), _fill("fwd+bwd")),
     Target("gradient error vs fp64 / README tolerance (2e-2)", 1.0, True, (ACCURACY_SHAPE,), _within_tolerance),
-    Target(f"gradient error vs fp64 / best peer's (met up to {TIE_BAND:g})", TIE_BAND, True, (ACCURACY_SHAPE,),
-           _against_best_peer),
+    Target(
+        f"gradient error vs fp64 / best peer's (met up to {TIE_BAND:g})",
+        TIE_BAND,
+        True,
+        (ACCURACY_SHAPE,),
+        _against_best_peer,
+    ),
 )
 
 
@@ -193,9 +212,16 @@ def evaluate(result: dict) -> list[dict]:
             else:
                 verdict = "met" if target.met(value) else "missed"
             limit = "" if target.limit is None else ("<= " if target.at_most else ">= ") + f"{target.limit:g}"
-            verdicts.append({"target": target.what, "shape": shape, "value": value, "limit": limit,
-                             "verdict": verdict,
-                             "missed_by": target.shortfall(value) if verdict == "missed" else None})
+            verdicts.append(
+                {
+                    "target": target.what,
+                    "shape": shape,
+                    "value": value,
+                    "limit": limit,
+                    "verdict": verdict,
+                    "missed_by": target.shortfall(value) if verdict == "missed" else None,
+                }
+            )
     return verdicts
 
 
@@ -222,11 +248,18 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--from", dest="source", default=None, help="check this benchmarks.compare JSON instead")
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--shapes", nargs="+", default=None,
-                   help=f"measure only the plan's cases on these shapes (of {sorted({c[2] for c in PLAN})})")
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        help=f"measure only the plan's cases on these shapes (of {sorted({c[2] for c in PLAN})})",
+    )
     p.add_argument("--budget-s", type=float, default=None, help="start no case after this many seconds")
-    p.add_argument("--configs-from", default=None,
-                   help="a benchmarks.sweep JSON: measure with its fastest configs (benchmarks.tuned)")
+    p.add_argument(
+        "--configs-from",
+        default=None,
+        help="a benchmarks.sweep JSON: measure with its fastest configs (benchmarks.tuned)",
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--tag", default=None, help="file name stem (default: targets-<device>-<date>)")
     args = p.parse_args(argv)
@@ -236,7 +269,7 @@ def main(argv=None) -> dict:
     def stem(result: dict) -> str:
         return args.tag or f"targets-{'cpu' if result['device'].startswith('cpu') else 'gpu'}-{result['date'][:10]}"
 
-    def write_json(result: dict) -> None:   # after every case: a stopped run keeps its rows
+    def write_json(result: dict) -> None:  # after every case: a stopped run keeps its rows
         result["targets"] = evaluate(result)
         (out / f"{stem(result)}.json").write_text(json.dumps(result, indent=1) + "\n")
 

@@ -31,7 +31,9 @@ def _sync():
 @pytest.mark.parametrize("kind", ["fwd", "bwd", "fwd+bwd"])
 def test_weighted_loss(benchmark, inputs, impl, kind):
     hidden, weight, labels = inputs
-    loss_of = lambda: hardfocus_loss(hidden, weight, labels, method="irdro", impl=impl)
+
+    def loss_of():
+        return hardfocus_loss(hidden, weight, labels, method="irdro", impl=impl)
 
     def setup():
         hidden.grad = weight.grad = None

@@ -40,9 +40,23 @@ def run_once(threads: int, batches: int, load: int, limit_s: float = 900) -> tup
         with tempfile.TemporaryDirectory() as out:
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "hardfocus_fused.experiment.train", "--num-batches", str(batches),
-                            "--quiet", "--threads", str(threads), "--output-dir", out], check=True, timeout=limit_s,
-                           env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "hardfocus_fused.experiment.train",
+                    "--num-batches",
+                    str(batches),
+                    "--quiet",
+                    "--threads",
+                    str(threads),
+                    "--output-dir",
+                    out,
+                ],
+                check=True,
+                timeout=limit_s,
+                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+            )
             wall = time.perf_counter() - start
             user = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - before.ru_utime
     finally:
@@ -69,14 +83,21 @@ def main(argv: list[str] | None = None) -> None:
                 wall, user = run_once(threads, args.batches, load)
                 rows.append((load, threads, wall, user))
                 print(f"load {load}, {threads} thread(s): {wall:.1f} s wall, {user:.1f} s user", flush=True)
-    lines = [f"# hardfocus-train thread count, {datetime.date.today().isoformat()}", "",
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-             f"Python {platform.python_version()}. `hardfocus-train --num-batches {args.batches} --quiet` from the "
-             f"cached built-in base, each run a fresh process (model loading and held-out evaluation included); "
-             f"'loaded' = {args.load} busy Python processes beside it. Produced by `python -m benchmarks.threads`.",
-             "", "| machine | threads | wall (s) | user CPU (s) |", "|---|---:|---:|---:|"]
-    lines += [f"| {'loaded' if load else 'idle'} | {threads} | {wall:.1f} | {user:.1f} |"
-              for load, threads, wall, user in rows]
+    lines = [
+        f"# hardfocus-train thread count, {datetime.date.today().isoformat()}",
+        "",
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"Python {platform.python_version()}. `hardfocus-train --num-batches {args.batches} --quiet` from the "
+        f"cached built-in base, each run a fresh process (model loading and held-out evaluation included); "
+        f"'loaded' = {args.load} busy Python processes beside it. Produced by `python -m benchmarks.threads`.",
+        "",
+        "| machine | threads | wall (s) | user CPU (s) |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {'loaded' if load else 'idle'} | {threads} | {wall:.1f} | {user:.1f} |"
+        for load, threads, wall, user in rows
+    ]
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 

@@ -4,8 +4,9 @@ A GPU session is short: the sweep (``benchmarks.sweep``) and the targets
 (``benchmarks.targets --configs-from SWEEP.json``) run in one call, and the targets are
 measured with the sweep's fastest configurations, so that the numbers published are those
 of the defaults a later commit sets from the same JSON.  Nothing here changes
-``kernels/config.py``: :func:`apply` replaces ``default_configs`` and the ``"auto"``
-backward strategy in this process only, for half-precision inputs on the swept heads
+``kernels/config.py``: :func:`apply` sets measured defaults (``config.use_measured_configs``)
+and the ``"auto"`` backward strategy (``op.dispatch.use_measured_backward``) in this process
+only, for half-precision inputs on the swept heads
 (matched by vocabulary and hidden size, any token count above the small-N rule's).
 """
 
@@ -48,12 +49,16 @@ def best(sweep: dict) -> list[HeadChoice]:
         fwd = _fastest([r for r in rows if r["pass"] == "fwd"])
         fused = _fastest([r for r in rows if r["pass"] == "bwd" and r["strategy"] == "fused"])
         matmul = _fastest([r for r in rows if r["pass"] == "bwd" and r["strategy"] == "matmul"])
-        choices.append(HeadChoice(
-            head, forward=KernelConfig(**fwd["params"]) if fwd else None,
-            backward=KernelConfig(**fused["params"]) if fused else None,
-            matmul_chunk_bytes=matmul["matmul_chunk_bytes"] if matmul else None,
-            fwd_ms=fwd["ms"] if fwd else None,
-            bwd_ms={name: row["ms"] for name, row in (("fused", fused), ("matmul", matmul)) if row}))
+        choices.append(
+            HeadChoice(
+                head,
+                forward=KernelConfig(**fwd["params"]) if fwd else None,
+                backward=KernelConfig(**fused["params"]) if fused else None,
+                matmul_chunk_bytes=matmul["matmul_chunk_bytes"] if matmul else None,
+                fwd_ms=fwd["ms"] if fwd else None,
+                bwd_ms={name: row["ms"] for name, row in (("fused", fused), ("matmul", matmul)) if row},
+            )
+        )
     return choices
 
 
@@ -80,33 +85,51 @@ class Applied:
         self.undo_steps.clear()
 
     def describe(self) -> dict:
-        return {"strategy": self.strategy,
-                "heads": [{"head": c.head, "forward": c.forward and dataclasses.asdict(c.forward),
-                           "backward": c.backward and dataclasses.asdict(c.backward),
-                           "matmul_chunk_bytes": c.matmul_chunk_bytes, "fwd_ms": c.fwd_ms, "bwd_ms": c.bwd_ms}
-                          for c in self.choices]}
+        return {
+            "strategy": self.strategy,
+            "heads": [
+                {
+                    "head": c.head,
+                    "forward": c.forward and dataclasses.asdict(c.forward),
+                    "backward": c.backward and dataclasses.asdict(c.backward),
+                    "matmul_chunk_bytes": c.matmul_chunk_bytes,
+                    "fwd_ms": c.fwd_ms,
+                    "bwd_ms": c.bwd_ms,
+                }
+                for c in self.choices
+            ],
+        }
 
 
 def apply(choices: list[HeadChoice]) -> Applied:
     """Use ``choices`` as the defaults in this process (see the module's docstring); the
     ``"auto"`` backward strategy becomes :func:`strategy`'s."""
-    from hardfocus_fused import lce
     from hardfocus_fused.kernels import config
+    from hardfocus_fused.op import dispatch
 
     by_head = {(SHAPES[c.head].vocab, SHAPES[c.head].hidden): c for c in choices if c.head in SHAPES}
-    original_configs, original_resolve = config.default_configs, lce.resolve_backward
 
-    def tuned_configs(n_tokens: int, n_vocab: int, n_hidden: int, dtype: torch.dtype, *args, **kwargs) -> HeadConfigs:
-        configs = original_configs(n_tokens, n_vocab, n_hidden, dtype, *args, **kwargs)
+    def tuned_configs(
+        configs: HeadConfigs, n_tokens: int, n_vocab: int, n_hidden: int, dtype: torch.dtype
+    ) -> HeadConfigs:
         choice = by_head.get((n_vocab, n_hidden))
         if choice is None or dtype == torch.float32 or n_tokens <= config.SMALL_N:
             return configs
         return dataclasses.replace(
-            configs, forward=choice.forward or configs.forward, backward=choice.backward or configs.backward,
-            matmul_chunk_bytes=choice.matmul_chunk_bytes or configs.matmul_chunk_bytes)
+            configs,
+            forward=choice.forward or configs.forward,
+            backward=choice.backward or configs.backward,
+            matmul_chunk_bytes=choice.matmul_chunk_bytes or configs.matmul_chunk_bytes,
+        )
 
     chosen = strategy(choices)
-    config.default_configs = tuned_configs
-    lce.resolve_backward = lambda backward_impl: chosen if backward_impl == "auto" else backward_impl
-    return Applied(choices, chosen, [lambda: setattr(config, "default_configs", original_configs),
-                                     lambda: setattr(lce, "resolve_backward", original_resolve)])
+    previous_configs = config.use_measured_configs(tuned_configs)
+    previous_backward = dispatch.use_measured_backward(chosen)
+    return Applied(
+        choices,
+        chosen,
+        [
+            lambda: config.use_measured_configs(previous_configs),
+            lambda: dispatch.use_measured_backward(previous_backward),
+        ],
+    )

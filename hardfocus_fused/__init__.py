@@ -2,10 +2,13 @@
 
 The package has three parts:
 
-- the loss core, at this level: the weighting (``weighting``, ``rules``, ``accumulate``,
-  ``distributed``), the fused op and its autograd functions (``lce``, ``ce_terms``,
-  ``triton_op``, ``torch_op``), the sample-reweighted loss (``loss``), and the Triton
-  kernels (``hardfocus_fused.kernels``);
+- the loss core: what a loss is (``options``), the sample-reweighted loss (``loss``) and
+  the fused ``lm_head`` + cross-entropy (``cross_entropy``) on the fused operator
+  (``op``: its registration with ``torch.library``, its torch and Triton paths, the loss
+  terms it computes), the weighting (``weighting``: the paper's methods, plug-in rules,
+  micro-batch accumulation, weights over ranks), the RL losses (``rl``), the token
+  bookkeeping (``tokens``) and the input checks (``input_checks``); the Triton kernels,
+  their configurations and their cost model (``hardfocus_fused.kernels``);
 - ``hardfocus_fused.hf``: the Hugging Face integration (``apply_hardfocus``, Trainer and TRL);
 - ``hardfocus_fused.experiment``: the paper's experiment and the command lines.
 
@@ -37,19 +40,19 @@ def _register_kernels_folder() -> None:
         return
     folder = Path(__file__).resolve().parent.parent / "kernels"
     if not (folder / "forward.py").is_file():
-        return          # neither layout: ``import hardfocus_fused.kernels`` names the missing module
+        return  # neither layout: ``import hardfocus_fused.kernels`` names the missing module
     spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
     spec.submodule_search_locations = [str(folder)]
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    globals()["kernels"] = module       # what importing a submodule does to its parent
+    globals()["kernels"] = module  # what importing a submodule does to its parent
 
 
 _register_kernels_folder()
 
-from .lce import LCEOutput, linear_cross_entropy  # noqa: E402
+from .cross_entropy import LCEOutput, linear_cross_entropy  # noqa: E402
 from .loss import HardFocusLoss, HardFocusStats, hardfocus_loss  # noqa: E402
-from .weighting import METHODS, sequence_weights  # noqa: E402
+from .weighting.methods import METHODS, sequence_weights  # noqa: E402
 
 __all__ = [
     "hardfocus_loss",
@@ -70,7 +73,7 @@ _INTEGRATION = {
     "apply_hardfocus": "hf",
     "remove_hardfocus": "hf",
     "hardfocus_patch": "hf",
-    "HardFocusCallback": "hf.trainer",   # needs transformers
+    "HardFocusCallback": "hf.trainer",  # needs transformers
 }
 
 

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import _validation as check
-from ._tokens import document_starts, segment_bounds, segment_sums, shift_targets
-from .lce import autocast_dtype, plain_backward, tempered, token_terms, wants_forward_gradients, weighted_sum
+from . import input_checks as check
+from .cross_entropy import tempered
+from .op.dispatch import autocast_dtype, plain_backward, token_terms, wants_forward_gradients, weighted_sum
 from .options import HardFocusOptions, Weighting
-from .weighting import sequence_weights, with_sample_weights
+from .tokens import document_starts, segment_bounds, segment_sums, shift_targets
+from .weighting.methods import sequence_weights, with_sample_weights
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class HardFocusStats:
     ``group``), except ``method="mean"`` with ``class_weight`` and ``lse_square_scale``
     together: there ``weights`` are the cross-entropy's shares of the class-weight mass,
     and the z-loss part of each ``seq_loss`` is weighted by token counts (see
-    ``ce_terms``).  Sequences without a target token have ``n_tokens == 0``,
+    ``op.loss_terms``).  Sequences without a target token have ``n_tokens == 0``,
     ``seq_loss == 0`` and ``weights == 0``.
     """
 
@@ -55,7 +56,7 @@ def hardfocus_loss(
         bias: optional (V,) lm_head bias.
         position_ids: (B, T) position ids of packed rows (several documents per row, as
             ``DataCollatorWithFlattening`` produces).  A new document starts wherever the
-            position id drops to 0 (see ``_tokens.document_starts``); each document is one
+            position id drops to 0 (see ``tokens.document_starts``); each document is one
             "sequence" of the weighting, and with ``shift=True`` no document is scored on
             the next one's first token.  Costs one host synchronisation (the document
             count).
@@ -119,20 +120,23 @@ def hardfocus_loss(
     check.check_tensor("hidden", hidden, 3)
     check.check_head(hidden, weight, bias)
     ce.check_head(weight.shape[0], weight.device)
-    check.check_labels("labels", labels, hidden.shape[:2], weight.shape[0], ce.ignore_index, hidden.device,
-                       check_values=run.validate)
+    check.check_labels(
+        "labels", labels, hidden.shape[:2], weight.shape[0], ce.ignore_index, hidden.device, check_values=run.validate
+    )
     shift = options.shift
     terms = ce.terms()
     if token_weight is not None:
-        token_weight = check.check_data_weight("token_weight", token_weight, labels.shape, hidden.device,
-                                               run.validate)
+        token_weight = check.check_data_weight("token_weight", token_weight, labels.shape, hidden.device, run.validate)
         token_weight = shift_targets(token_weight, 0, shift=shift) if shift else token_weight
     if sample_weight is not None:
-        sample_weight = check.check_data_weight("sample_weight", sample_weight, labels.shape[:1], hidden.device,
-                                                run.validate)
+        sample_weight = check.check_data_weight(
+            "sample_weight", sample_weight, labels.shape[:1], hidden.device, run.validate
+        )
         if callable(method):
-            raise ValueError("sample_weight is not supported with a weighting rule (callable method): fold the "
-                             "sample weights into the rule")
+            raise ValueError(
+                "sample_weight is not supported with a weighting rule (callable method): fold the "
+                "sample weights into the rule"
+            )
     starts = None
     if position_ids is not None:
         check.check_position_ids("position_ids", position_ids, labels)
@@ -140,8 +144,10 @@ def hardfocus_loss(
             check.check_position_ids("attention_mask", attention_mask, labels)
         starts = document_starts(position_ids, attention_mask)
     elif attention_mask is not None:
-        raise ValueError("attention_mask is only used with position_ids (to tell padding from documents); "
-                         "padding is otherwise marked by ignore_index labels")
+        raise ValueError(
+            "attention_mask is only used with position_ids (to tell padding from documents); "
+            "padding is otherwise marked by ignore_index labels"
+        )
     n_seq, seq_len, n_hidden = hidden.shape
     targets = shift_targets(labels, ce.ignore_index, starts, shift).reshape(-1)
     flat, bias, softcap = tempered(hidden.reshape(-1, n_hidden), bias, ce)
@@ -149,23 +155,51 @@ def hardfocus_loss(
     check_name = check.deferred_label_check("labels", run.validate)
     # The token mean and the uniform baseline weigh sequences by their sizes alone: every
     # token's weight is known before the forward (the three-product path, if it pays).
-    needs = wants_forward_gradients(flat, weight, bias, run, autocast_dtype(hidden.device.type)) \
-        if options.known_up_front else None
+    needs = (
+        wants_forward_gradients(flat, weight, bias, run, autocast_dtype(hidden.device.type))
+        if options.known_up_front
+        else None
+    )
     if needs is not None:
-        return _known_weights_loss(flat, weight, bias, targets, starts, (n_seq, seq_len), weighting, ignore_index,
-                                   softcap, terms, token_weight, sample_weight, needs, check_name,
-                                   options.return_stats)
-    token_loss, lse, *_ = token_terms(flat, weight, targets, bias, ignore_index, softcap, run.impl, run.deterministic,
-                                      backward_impl=plain_backward(run.backward_impl), terms=terms.kernel_terms(),
-                                      check_name=check_name)
+        return _known_weights_loss(
+            flat,
+            weight,
+            bias,
+            targets,
+            starts,
+            (n_seq, seq_len),
+            weighting,
+            ignore_index,
+            softcap,
+            terms,
+            token_weight,
+            sample_weight,
+            needs,
+            check_name,
+            options.return_stats,
+        )
+    token_loss, lse, *_ = token_terms(
+        flat,
+        weight,
+        targets,
+        bias,
+        ignore_index,
+        softcap,
+        run.impl,
+        run.deterministic,
+        backward_impl=plain_backward(run.backward_impl),
+        terms=terms.kernel_terms(),
+        check_name=check_name,
+    )
     valid = targets != ignore_index
     # With class weights and a z-loss, the z-loss is kept apart (from the differentiable lse):
     # a sequence's mean divides it by the token count, the cross-entropy by the class weights.
     z_loss = terms.z_loss(lse, valid) if terms.separate_z_loss else None
     # Each token's share of its sequence: 1, times its target's class weight and its token
     # weight (from the data and from a token-level rule).
-    token_scale = _token_scale(method, token_weight, token_loss if z_loss is None else token_loss + z_loss, valid,
-                               (n_seq, seq_len))
+    token_scale = _token_scale(
+        method, token_weight, token_loss if z_loss is None else token_loss + z_loss, valid, (n_seq, seq_len)
+    )
     count = valid.float()
     mass = terms.target_weight(targets, valid)
     mass = count if mass is None else mass
@@ -183,14 +217,24 @@ def hardfocus_loss(
         if seq_z is not None:
             seq_z = seq_z / torch.where(seq_count > 0, seq_count, 1.0)
     seq_loss = seq_ce if seq_z is None else seq_ce + seq_z
-    weigh = method if callable(method) else functools.partial(
-        sequence_weights, method=method, r=weighting.r, n1=weighting.n1, n2=weighting.n2,
-        seq_reduction=weighting.seq_reduction)
+    weigh = (
+        method
+        if callable(method)
+        else functools.partial(
+            sequence_weights,
+            method=method,
+            r=weighting.r,
+            n1=weighting.n1,
+            n2=weighting.n2,
+            seq_reduction=weighting.seq_reduction,
+        )
+    )
     if sample_weight is not None and rows is not None:
-        sample_weight = sample_weight[rows]             # a row's weight for each of its documents
+        sample_weight = sample_weight[rows]  # a row's weight for each of its documents
     # The token mean weighs sequences by their mass (their token count when unweighted).
-    weights, scale = _weights(weigh, seq_loss, seq_mass if method == "mean" else n_tokens, weighting.group,
-                              sample_weight)
+    weights, scale = _weights(
+        weigh, seq_loss, seq_mass if method == "mean" else n_tokens, weighting.group, sample_weight
+    )
     if seq_z is not None and method == "mean":
         # The token mean's separate z-loss is a mean over tokens, not over class-weight mass.
         z_weights, _ = _weights(weigh, seq_loss, seq_count, weighting.group, sample_weight)
@@ -211,14 +255,33 @@ def _sequences(valid: torch.Tensor, starts: torch.Tensor | None, shape: tuple[in
         per_seq = lambda values: values.view(n_seq, seq_len).sum(dim=1, dtype=torch.float32)  # noqa: E731
         return valid.view(n_seq, seq_len).sum(dim=1), per_seq, None, None
     bounds = segment_bounds(starts.reshape(-1))
-    return (segment_sums(valid, bounds).round().long(), functools.partial(segment_sums, bounds=bounds),
-            bounds[:-1] // seq_len, bounds)
+    return (
+        segment_sums(valid, bounds).round().long(),
+        functools.partial(segment_sums, bounds=bounds),
+        bounds[:-1] // seq_len,
+        bounds,
+    )
 
 
-def _known_weights_loss(flat, weight, bias, targets, starts, shape, weighting: Weighting, ignore_index, softcap,
-                        terms, token_weight, sample_weight, needs, check_name, return_stats):
+def _known_weights_loss(
+    flat,
+    weight,
+    bias,
+    targets,
+    starts,
+    shape,
+    weighting: Weighting,
+    ignore_index,
+    softcap,
+    terms,
+    token_weight,
+    sample_weight,
+    needs,
+    check_name,
+    return_stats,
+):
     """``hardfocus_loss`` for ``method="mean"``/``"uniform"`` by the three-product path
-    (``lce.weighted_sum``): the sequence weights depend on the sizes alone, so each token's
+    (``op.dispatch.weighted_sum``): the sequence weights depend on the sizes alone, so each token's
     weight ``w_i * scale_t / mass_i`` is set before the forward."""
     valid = targets != ignore_index
     mass = terms.target_weight(targets, valid)
@@ -234,14 +297,25 @@ def _known_weights_loss(flat, weight, bias, targets, starts, shape, weighting: W
         sample_weight = sample_weight[rows]
     method, seq_reduction = weighting.method, weighting.seq_reduction
     weigh = functools.partial(sequence_weights, method=method, seq_reduction=seq_reduction)
-    weights = with_sample_weights(weigh(torch.zeros_like(seq_mass), seq_mass if method == "mean" else n_tokens),
-                                  sample_weight)
+    weights = with_sample_weights(
+        weigh(torch.zeros_like(seq_mass), seq_mass if method == "mean" else n_tokens), sample_weight
+    )
     denominator = torch.where(seq_mass > 0, seq_mass, 1.0) if seq_reduction == "mean" else torch.ones_like(seq_mass)
     per_token = (weights / denominator)[seq_of_token]
     per_token = torch.where(valid, per_token if scale is None else per_token * scale, 0.0)
-    loss, token_loss = weighted_sum(flat, weight, targets, per_token, bias, ignore_index, softcap, needs,
-                                    terms.kernel_terms(), check_name=check_name,
-                                    autocast=autocast_dtype(flat.device.type))
+    loss, token_loss = weighted_sum(
+        flat,
+        weight,
+        targets,
+        per_token,
+        bias,
+        ignore_index,
+        softcap,
+        needs,
+        terms.kernel_terms(),
+        check_name=check_name,
+        autocast=autocast_dtype(flat.device.type),
+    )
     if not return_stats:
         return loss
     token_loss = token_loss if scale is None else token_loss * scale
@@ -254,7 +328,7 @@ def _weights(weigh, seq_loss, counts, group, sample_weight) -> tuple[torch.Tenso
     local batch (scale 1) or the group's global batch (scale: the world size)."""
     if group is None:
         return with_sample_weights(weigh(seq_loss, counts), sample_weight), 1
-    from .distributed import global_weights
+    from .weighting.global_batch import global_weights
 
     return global_weights(seq_loss, counts, group, weigh, sample_weight)
 
@@ -268,8 +342,10 @@ def _token_scale(method, token_weight, token_loss, valid, shape) -> torch.Tensor
         chosen = rule(token_loss.detach().view(shape), valid.view(shape))
         if chosen is not None:
             if not isinstance(chosen, torch.Tensor) or chosen.shape != shape:
-                raise ValueError(f"{type(method).__name__}.token_weights must return a ({shape[0]}, {shape[1]}) "
-                                 f"tensor, got {getattr(chosen, 'shape', type(chosen).__name__)}")
+                raise ValueError(
+                    f"{type(method).__name__}.token_weights must return a ({shape[0]}, {shape[1]}) "
+                    f"tensor, got {getattr(chosen, 'shape', type(chosen).__name__)}"
+                )
             chosen = chosen.detach().reshape(-1).float()
             scale = chosen if scale is None else scale * chosen
     return scale
@@ -284,13 +360,28 @@ class HardFocusLoss(nn.Module):
         super().__init__()
         self.options = HardFocusOptions.build(options, **keywords)
 
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                bias: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, token_weight: torch.Tensor | None = None,
-                sample_weight: torch.Tensor | None = None):
-        return hardfocus_loss(hidden, weight, labels, bias=bias, position_ids=position_ids,
-                              attention_mask=attention_mask, token_weight=token_weight, sample_weight=sample_weight,
-                              options=self.options)
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_weight: torch.Tensor | None = None,
+        sample_weight: torch.Tensor | None = None,
+    ):
+        return hardfocus_loss(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            token_weight=token_weight,
+            sample_weight=sample_weight,
+            options=self.options,
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.as_keywords().items())

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .weighting import METHODS, SEQ_REDUCTIONS
+from .weighting.methods import METHODS, SEQ_REDUCTIONS
 
 IMPLS = ("auto", "triton", "torch")
 BACKWARD_IMPLS = ("auto", "fused", "matmul", "forward")
@@ -42,7 +42,8 @@ FORWARD_ONLY_WHEN_KNOWN = (
     "loss before it: linear_cross_entropy with reduction='mean' or 'sum' (and no return_* option), or "
     "hardfocus_loss with method='mean' or 'uniform' and no group; not with class_weight and lse_square_scale "
     "together (their parts have different denominators); per-token losses, IR-DRO and the rankings need "
-    "backward_impl='auto', 'fused' or 'matmul'")
+    "backward_impl='auto', 'fused' or 'matmul'"
+)
 
 
 def _choice(name: str, value, choices) -> None:
@@ -111,8 +112,9 @@ class CrossEntropy:
         if scale < 0:
             raise ValueError(f"lse_square_scale must be >= 0, got {scale}")
         cap = self.softcap
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap)
-                                or cap <= 0):
+        if cap is not None and (
+            isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0
+        ):
             raise ValueError(f"softcap must be None or a finite number > 0, got {cap!r}")
         temperature = _finite("temperature", self.temperature)
         if temperature <= 0:
@@ -140,8 +142,8 @@ class CrossEntropy:
         return self.class_weight is not None and bool(self.lse_square_scale)
 
     def terms(self):
-        """The kernels' view (``ce_terms.LossTerms``)."""
-        from .ce_terms import LossTerms
+        """The kernels' view (``op.loss_terms.LossTerms``)."""
+        from .op.loss_terms import LossTerms
 
         return LossTerms(self.label_smoothing, self.class_weight, self.lse_square_scale)
 
@@ -151,8 +153,9 @@ class CrossEntropy:
         if weight is None:
             return
         if weight.shape[0] != n_vocab:
-            raise ValueError(f"class_weight has {weight.shape[0]} entries but the head has {n_vocab} classes "
-                             f"(one weight per class)")
+            raise ValueError(
+                f"class_weight has {weight.shape[0]} entries but the head has {n_vocab} classes (one weight per class)"
+            )
         if device is not None and weight.device != device:
             raise ValueError(f"class_weight is on {weight.device} but weight is on {device}")
 
@@ -191,8 +194,8 @@ class Weighting:
             ``floor(n1 B)`` largest losses, keep the next ``max(1, floor(n2 B))``),
             ``"highranking"``, ``"lowranking"``, ``"uniform"``, ``"mean"`` (the token mean
             over the batch: the standard causal-LM loss); or a weighting rule, a callable
-            ``(seq_loss, n_tokens) -> weights`` (``hardfocus_fused.rules``,
-            ``hardfocus_fused.accumulate``).
+            ``(seq_loss, n_tokens) -> weights`` (``hardfocus_fused.weighting.rules``,
+            ``hardfocus_fused.weighting.accumulate``).
         r: IR-DRO temperature, > 0 (10 in the paper).
         n1, n2: the rankings' fractions, in [0, 1] (0.25 in the paper).
         seq_reduction: a sequence's loss ``L_i`` is the ``"mean"`` or ``"sum"`` of its
@@ -267,8 +270,8 @@ class _Combined:
         """``(part, field)`` of keyword ``name``; part None for a field of the object itself."""
         for part, kind in cls.PARTS.items():
             names = FIELD_NAMES[kind]
-            if kind is Returns and name.startswith("return_") and name[len("return_"):] in names:
-                return part, name[len("return_"):]
+            if kind is Returns and name.startswith("return_") and name[len("return_") :] in names:
+                return part, name[len("return_") :]
             if kind is not Returns and name in names:
                 return part, name
         if name in FIELD_NAMES[cls] and name not in cls.PARTS:
@@ -348,11 +351,11 @@ class LCEOptions(_Combined):
 
     PARTS: ClassVar[dict[str, type]] = {"cross_entropy": CrossEntropy, "returns": Returns, "execution": Execution}
 
-    cross_entropy: CrossEntropy = None   # None: the defaults (filled in when built)
+    cross_entropy: CrossEntropy = None  # None: the defaults (filled in when built)
     reduction: str = "mean"
     shift: int = 0
-    returns: Returns = None   # None: the defaults (filled in when built)
-    execution: Execution = None   # None: the defaults (filled in when built)
+    returns: Returns = None  # None: the defaults (filled in when built)
+    execution: Execution = None  # None: the defaults (filled in when built)
 
     def __post_init__(self) -> None:
         self._fill_parts()
@@ -382,12 +385,11 @@ class HardFocusOptions(_Combined):
         return_stats: also return a ``HardFocusStats``.
     """
 
-    PARTS: ClassVar[dict[str, type]] = {"cross_entropy": CrossEntropy, "weighting": Weighting,
-                                        "execution": Execution}
+    PARTS: ClassVar[dict[str, type]] = {"cross_entropy": CrossEntropy, "weighting": Weighting, "execution": Execution}
 
-    cross_entropy: CrossEntropy = None   # None: the defaults (filled in when built)
-    weighting: Weighting = None   # None: the defaults (filled in when built)
-    execution: Execution = None   # None: the defaults (filled in when built)
+    cross_entropy: CrossEntropy = None  # None: the defaults (filled in when built)
+    weighting: Weighting = None  # None: the defaults (filled in when built)
+    execution: Execution = None  # None: the defaults (filled in when built)
     shift: int = 1
     return_stats: bool = False
 
@@ -409,4 +411,5 @@ class HardFocusOptions(_Combined):
 # call dataclasses.fields on a class).
 FIELD_NAMES: dict[type, tuple[str, ...]] = {
     kind: tuple(item.name for item in dataclasses.fields(kind))
-    for kind in (CrossEntropy, Returns, Weighting, Execution, LCEOptions, HardFocusOptions)}
+    for kind in (CrossEntropy, Returns, Weighting, Execution, LCEOptions, HardFocusOptions)
+}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lce import linear_cross_entropy
+from .cross_entropy import linear_cross_entropy
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 
@@ -52,17 +52,33 @@ def token_logprobs(
     The ``[tokens x vocab]`` logits are never materialised; the entropy's gradient is
     applied inside the fused backward.
     """
-    out = linear_cross_entropy(hidden, weight, labels, bias=bias, softcap=softcap, shift=shift,
-                               ignore_index=ignore_index, reduction="none", return_entropy=return_entropy,
-                               temperature=temperature, impl=impl, deterministic=deterministic,
-                               backward_impl=backward_impl)
+    out = linear_cross_entropy(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        softcap=softcap,
+        shift=shift,
+        ignore_index=ignore_index,
+        reduction="none",
+        return_entropy=return_entropy,
+        temperature=temperature,
+        impl=impl,
+        deterministic=deterministic,
+        backward_impl=backward_impl,
+    )
     if return_entropy:
         return -out.loss, out.entropy
     return -out, None
 
 
-def clipped_surrogate(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
-                      epsilon_low: float = 0.2, epsilon_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_surrogate(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``(loss, clipped)``: ``-min(ratio A, clip(ratio, 1 - epsilon_low, 1 +
     epsilon_high) A)`` with ``ratio = exp(log_probs - old_log_probs)``, and where the
     clipped term was the smaller one.  ``advantages`` is (B,) per sequence or (B, T) per
@@ -83,8 +99,9 @@ def k3_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1.0
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grpo",
-              max_completion_length: int | None = None) -> torch.Tensor:
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grpo", max_completion_length: int | None = None
+) -> torch.Tensor:
     """The scalar loss from per-token values and the (B, T) mask of completion tokens:
     ``"grpo"`` the mean over sequences of each one's token mean; ``"bnpo"`` and ``"dapo"``
     the token mean over the batch; ``"dr_grpo"`` the sum over ``B * max_completion_length``
@@ -107,9 +124,9 @@ class PolicyLoss:
     """:func:`grpo_loss`'s result: the loss to backpropagate and detached diagnostics."""
 
     loss: torch.Tensor
-    clip_fraction: torch.Tensor        # share of the completion tokens whose clipped term was used
-    kl: torch.Tensor | None            # token mean of the k3 KL (with a reference)
-    entropy: torch.Tensor | None       # token mean of the entropy (when given)
+    clip_fraction: torch.Tensor  # share of the completion tokens whose clipped term was used
+    kl: torch.Tensor | None  # token mean of the k3 KL (with a reference)
+    entropy: torch.Tensor | None  # token mean of the entropy (when given)
 
 
 def grpo_loss(
@@ -153,8 +170,9 @@ def grpo_loss(
         mean_entropy = mean_entropy.detach()
     elif entropy_coef:
         raise ValueError("entropy_coef needs the entropy (token_logprobs(..., return_entropy=True))")
-    return PolicyLoss(loss=loss, clip_fraction=_token_mean(clipped.to(log_probs.dtype), mask), kl=kl,
-                      entropy=mean_entropy)
+    return PolicyLoss(
+        loss=loss, clip_fraction=_token_mean(clipped.to(log_probs.dtype), mask), kl=kl, entropy=mean_entropy
+    )
 
 
 def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

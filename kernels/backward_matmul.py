@@ -30,9 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .problem import HeadProblem, dot_options
 from .tiles import dlogit_tile, tanh, to_compute
-from .types import HeadProblem, dot_options
-
 
 # The elementwise kernel's tile: 64 rows x 32 columns per step over 4 warps; a program owns
 # 32 columns, so a chunk of 8192 columns (16384 tokens at 512 MiB) has 256 programs.
@@ -41,11 +40,31 @@ DLOGITS_BLOCK_N, DLOGITS_BLOCK_V = 64, 32
 
 @triton.jit
 def _dlogits_kernel(
-    z_ptr, dz_ptr, grad_bias_ptr, bias_ptr, class_weight_ptr, targets_ptr, order_ptr, stats_ptr, coef_ptr,
-    n_rows, n_cols, v_start, stride_z, stride_dz, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GRAD_BIAS: tl.constexpr,
-    RICH_COEF: tl.constexpr, CLASS_WEIGHT: tl.constexpr, ENTROPY: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    z_ptr,
+    dz_ptr,
+    grad_bias_ptr,
+    bias_ptr,
+    class_weight_ptr,
+    targets_ptr,
+    order_ptr,
+    stats_ptr,
+    coef_ptr,
+    n_rows,
+    n_cols,
+    v_start,
+    stride_z,
+    stride_dz,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    GRAD_BIAS: tl.constexpr,
+    RICH_COEF: tl.constexpr,
+    CLASS_WEIGHT: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     # One program owns BLOCK_V columns of the chunk and walks all its rows, so it sums its
     # columns' bias gradient alone, in a fixed order (no atomics: deterministic).  Row r of
@@ -67,12 +86,27 @@ def _dlogits_kernel(
             z += bias[None, :]
         if HAS_SOFTCAP:
             z = softcap * tanh(z / softcap)
-        dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, class_weight_ptr,
-                         softcap, HAS_SOFTCAP, RICH_COEF, CLASS_WEIGHT, ENTROPY)
+        dz = dlogit_tile(
+            z,
+            tok,
+            cols,
+            row_mask,
+            col_mask,
+            targets_ptr,
+            stats_ptr,
+            coef_ptr,
+            class_weight_ptr,
+            softcap,
+            HAS_SOFTCAP,
+            RICH_COEF,
+            CLASS_WEIGHT,
+            ENTROPY,
+        )
         if GRAD_BIAS:
             grad_bias += tl.sum(dz, axis=0)
-        tl.store(dz_ptr + rows[:, None] * stride_dz + local[None, :], to_compute(dz, COMPUTE_DTYPE, DOT_UPCAST),
-                 mask=mask)
+        tl.store(
+            dz_ptr + rows[:, None] * stride_dz + local[None, :], to_compute(dz, COMPUTE_DTYPE, DOT_UPCAST), mask=mask
+        )
     if GRAD_BIAS:
         tl.store(grad_bias_ptr + cols, grad_bias, mask=col_mask)
 
@@ -90,14 +124,14 @@ def matmul_backward(
     hidden, weight, bias = problem.hidden, problem.weight, problem.bias
     need_bias = need_bias and bias is not None
     device, dtype = hidden.device, problem.compute_dtype
-    n_active = int(problem.n_active.item())           # sizes the gather: one host synchronisation
+    n_active = int(problem.n_active.item())  # sizes the gather: one host synchronisation
     grad_hidden = torch.zeros_like(hidden) if need_hidden else None
     grad_weight = torch.zeros_like(weight) if need_weight else None
     grad_bias = torch.zeros(problem.n_vocab, dtype=torch.float32, device=device) if need_bias else None
     if n_active == 0 or not (need_hidden or need_weight or need_bias):
         return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if need_bias else None
 
-    active = problem.order[:n_active].long()     # all tokens, in order, when all are active
+    active = problem.order[:n_active].long()  # all tokens, in order, when all are active
     h = (hidden if n_active == problem.n_tokens else hidden[active]).to(dtype)
     w = weight.to(dtype)
     block_v = problem.config.block_v
@@ -111,10 +145,10 @@ def matmul_backward(
         z_c, dz_c, w_c = z[:, : v_stop - v_start], dz[:, : v_stop - v_start], w[v_start:v_stop]
         _mm(h, w_c.T, out=z_c)
         dlogits(problem, z_c, dz_c, stats, coef, v_start, grad_bias if need_bias else None)
-        if need_weight:   # in row blocks whose fp32 product fits the budget too
+        if need_weight:  # in row blocks whose fp32 product fits the budget too
             for r0 in range(0, v_stop - v_start, weight_rows):
                 r1 = min(r0 + weight_rows, v_stop - v_start)
-                rows = grad_weight[v_start + r0: v_start + r1]
+                rows = grad_weight[v_start + r0 : v_start + r1]
                 if rows.dtype == torch.float32:
                     _mm(dz_c[:, r0:r1].T, h, out=rows)
                 else:
@@ -126,25 +160,47 @@ def matmul_backward(
     return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if need_bias else None
 
 
-def dlogits(problem: HeadProblem, z: torch.Tensor, dz: torch.Tensor, stats: torch.Tensor, coef: torch.Tensor,
-            v_start: int, grad_bias: torch.Tensor | None) -> None:
+def dlogits(
+    problem: HeadProblem,
+    z: torch.Tensor,
+    dz: torch.Tensor,
+    stats: torch.Tensor,
+    coef: torch.Tensor,
+    v_start: int,
+    grad_bias: torch.Tensor | None,
+) -> None:
     """``dz = dloss/dlogits`` (in the compute dtype) from fp32 ``z = hidden @ weight.T``
     (without bias or soft-cap) over the columns ``v_start ..`` of ``z``'s width: row ``r``
     is token ``problem.order[r]``.  With ``grad_bias`` (fp32, (V,)) the columns' sums of
     ``dz`` are stored into it (not added)."""
     constants = dot_options(problem.compute_dtype, problem.config)
-    placeholder = coef     # any fp32 tensor; never dereferenced when its flag is off
+    placeholder = coef  # any fp32 tensor; never dereferenced when its flag is off
     bias, class_weight = problem.bias, problem.class_weight
     _dlogits_kernel[(triton.cdiv(z.shape[1], DLOGITS_BLOCK_V),)](
-        z, dz, grad_bias if grad_bias is not None else placeholder, bias if bias is not None else placeholder,
+        z,
+        dz,
+        grad_bias if grad_bias is not None else placeholder,
+        bias if bias is not None else placeholder,
         class_weight if class_weight is not None else placeholder,
-        problem.targets, problem.order, stats, coef,
-        z.shape[0], z.shape[1], v_start, z.stride(0), dz.stride(0),
+        problem.targets,
+        problem.order,
+        stats,
+        coef,
+        z.shape[0],
+        z.shape[1],
+        v_start,
+        z.stride(0),
+        dz.stride(0),
         float(problem.softcap) if problem.softcap is not None else 1.0,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=problem.softcap is not None, GRAD_BIAS=grad_bias is not None,
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=problem.softcap is not None,
+        GRAD_BIAS=grad_bias is not None,
         **problem.backward_terms(),
-        COMPUTE_DTYPE=constants["COMPUTE_DTYPE"], DOT_UPCAST=constants["DOT_UPCAST"],
-        BLOCK_N=DLOGITS_BLOCK_N, BLOCK_V=DLOGITS_BLOCK_V, num_warps=4,
+        COMPUTE_DTYPE=constants["COMPUTE_DTYPE"],
+        DOT_UPCAST=constants["DOT_UPCAST"],
+        BLOCK_N=DLOGITS_BLOCK_N,
+        BLOCK_V=DLOGITS_BLOCK_V,
+        num_warps=4,
     )
 
 
@@ -163,10 +219,14 @@ def _warn_widened_once(error: Exception) -> None:
     if _WIDENED.get("warned"):
         return
     _WIDENED["warned"] = True
-    warnings.warn(f"backward_impl='matmul': this torch ({torch.__version__}) has no half-precision matmul with an "
-                  f"fp32 result on this GPU ({type(error).__name__}: {str(error).splitlines()[0]:.120}); its products "
-                  f"run on widened fp32 copies, several times slower. Use backward_impl='fused' (the default) or a "
-                  f"torch with mm(..., out_dtype=torch.float32)", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"backward_impl='matmul': this torch ({torch.__version__}) has no half-precision matmul with an "
+        f"fp32 result on this GPU ({type(error).__name__}: {str(error).splitlines()[0]:.120}); its products "
+        f"run on widened fp32 copies, several times slower. Use backward_impl='fused' (the default) or a "
+        f"torch with mm(..., out_dtype=torch.float32)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def widened_matmuls() -> int:

@@ -53,11 +53,13 @@ class KernelConfig:
         if self.vocab_splits < 0:
             raise ValueError(f"KernelConfig.vocab_splits must be >= 0, got {self.vocab_splits}")
         if self.weight_grad_chunk_bytes <= 0:
-            raise ValueError(f"KernelConfig.weight_grad_chunk_bytes must be positive, got "
-                             f"{self.weight_grad_chunk_bytes}")
+            raise ValueError(
+                f"KernelConfig.weight_grad_chunk_bytes must be positive, got {self.weight_grad_chunk_bytes}"
+            )
         if self.fp32_precision not in ("ieee", "tf32", "tf32x3"):
-            raise ValueError(f"KernelConfig.fp32_precision must be 'ieee', 'tf32' or 'tf32x3', "
-                             f"got {self.fp32_precision!r}")
+            raise ValueError(
+                f"KernelConfig.fp32_precision must be 'ieee', 'tf32' or 'tf32x3', got {self.fp32_precision!r}"
+            )
 
     def launch_options(self) -> dict:
         """Keyword arguments for a kernel launch (ignored by the interpreter)."""
@@ -88,14 +90,14 @@ class HeadConfigs:
         """The forward's configuration, with or without the entropy."""
         return self.forward_entropy if entropy and self.forward_entropy is not None else self.forward
 
-    def map(self, change) -> "HeadConfigs":
+    def map(self, change) -> HeadConfigs:
         """These configs with ``change(config)`` applied to each pass's ``KernelConfig``."""
         passes = {name: change(getattr(self, name)) for name in ("forward", "backward", "deterministic")}
         entropy = change(self.forward_entropy) if self.forward_entropy is not None else None
         return dataclasses.replace(self, **passes, forward_entropy=entropy)
 
     @classmethod
-    def of(cls, config: "KernelConfig | HeadConfigs") -> "HeadConfigs":
+    def of(cls, config: KernelConfig | HeadConfigs) -> HeadConfigs:
         """``config`` as per-pass configs (one ``KernelConfig`` serves every pass)."""
         if isinstance(config, HeadConfigs):
             return config
@@ -110,7 +112,7 @@ class HeadConfigs:
 # The forward's 128 x 256 tiles (wgmma 64x256x16, 255 registers, 144 KiB) load half as
 # many weight bytes per FLOP from L2 as 128 x 128 (85 FLOP per byte against 64), which
 # the cost model says is what bounds a 128 x 128 forward on an H100
-# (hardfocus_fused.cost_model; benchmarks/results/cost-model-*.md); with the entropy's
+# (hardfocus_fused.kernels.cost_model; benchmarks/results/cost-model-*.md); with the entropy's
 # extra state they spill (168-256 bytes), so that forward keeps 128 x 128.
 _HALF = HeadConfigs(
     forward=KernelConfig(block_n=128, block_v=256, block_h=64, num_warps=8, num_stages=3),
@@ -168,12 +170,12 @@ class Architecture:
 
 # By compute capability; ``architecture`` maps any other to the nearest one below.
 ARCHITECTURES = {
-    80: Architecture("sm_80", 163 * 1024, _HALF_MMA, _FP32_MMA),       # A100
-    86: Architecture("sm_86", 99 * 1024, _HALF_MMA, _FP32_MMA),        # RTX 30xx, A10, A40
-    89: Architecture("sm_89", 99 * 1024, _HALF_MMA, _FP32_MMA),        # RTX 40xx, L4, L40S
-    90: Architecture("sm_90a", 227 * 1024, _HALF, _FP32),              # H100, H200
+    80: Architecture("sm_80", 163 * 1024, _HALF_MMA, _FP32_MMA),  # A100
+    86: Architecture("sm_86", 99 * 1024, _HALF_MMA, _FP32_MMA),  # RTX 30xx, A10, A40
+    89: Architecture("sm_89", 99 * 1024, _HALF_MMA, _FP32_MMA),  # RTX 40xx, L4, L40S
+    90: Architecture("sm_90a", 227 * 1024, _HALF, _FP32),  # H100, H200
     100: Architecture("sm_100a", 227 * 1024, _HALF_TCGEN05, _FP32_NARROW),  # B200
-    120: Architecture("sm_120", 99 * 1024, _HALF_MMA, _FP32_NARROW),   # RTX 50xx
+    120: Architecture("sm_120", 99 * 1024, _HALF_MMA, _FP32_NARROW),  # RTX 50xx
 }
 
 
@@ -201,8 +203,28 @@ SMALL_N = 512
 _INTERPRETER = KernelConfig(block_n=32, block_v=64, block_h=64, num_warps=4, num_stages=1)
 
 
-def default_configs(n_tokens: int, n_vocab: int, n_hidden: int, dtype: torch.dtype,
-                    capability: int | None = None, interpreted: bool | None = None) -> HeadConfigs:
+# Measured defaults in force (``benchmarks.tuned.apply``): a function of the
+# architecture's defaults and the head, ``(configs, n_tokens, n_vocab, n_hidden, dtype)``.
+_measured_configs = None
+
+
+def use_measured_configs(choose):
+    """Make ``choose(configs, n_tokens, n_vocab, n_hidden, dtype)`` adjust every
+    :func:`default_configs` from now on (None: the architecture's defaults again); returns
+    the one it replaces, to restore."""
+    global _measured_configs
+    previous, _measured_configs = _measured_configs, choose
+    return previous
+
+
+def default_configs(
+    n_tokens: int,
+    n_vocab: int,
+    n_hidden: int,
+    dtype: torch.dtype,
+    capability: int | None = None,
+    interpreted: bool | None = None,
+) -> HeadConfigs:
     """The per-pass configurations used when the caller passes none.
 
     Under the interpreter every program is executed in Python, so large tiles (few
@@ -214,7 +236,17 @@ def default_configs(n_tokens: int, n_vocab: int, n_hidden: int, dtype: torch.dty
     :func:`architecture` (sm_90's when None), each compiling there without spills and
     within the shared memory a block may have (``tests/test_compile.py``).  ``interpreted``
     (None: whether the interpreter is on now) picks the interpreter's config instead.
+    Measured defaults (:func:`use_measured_configs`) adjust the result.
     """
+    configs = _architecture_configs(n_tokens, dtype, capability, interpreted)
+    if _measured_configs is None:
+        return configs
+    return _measured_configs(configs, n_tokens, n_vocab, n_hidden, dtype)
+
+
+def _architecture_configs(
+    n_tokens: int, dtype: torch.dtype, capability: int | None, interpreted: bool | None
+) -> HeadConfigs:
     if interpreter_active() if interpreted is None else interpreted:
         return HeadConfigs.of(_INTERPRETER)
     arch = architecture(capability)
@@ -222,10 +254,14 @@ def default_configs(n_tokens: int, n_vocab: int, n_hidden: int, dtype: torch.dty
         if fp32_on_tensor_cores():
             return arch.fp32.map(lambda c: dataclasses.replace(c, fp32_precision="tf32"))
         return arch.fp32
-    if n_tokens <= SMALL_N:   # 64-token blocks; the forward keeps 128 columns (64 x 64 spills at 8 warps)
+    if n_tokens <= SMALL_N:  # 64-token blocks; the forward keeps 128 columns (64 x 64 spills at 8 warps)
         small_forward = dataclasses.replace(arch.half.forward, block_n=64, block_v=128)
-        return dataclasses.replace(arch.half, forward=small_forward, forward_entropy=None,
-                                   backward=dataclasses.replace(arch.half.backward, block_n=64))
+        return dataclasses.replace(
+            arch.half,
+            forward=small_forward,
+            forward_entropy=None,
+            backward=dataclasses.replace(arch.half.backward, block_n=64),
+        )
     return arch.half
 
 
@@ -277,7 +313,7 @@ def whole_wave_splits(n_row_blocks: int, n_tiles: int, sm_count: int | None, min
         return 1
     best, best_fill = 1, _wave_fill(n_row_blocks, sm_count)
     for splits in range(1, n_tiles + 1):
-        if -(-n_tiles // -(-n_tiles // splits)) != splits:   # some split would be empty
+        if -(-n_tiles // -(-n_tiles // splits)) != splits:  # some split would be empty
             continue
         programs = n_row_blocks * splits
         fill = _wave_fill(programs, sm_count)
@@ -285,7 +321,7 @@ def whole_wave_splits(n_row_blocks: int, n_tiles: int, sm_count: int | None, min
             return splits
         if fill > best_fill:
             best, best_fill = splits, fill
-        if programs > 8 * sm_count:                            # past a few waves: the best seen
+        if programs > 8 * sm_count:  # past a few waves: the best seen
             break
     return best
 
@@ -316,8 +352,15 @@ def wave_footprint(n_row_blocks: int, n_cols: int, group_n: int, wave: int) -> t
     return len(rows), len(cols)
 
 
-def forward_splits(n_row_blocks: int, n_tiles: int, sm_count: int | None, group_n: int,
-                   hidden_block_bytes: int, l2_bytes: int | None, min_fill: float = 0.9) -> int:
+def forward_splits(
+    n_row_blocks: int,
+    n_tiles: int,
+    sm_count: int | None,
+    group_n: int,
+    hidden_block_bytes: int,
+    l2_bytes: int | None,
+    min_fill: float = 0.9,
+) -> int:
     """Vocabulary splits per token block for the forward: whole waves
     (:func:`whole_wave_splits`), and few enough token blocks in one wave that their hidden
     rows, which every program re-reads for each vocabulary tile it walks, stay in L2
@@ -343,7 +386,7 @@ def forward_splits(n_row_blocks: int, n_tiles: int, sm_count: int | None, group_
         return splits
     best, best_fill = None, -1.0
     for s in range(splits + 1, n_tiles + 1):
-        if -(-n_tiles // -(-n_tiles // s)) != s or not fits(s):   # an empty split, or too many blocks
+        if -(-n_tiles // -(-n_tiles // s)) != s or not fits(s):  # an empty split, or too many blocks
             continue
         fill = _wave_fill(n_row_blocks * s, sm_count)
         if fill >= min_fill:
@@ -355,8 +398,14 @@ def forward_splits(n_row_blocks: int, n_tiles: int, sm_count: int | None, group_
     return best if best is not None else splits
 
 
-def split_plan(n_row_blocks: int, n_tiles: int, config: KernelConfig, sm_count: int | None,
-               hidden_block_bytes: int, l2_bytes: int | None) -> tuple[int, int]:
+def split_plan(
+    n_row_blocks: int,
+    n_tiles: int,
+    config: KernelConfig,
+    sm_count: int | None,
+    hidden_block_bytes: int,
+    l2_bytes: int | None,
+) -> tuple[int, int]:
     """``(splits, tiles per split)`` of the forward: ``config.vocab_splits`` when it fixes
     them, else :func:`forward_splits`; then as many splits as the tiles per split need (no
     split is empty)."""

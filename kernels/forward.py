@@ -25,20 +25,46 @@ import triton
 import triton.language as tl
 
 from .config import device_l2_bytes, device_sm_count, split_plan
+from .problem import HeadProblem
 from .tiles import grouped_tile, logit_tile, stored_logit_tile, token_block, vocab_block
-from .types import HeadProblem
 
 
 @triton.jit
 def _lse_forward_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, class_weight_ptr, targets_ptr, order_ptr, n_active_ptr,
-    part_ptr, target_logit_ptr, logits_ptr,
-    n_tokens, n_vocab, n_hidden, tiles_per_split, n_splits,
-    stride_hn, stride_hh, stride_wv, stride_wh, softcap, stride_zn,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
-    SMOOTH: tl.constexpr, ARGMAX: tl.constexpr, CLASS_WEIGHT: tl.constexpr, ENTROPY: tl.constexpr,
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    class_weight_ptr,
+    targets_ptr,
+    order_ptr,
+    n_active_ptr,
+    part_ptr,
+    target_logit_ptr,
+    logits_ptr,
+    n_tokens,
+    n_vocab,
+    n_hidden,
+    tiles_per_split,
+    n_splits,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    softcap,
+    stride_zn,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    ARGMAX: tl.constexpr,
+    CLASS_WEIGHT: tl.constexpr,
+    ENTROPY: tl.constexpr,
     STORED_LOGITS: tl.constexpr,
 ):
     # STORED_LOGITS: the fp32 products hidden @ weight.T are already in memory (row = token,
@@ -60,8 +86,8 @@ def _lse_forward_kernel(
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_rest = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    run_smooth = tl.zeros((BLOCK_N,), dtype=tl.float32)    # SMOOTH: sum of c_v * z_v (c: class weights or 1)
-    run_arg = tl.zeros((BLOCK_N,), dtype=tl.int32)         # ARGMAX: column of the first maximum
+    run_smooth = tl.zeros((BLOCK_N,), dtype=tl.float32)  # SMOOTH: sum of c_v * z_v (c: class weights or 1)
+    run_arg = tl.zeros((BLOCK_N,), dtype=tl.int32)  # ARGMAX: column of the first maximum
     # ENTROPY: sum of exp(z - run_max) * (run_max - z), every term >= 0 (no cancellation for
     # a confident prediction); the entropy is this over the sum of exp(z - max), plus
     # log(that sum) (see merge_entropy).
@@ -69,27 +95,46 @@ def _lse_forward_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols, col_mask = vocab_block(v0, v_end, BLOCK_V)
         if STORED_LOGITS:
-            z = stored_logit_tile(logits_ptr, stride_zn, tok, cols, row_mask, col_mask, bias_ptr, softcap,
-                                  HAS_BIAS, HAS_SOFTCAP)
+            z = stored_logit_tile(
+                logits_ptr, stride_zn, tok, cols, row_mask, col_mask, bias_ptr, softcap, HAS_BIAS, HAS_SOFTCAP
+            )
         else:
             z = logit_tile(
-                hidden_ptr, weight_ptr, bias_ptr, tok, cols, row_mask, col_mask,
-                n_hidden, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
-                HAS_BIAS, HAS_SOFTCAP, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+                hidden_ptr,
+                weight_ptr,
+                bias_ptr,
+                tok,
+                cols,
+                row_mask,
+                col_mask,
+                n_hidden,
+                stride_hn,
+                stride_hh,
+                stride_wv,
+                stride_wh,
+                softcap,
+                HAS_BIAS,
+                HAS_SOFTCAP,
+                COMPUTE_DTYPE,
+                DOT_PRECISION,
+                DOT_UPCAST,
+                BLOCK_N,
+                BLOCK_V,
+                BLOCK_H,
             )
         if SMOOTH:
             if CLASS_WEIGHT:
-                c = tl.load(class_weight_ptr + cols, mask=col_mask, other=0.0)   # 0 past the vocabulary
+                c = tl.load(class_weight_ptr + cols, mask=col_mask, other=0.0)  # 0 past the vocabulary
                 run_smooth += tl.sum(z * c[None, :], axis=1)
             else:
                 run_smooth += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
         z = tl.where(col_mask[None, :], z, float("-inf"))
-        if ARGMAX:   # strictly greater: the first maximum over the columns walked in order
+        if ARGMAX:  # strictly greater: the first maximum over the columns walked in order
             tile_max, tile_arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
         else:
             tile_max = tl.max(z, axis=1)
         new_max = tl.maximum(run_max, tile_max)
-        moved = new_max > run_max               # this tile holds the new max: its 1 is left out
+        moved = new_max > run_max  # this tile holds the new max: its 1 is left out
         if ARGMAX:
             run_arg = tl.where(moved, (v0 + tile_arg).to(tl.int32), run_arg)
         if ENTROPY:
@@ -158,17 +203,27 @@ def lse_forward(problem: HeadProblem, logits: torch.Tensor | None = None) -> For
     n_row_blocks = triton.cdiv(problem.n_tokens, config.block_n)
     device = problem.hidden.device
     hidden_block = config.block_n * problem.n_hidden * problem.compute_dtype.itemsize
-    n_splits, tiles_per_split = split_plan(n_row_blocks, n_tiles, config, device_sm_count(device), hidden_block,
-                                           device_l2_bytes(device))
+    n_splits, tiles_per_split = split_plan(
+        n_row_blocks, n_tiles, config, device_sm_count(device), hidden_block, device_l2_bytes(device)
+    )
     width = 2 + problem.smooth + problem.argmax + problem.entropy
     part = torch.zeros((problem.n_tokens, n_splits, width), dtype=torch.float32, device=device)
     target_logit = torch.zeros(problem.n_tokens, dtype=torch.float32, device=device)
-    if logits is not None and (logits.shape != (problem.n_tokens, problem.n_vocab) or logits.stride(1) != 1
-                               or logits.dtype != torch.float32):
+    if logits is not None and (
+        logits.shape != (problem.n_tokens, problem.n_vocab) or logits.stride(1) != 1 or logits.dtype != torch.float32
+    ):
         raise ValueError(f"logits must be ({problem.n_tokens}, {problem.n_vocab}) fp32 with unit column stride")
     _lse_forward_kernel[(n_row_blocks * n_splits,)](
-        *problem.inputs(), part, target_logit, logits if logits is not None else part,
-        problem.n_tokens, problem.n_vocab, problem.n_hidden, tiles_per_split, n_splits, *problem.layout(),
+        *problem.inputs(),
+        part,
+        target_logit,
+        logits if logits is not None else part,
+        problem.n_tokens,
+        problem.n_vocab,
+        problem.n_hidden,
+        tiles_per_split,
+        n_splits,
+        *problem.layout(),
         logits.stride(0) if logits is not None else 0,
         **problem.constants(GROUP_N=config.group_n, STORED_LOGITS=logits is not None, **problem.forward_terms()),
         **problem.launch_options(),
@@ -177,7 +232,7 @@ def lse_forward(problem: HeadProblem, logits: torch.Tensor | None = None) -> For
     if problem.smooth:
         out.smooth = part[..., 2].sum(dim=1)
     if problem.argmax:
-        best = part[..., 0].argmax(dim=1, keepdim=True)        # the first split holding the maximum
+        best = part[..., 0].argmax(dim=1, keepdim=True)  # the first split holding the maximum
         out.argmax = part[..., 2 + problem.smooth].gather(1, best).squeeze(1).long()
     if problem.entropy:
         out.entropy = merge_entropy(part[..., 0], part[..., 1], part[..., 2 + problem.smooth + problem.argmax])
@@ -206,7 +261,7 @@ def merge_entropy(part_max: torch.Tensor, part_rest: torch.Tensor, part_gap: tor
     (G_s + (m - m_s) T_s)``, ``T = exp(m_s - m) T_s``."""
     row_max, best = part_max.max(dim=1, keepdim=True)
     scale = torch.exp(part_max - row_max)
-    split_total = part_rest + 1.0                        # T_s: the rest plus the split max's own 1
+    split_total = part_rest + 1.0  # T_s: the rest plus the split max's own 1
     gap = (scale * (part_gap + (row_max - part_max) * split_total)).sum(dim=1)
     # T - 1 without adding the 1 (log1p keeps a confident prediction's small log T).
     rest = scale * split_total

@@ -95,11 +95,27 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 @triton.jit
 def logit_tile(
-    hidden_ptr, weight_ptr, bias_ptr, tok, cols, row_mask, col_mask,
-    n_hidden, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    tok,
+    cols,
+    row_mask,
+    col_mask,
+    n_hidden,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """fp32 tile ``softcap(hidden[tok] @ weight[cols].T + bias[cols])``.
 
@@ -114,8 +130,13 @@ def logit_tile(
         k_mask = ks < n_hidden
         h = tl.load(h_rows + ks[None, :] * stride_hh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_rows + ks[None, :] * stride_wh, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = mma(to_compute(h, COMPUTE_DTYPE, DOT_UPCAST), tl.trans(to_compute(w, COMPUTE_DTYPE, DOT_UPCAST)), acc,
-                  DOT_PRECISION, DOT_UPCAST)
+        acc = mma(
+            to_compute(h, COMPUTE_DTYPE, DOT_UPCAST),
+            tl.trans(to_compute(w, COMPUTE_DTYPE, DOT_UPCAST)),
+            acc,
+            DOT_PRECISION,
+            DOT_UPCAST,
+        )
     return finish_logits(acc, bias_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
 
 
@@ -130,12 +151,23 @@ def finish_logits(acc, bias_ptr, cols, col_mask, softcap, HAS_BIAS: tl.constexpr
 
 
 @triton.jit
-def stored_logit_tile(logits_ptr, stride_zn, tok, cols, row_mask, col_mask, bias_ptr, softcap,
-                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+def stored_logit_tile(
+    logits_ptr,
+    stride_zn,
+    tok,
+    cols,
+    row_mask,
+    col_mask,
+    bias_ptr,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
     """The tile :func:`logit_tile` would compute, from fp32 ``hidden @ weight.T`` already in
     memory (row ``tok``, column ``cols``; the bias and soft-cap are applied here)."""
-    z = tl.load(logits_ptr + tok[:, None] * stride_zn + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
-                other=0.0)
+    z = tl.load(
+        logits_ptr + tok[:, None] * stride_zn + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
+    )
     return finish_logits(z, bias_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
 
 
@@ -145,20 +177,33 @@ def expm1(x):
     the Taylor series to ``x**13`` (Horner form) for ``|x| <= 1``, ``exp(x) - 1`` beyond."""
     series = tl.full(x.shape, 1.0, tl.float32)
     for i in tl.static_range(12):
-        series = 1.0 + x * series / (13 - i)      # 1 + x/n * (...), n = 13 .. 2
+        series = 1.0 + x * series / (13 - i)  # 1 + x/n * (...), n = 13 .. 2
     return tl.where(tl.abs(x) <= 1.0, x * series, tl.exp(x) - 1.0)
 
 
 @triton.jit
-def dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, class_weight_ptr, softcap,
-                HAS_SOFTCAP: tl.constexpr, RICH_COEF: tl.constexpr, CLASS_WEIGHT: tl.constexpr,
-                ENTROPY: tl.constexpr):
+def dlogit_tile(
+    z,
+    tok,
+    cols,
+    row_mask,
+    col_mask,
+    targets_ptr,
+    stats_ptr,
+    coef_ptr,
+    class_weight_ptr,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    RICH_COEF: tl.constexpr,
+    CLASS_WEIGHT: tl.constexpr,
+    ENTROPY: tl.constexpr,
+):
     """fp32 tile of ``dloss/dlogits``.
 
     Plain cross-entropy (``RICH_COEF`` off): ``coef * (softmax(z) - onehot(target))`` with
     one coefficient per token.  With ``RICH_COEF`` each token has three, ``(a, e, u)``
     (``coef`` is (N, 3)), for the terms label smoothing, z-loss and a differentiable
-    log-sum-exp add (see ``hardfocus_fused.ce_terms``):
+    log-sum-exp add (see ``hardfocus_fused.op.loss_terms``):
 
         a * (p - onehot) + e * p - u * c        (c: the class weights, or 1 per column)
 

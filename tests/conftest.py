@@ -21,16 +21,27 @@ if not HAS_CUDA:
     except ImportError:
         pass
     else:
-        import hardfocus_fused.kernels.backward  # noqa: F401
         import hardfocus_fused.kernels.backward_deterministic  # noqa: F401
+        import hardfocus_fused.kernels.backward_fused  # noqa: F401
         import hardfocus_fused.kernels.backward_matmul  # noqa: F401
         import hardfocus_fused.kernels.forward  # noqa: F401
 
 
 # What the suite ran on, printed in pytest's header (CI installs the newest releases, and
 # the oldest declared versions, into new environments: this says which it resolved).
-_VERSIONS_OF = ("torch", "triton", "numpy", "transformers", "trl", "peft", "accelerate", "kernels", "liger-kernel",
-                "lm-eval", "deepspeed")
+_VERSIONS_OF = (
+    "torch",
+    "triton",
+    "numpy",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "kernels",
+    "liger-kernel",
+    "lm-eval",
+    "deepspeed",
+)
 
 
 def pytest_report_header(config) -> str:
@@ -43,8 +54,9 @@ def pytest_report_header(config) -> str:
         except importlib.metadata.PackageNotFoundError:
             return "-"
 
-    return "versions: " + ", ".join([f"python {platform.python_version()}"] +
-                                    [f"{name} {version(name)}" for name in _VERSIONS_OF])
+    return "versions: " + ", ".join(
+        [f"python {platform.python_version()}"] + [f"{name} {version(name)}" for name in _VERSIONS_OF]
+    )
 
 
 def pytest_configure(config):

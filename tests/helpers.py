@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from hardfocus_fused import hardfocus_loss
+
 from reference import reference_loss, rel_err
 
 # The issue's tolerances: loss relative error, gradient max-abs-error / max-abs-reference.
@@ -12,7 +13,7 @@ TOLERANCES = {
     torch.float32: (1e-5, 1e-4),
     torch.bfloat16: (2e-3, 2e-2),
     torch.float16: (2e-3, 2e-2),
-    torch.float64: (1e-5, 1e-4),   # the loss, weights and per-token coefficients are fp32
+    torch.float64: (1e-5, 1e-4),  # the loss, weights and per-token coefficients are fp32
 }
 
 
@@ -21,8 +22,20 @@ def device_for(impl: str, triton_device: str) -> str:
     return triton_device if impl == "triton" else "cpu"
 
 
-def make_batch(batch=3, seq=11, hidden=40, vocab=100, *, dtype=torch.float32, device="cpu", seed=0,
-               bias=True, ragged=True, dead=True, scale=0.3):
+def make_batch(
+    batch=3,
+    seq=11,
+    hidden=40,
+    vocab=100,
+    *,
+    dtype=torch.float32,
+    device="cpu",
+    seed=0,
+    bias=True,
+    ragged=True,
+    dead=True,
+    scale=0.3,
+):
     """Random (hidden, weight, bias, labels) with left/right padding and a fully ignored row."""
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(batch, seq, hidden, generator=gen)
@@ -30,12 +43,15 @@ def make_batch(batch=3, seq=11, hidden=40, vocab=100, *, dtype=torch.float32, de
     b = torch.randn(vocab, generator=gen) if bias else None
     labels = torch.randint(0, vocab, (batch, seq), generator=gen)
     if ragged and seq > 3:
-        labels[0, : seq // 3] = -100          # left padding, as the paper's code pads
+        labels[0, : seq // 3] = -100  # left padding, as the paper's code pads
         if batch > 1:
-            labels[1, -(seq // 4):] = -100    # right padding
+            labels[1, -(seq // 4) :] = -100  # right padding
     if dead and batch > 2:
-        labels[2] = -100                      # a sequence with no target at all
-    leaf = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_()
+        labels[2] = -100  # a sequence with no target at all
+
+    def leaf(t):
+        return None if t is None else t.to(device=device, dtype=dtype).requires_grad_()
+
     return leaf(h), leaf(w), leaf(b), labels.to(device)
 
 
@@ -86,7 +102,7 @@ def state_of(model) -> dict:
 def spy_on_launches(monkeypatch, flags: tuple[str, ...]) -> list[dict]:
     """Record, for every launch of the forward and of the atomic backward kernel, the
     compile-time ``flags`` it was launched with (the launches still run)."""
-    from hardfocus_fused.kernels import backward, forward
+    from hardfocus_fused.kernels import backward_fused, forward
 
     seen: list[dict] = []
 
@@ -98,8 +114,9 @@ def spy_on_launches(monkeypatch, flags: tuple[str, ...]) -> list[dict]:
             def launch(*args, **kwargs):
                 seen.append({k: kwargs[k] for k in flags if k in kwargs})
                 return self.kernel[grid](*args, **kwargs)
+
             return launch
 
     monkeypatch.setattr(forward, "_lse_forward_kernel", Spy(forward._lse_forward_kernel))
-    monkeypatch.setattr(backward, "_lce_backward_kernel", Spy(backward._lce_backward_kernel))
+    monkeypatch.setattr(backward_fused, "_lce_backward_kernel", Spy(backward_fused._lce_backward_kernel))
     return seen

@@ -8,8 +8,15 @@ from __future__ import annotations
 import torch
 
 VOCAB = 384
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    attn_implementation="eager",
+)
 
 
 def _configs():
@@ -25,15 +32,49 @@ def _configs():
         "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, dict(COMMON, head_dim=8, final_logit_softcapping=0.5)),
         "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, dict(COMMON, pad_token_id=0)),
         # word_embed_proj_dim < hidden_size gives OPT-350m's project_in / project_out.
-        "opt": (tf.OPTConfig, tf.OPTForCausalLM,
-                dict(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                     word_embed_proj_dim=16, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, attn_implementation="eager")),
-        "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel,
-                 dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
-                      embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")),
-        "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM,
-                     dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, attn_implementation="eager")),
+        "opt": (
+            tf.OPTConfig,
+            tf.OPTForCausalLM,
+            dict(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                ffn_dim=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                word_embed_proj_dim=16,
+                max_position_embeddings=64,
+                dropout=0.0,
+                attention_dropout=0.0,
+                attn_implementation="eager",
+            ),
+        ),
+        "gpt2": (
+            tf.GPT2Config,
+            tf.GPT2LMHeadModel,
+            dict(
+                vocab_size=VOCAB,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=64,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                attn_implementation="eager",
+            ),
+        ),
+        "gpt_neox": (
+            tf.GPTNeoXConfig,
+            tf.GPTNeoXForCausalLM,
+            dict(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                attn_implementation="eager",
+            ),
+        ),
     }
 
 

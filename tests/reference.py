@@ -44,16 +44,29 @@ def reference_weights(seq_loss: list[float], n_tokens: list[int], method, r, n1,
         ranked = sorted(live, key=lambda i: (-seq_loss[i], i))
         keep = min(b, max(1, math.floor(n2 * b)))
         start = {"highranking": 0, "lowranking": b - keep}.get(method, min(math.floor(n1 * b), b - keep))
-        for i in ranked[start:start + keep]:
+        for i in ranked[start : start + keep]:
             w[i] = 1.0 / keep
     return w
 
 
-def reference_loss(hidden, weight, labels, *, bias=None, method="irdro", r=10.0, n1=0.25, n2=0.25,
-                   seq_reduction="mean", ignore_index=-100, shift=True, softcap=None):
+def reference_loss(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    method="irdro",
+    r=10.0,
+    n1=0.25,
+    n2=0.25,
+    seq_reduction="mean",
+    ignore_index=-100,
+    shift=True,
+    softcap=None,
+):
     """``(loss, seq_loss, weights, n_tokens)`` in fp64; differentiable w.r.t. the inputs."""
     targets = labels
-    k = int(shift)          # True is 1; an int k scores position t against labels[:, t + k]
+    k = int(shift)  # True is 1; an int k scores position t against labels[:, t + k]
     if k:
         targets = torch.full_like(labels, ignore_index)
         if k < labels.shape[1]:

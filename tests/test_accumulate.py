@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from hardfocus_fused import hardfocus_loss
-from hardfocus_fused.accumulate import AccumulatedIRDRO, TwoPassRanking
+from hardfocus_fused.weighting.accumulate import AccumulatedIRDRO, TwoPassRanking
+
 from helpers import assert_same_updates, state_of
 
 H_IN, H, V, T, B = 5, 8, 19, 6, 9
@@ -21,15 +22,16 @@ class Head(nn.Module):
         self.head = nn.Linear(H, V)
 
     def forward(self, x, labels, method, **options):
-        return hardfocus_loss(self.proj(x), self.head.weight, labels, bias=self.head.bias, method=method,
-                              impl="torch", **options)
+        return hardfocus_loss(
+            self.proj(x), self.head.weight, labels, bias=self.head.bias, method=method, impl="torch", **options
+        )
 
 
 def batch(seed=1):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(B, T, H_IN, generator=gen) * 3
     labels = torch.randint(0, V, (B, T), generator=gen)
-    labels[2] = -100                       # a sequence without targets
+    labels[2] = -100  # a sequence without targets
     labels[5, :3] = -100
     return x, labels
 
@@ -48,7 +50,7 @@ def test_accumulated_irdro_equals_one_big_batch():
     whole(x, labels, "irdro", r=0.3).backward()
     model = Head()
     rule = AccumulatedIRDRO(model.parameters(), r=0.3)
-    for step in range(2):        # two optimizer steps: reset() must start over
+    for _step in range(2):  # two optimizer steps: reset() must start over
         for p in model.parameters():
             p.grad = None
         rule.reset()
@@ -89,9 +91,10 @@ def test_two_pass_ranking_equals_one_big_batch(method):
 def test_trainer_with_accumulated_irdro_equals_one_batch(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
+    from test_trainer import Rows, sgd_args
+
     from hardfocus_fused import apply_hardfocus
     from hardfocus_fused.hf.trainer import AccumulationCallback
-    from test_trainer import Rows, sgd_args
 
     def run(model, batch_size, accumulation, callbacks):
         args = sgd_args(tmp_path / f"ga{accumulation}", batch_size, accumulation)

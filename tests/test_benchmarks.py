@@ -28,17 +28,40 @@ def test_trained_like_data_has_the_target_loss():
 @pytest.mark.parametrize("method", ["irdro", "midranking"])
 def test_every_cpu_impl_computes_the_same_loss(method):
     hidden, weight, labels = make_inputs(SHAPES["tiny"], "trained-like", torch.float32, "cpu")
-    losses = {impl: peers.loss_fn(impl, hidden, weight, labels, method)().item()
-              for impl in ("eager", "torch_native", "hardfocus") if peers.unavailable(impl, "cpu") is None}
+    losses = {
+        impl: peers.loss_fn(impl, hidden, weight, labels, method)().item()
+        for impl in ("eager", "torch_native", "hardfocus")
+        if peers.unavailable(impl, "cpu") is None
+    }
     assert len(losses) >= 2
     for value in losses.values():
         assert value == pytest.approx(losses["eager"], rel=1e-5)
 
 
 def test_compare_writes_the_schema(tmp_path):
-    result = compare.main(["--shapes", "tiny", "--impls", "eager", "hardfocus", "liger", "--data", "trained-like",
-                           "--methods", "irdro", "--iters", "1", "--accuracy-shapes", "tiny", "--out", str(tmp_path),
-                           "--tag", "t", "--quiet"])
+    result = compare.main(
+        [
+            "--shapes",
+            "tiny",
+            "--impls",
+            "eager",
+            "hardfocus",
+            "liger",
+            "--data",
+            "trained-like",
+            "--methods",
+            "irdro",
+            "--iters",
+            "1",
+            "--accuracy-shapes",
+            "tiny",
+            "--out",
+            str(tmp_path),
+            "--tag",
+            "t",
+            "--quiet",
+        ]
+    )
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     for key in ("device", "date", "torch", "triton", "matmul_tflops", "rows"):
@@ -49,14 +72,29 @@ def test_compare_writes_the_schema(tmp_path):
         assert ROW_KEYS <= row.keys() and row["ms"] > 0 and row["tflops"] > 0
     errors = [r for r in saved["rows"] if "err_loss" in r]
     assert {r["impl"] for r in errors} == {"eager", "hardfocus"}
-    assert all(r["err_grad_weight"] < 1e-4 for r in errors)      # fp32 inputs
+    assert all(r["err_grad_weight"] < 1e-4 for r in errors)  # fp32 inputs
     assert (tmp_path / "t.md").read_text().count("| tiny |") == len(saved["rows"])
 
 
 def test_microbenchmarks_run():
-    done = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_micro.py", "-q", "--benchmark-disable",
-                           "-k", "tiny", "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "benchmarks/test_micro.py",
+            "-q",
+            "--benchmark-disable",
+            "-k",
+            "tiny",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -74,8 +112,23 @@ def test_accuracy_reference_is_fp64():
 def test_accuracy_cli_writes_its_table(tmp_path):
     from benchmarks import accuracy as accuracy_cli
 
-    result = accuracy_cli.main(["--shapes", "tiny", "--impls", "eager", "hardfocus", "--data", "random",
-                                "--methods", "midranking", "--out", str(tmp_path), "--tag", "a"])
+    result = accuracy_cli.main(
+        [
+            "--shapes",
+            "tiny",
+            "--impls",
+            "eager",
+            "hardfocus",
+            "--data",
+            "random",
+            "--methods",
+            "midranking",
+            "--out",
+            str(tmp_path),
+            "--tag",
+            "a",
+        ]
+    )
     assert [r["impl"] for r in result["rows"]] == ["eager", "hardfocus"]
     assert all(r["err_grad_weight"] < 1e-4 for r in result["rows"])
     assert (tmp_path / "a.md").read_text().count("| tiny |") == 2
@@ -105,33 +158,54 @@ def synthetic_result(ms: dict, matmul_tflops: float = 100.0, peak: dict | None =
             t = ms.get((impl, method, shape, head, kind), 10.0)
             flops = compare.matmuls(kind, head) * 2 * s.tokens * s.hidden * s.vocab
             mb = (peak or {}).get(impl, 100.0 if impl == "hardfocus" else 150.0)
-            row = {"impl": impl, "method": method, "shape": shape, "data": data, "head": head, "pass": kind,
-                   "ms": t, "peak_mb": mb, "tflops": flops / t / 1e9}
+            row = {
+                "impl": impl,
+                "method": method,
+                "shape": shape,
+                "data": data,
+                "head": head,
+                "pass": kind,
+                "ms": t,
+                "peak_mb": mb,
+                "tflops": flops / t / 1e9,
+            }
             if shape == targets.ACCURACY_SHAPE and kind == "fwd+bwd":
                 err = 5e-3 if impl == "hardfocus" else 1e-2
                 row.update(err_loss=err, err_grad_hidden=err, err_grad_weight=err)
             rows.append(row)
-    return {"device": "NVIDIA H200", "date": "2026-12-02T00:00:00", "torch": "2.11", "triton": "3.6.0",
-            "dtype": "bfloat16", "matmul_tflops": matmul_tflops, "iters": 1, "memory": "", "notes": [],
-            "rows": rows}
+    return {
+        "device": "NVIDIA H200",
+        "date": "2026-12-02T00:00:00",
+        "torch": "2.11",
+        "triton": "3.6.0",
+        "dtype": "bfloat16",
+        "matmul_tflops": matmul_tflops,
+        "iters": 1,
+        "memory": "",
+        "notes": [],
+        "rows": rows,
+    }
 
 
 def test_targets_verdicts():
     from benchmarks import targets
 
     llama = SHAPES["llama3-8b"]
-    floor_ms = 4 * 2 * llama.tokens * llama.hidden * llama.vocab / 100e12 * 1e3     # at 100 TFLOP/s
-    ms = {("hardfocus", "irdro", "llama3-8b", "trainable", "fwd+bwd"): 1.2 * floor_ms,
-          ("cce_exact", "irdro", "llama3-8b", "trainable", "fwd+bwd"): 1.2 * floor_ms / 0.85,   # 0.85x: met
-          ("cce_exact", "irdro", "gemma2-2b", "trainable", "fwd+bwd"): 10.5,                    # 0.95x: missed
-          ("cce", "irdro", "llama3-8b", "trainable", "fwd+bwd"): 1.2 * floor_ms / 1.5,          # reported
-          ("liger", "irdro", "llama3-8b", "trainable", "fwd+bwd"): 1.2 * floor_ms / 0.75,
-          ("torch_compile", "irdro", "llama3-8b", "trainable", "fwd+bwd"): 1.2 * floor_ms,     # 1.0x: met
-          ("hardfocus", "midranking", "llama3-8b", "trainable", "bwd"): 5.0,                    # 0.5x: met
-          ("hardfocus", "irdro", "llama3-8b", "frozen", "bwd"): 7.5,                            # 0.75x: missed
-          ("hardfocus", "irdro", "llama3-8b", "trainable", "fwd"): floor_ms / 4 / 0.65}        # 65%: missed
-    verdicts = {(v["target"], v["shape"]): v
-                for v in targets.evaluate(synthetic_result(ms, peak={"liger": 90.0, "cce": 90.0}))}
+    floor_ms = 4 * 2 * llama.tokens * llama.hidden * llama.vocab / 100e12 * 1e3  # at 100 TFLOP/s
+    ms = {
+        ("hardfocus", "irdro", "llama3-8b", "trainable", "fwd+bwd"): 1.2 * floor_ms,
+        ("cce_exact", "irdro", "llama3-8b", "trainable", "fwd+bwd"): 1.2 * floor_ms / 0.85,  # 0.85x: met
+        ("cce_exact", "irdro", "gemma2-2b", "trainable", "fwd+bwd"): 10.5,  # 0.95x: missed
+        ("cce", "irdro", "llama3-8b", "trainable", "fwd+bwd"): 1.2 * floor_ms / 1.5,  # reported
+        ("liger", "irdro", "llama3-8b", "trainable", "fwd+bwd"): 1.2 * floor_ms / 0.75,
+        ("torch_compile", "irdro", "llama3-8b", "trainable", "fwd+bwd"): 1.2 * floor_ms,  # 1.0x: met
+        ("hardfocus", "midranking", "llama3-8b", "trainable", "bwd"): 5.0,  # 0.5x: met
+        ("hardfocus", "irdro", "llama3-8b", "frozen", "bwd"): 7.5,  # 0.75x: missed
+        ("hardfocus", "irdro", "llama3-8b", "trainable", "fwd"): floor_ms / 4 / 0.65,
+    }  # 65%: missed
+    verdicts = {
+        (v["target"], v["shape"]): v for v in targets.evaluate(synthetic_result(ms, peak={"liger": 90.0, "cce": 90.0}))
+    }
     assert len(verdicts) == sum(len(t.shapes) for t in targets.TARGETS)
     assert all(v["verdict"] != "not measured" for v in verdicts.values())
 
@@ -147,12 +221,13 @@ def test_targets_verdicts():
     check("IR-DRO fwd+bwd time / Liger's", "gemma2-2b", 1.0, "missed")
     check("IR-DRO fwd+bwd time / torch.compile's", "llama3-8b", 1.0, "met")
     check("IR-DRO fwd+bwd peak extra memory / Liger's", "llama3-8b", 100 / 90, "missed")
-    check("IR-DRO fwd+bwd peak extra memory / Cut Cross-Entropy's", "llama3-8b", 100 / 90, "met")   # <= 1.2
+    check("IR-DRO fwd+bwd peak extra memory / Cut Cross-Entropy's", "llama3-8b", 100 / 90, "met")  # <= 1.2
     check("MidRanking bwd time / IR-DRO bwd time", "llama3-8b", 0.5, "met")
     check("MidRanking bwd time / IR-DRO bwd time", "gemma2-2b", 1.0, "missed")
     check("frozen-head bwd time / trainable-head bwd time", "llama3-8b", 0.75, "missed")
-    assert verdicts[("frozen-head bwd time / trainable-head bwd time", "llama3-8b")]["missed_by"] == \
-        pytest.approx(0.75 / 0.7 - 1)
+    assert verdicts[("frozen-head bwd time / trainable-head bwd time", "llama3-8b")]["missed_by"] == pytest.approx(
+        0.75 / 0.7 - 1
+    )
     check("gradient error vs fp64 / README tolerance", "mid", 5e-3 / 2e-2, "met")
     check("gradient error vs fp64 / best peer's", "mid", 0.5, "met")
     check("forward TFLOP/s / dense matmul TFLOP/s", "llama3-8b", 0.65, "missed")
@@ -170,9 +245,11 @@ def test_targets_without_rows_are_not_measured(tmp_path):
     path.write_text(json.dumps(result))
     checked = targets.main(["--from", str(path), "--out", str(tmp_path), "--tag", "v"])
     missing = {v["target"] for v in checked["targets"] if v["verdict"] == "not measured"}
-    assert missing == {"IR-DRO fwd+bwd time / Cut Cross-Entropy's, filter_eps=None",
-                       "IR-DRO fwd+bwd time / Cut Cross-Entropy's default (filtered)",
-                       "IR-DRO fwd+bwd peak extra memory / Cut Cross-Entropy's"}
+    assert missing == {
+        "IR-DRO fwd+bwd time / Cut Cross-Entropy's, filter_eps=None",
+        "IR-DRO fwd+bwd time / Cut Cross-Entropy's default (filtered)",
+        "IR-DRO fwd+bwd peak extra memory / Cut Cross-Entropy's",
+    }
     assert (tmp_path / "v.md").read_text().count("| not measured |") == 6
     # the accuracy comparison uses the peers that were measured
     assert {v["verdict"] for v in checked["targets"] if "best peer" in v["target"]} == {"met"}
@@ -181,8 +258,11 @@ def test_targets_without_rows_are_not_measured(tmp_path):
 def test_targets_run_measures_its_plan(tmp_path, monkeypatch):
     from benchmarks import targets
 
-    monkeypatch.setattr(targets, "PLAN", (("hardfocus", "irdro", "tiny", "random", "frozen"),
-                                          ("cce", "irdro", "tiny", "random", "trainable")))
+    monkeypatch.setattr(
+        targets,
+        "PLAN",
+        (("hardfocus", "irdro", "tiny", "random", "frozen"), ("cce", "irdro", "tiny", "random", "trainable")),
+    )
     result = targets.main(["--iters", "1", "--out", str(tmp_path), "--tag", "m"])
     assert {(r["impl"], r["head"]) for r in result["rows"]} == {("hardfocus", "frozen")}
     assert any(note.startswith("skipped cce") for note in result["notes"])
@@ -192,20 +272,24 @@ def test_targets_run_measures_its_plan(tmp_path, monkeypatch):
 def test_targets_by_shape_write_as_they_go(tmp_path, monkeypatch):
     from benchmarks import compare, targets
 
-    monkeypatch.setattr(targets, "PLAN", (("hardfocus", "irdro", "tiny", "random", "frozen"),
-                                          ("hardfocus", "irdro", "cpu", "random", "frozen")))
+    monkeypatch.setattr(
+        targets,
+        "PLAN",
+        (("hardfocus", "irdro", "tiny", "random", "frozen"), ("hardfocus", "irdro", "cpu", "random", "frozen")),
+    )
     written = []
     real_run = compare.run
 
     def spy(args, cases, on_case):
         def record(result):
             written.append(json.loads((tmp_path / "s.json").read_text()) if on_case(result) is None else None)
+
         return real_run(args, cases, record)
 
     monkeypatch.setattr(compare, "run", spy)
     result = targets.main(["--iters", "1", "--out", str(tmp_path), "--tag", "s", "--shapes", "tiny"])
-    assert {r["shape"] for r in result["rows"]} == {"tiny"}          # the other shape is not measured
-    assert len(written) == 1 and len(written[0]["rows"]) == 3          # the file existed after the case
+    assert {r["shape"] for r in result["rows"]} == {"tiny"}  # the other shape is not measured
+    assert len(written) == 1 and len(written[0]["rows"]) == 3  # the file existed after the case
 
 
 def test_gpu_session_script_parses():
@@ -235,8 +319,12 @@ def test_sweep_writes_a_row_per_case(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "MATMUL_CHUNKS", (2**20,))
     result = sweep.main(["--out", str(tmp_path), "--heads", "micro"])
     rows = result["rows"]
-    assert [(r["pass"], r["strategy"]) for r in rows] == [("fwd", "-"), ("fwd", "-"), ("bwd", "fused"),
-                                                         ("bwd", "matmul")]
+    assert [(r["pass"], r["strategy"]) for r in rows] == [
+        ("fwd", "-"),
+        ("fwd", "-"),
+        ("bwd", "fused"),
+        ("bwd", "matmul"),
+    ]
     assert all(r["ms"] > 0 and "error" not in r for r in rows)
     assert "(default)" in rows[0]["config"] and "16x32x16" in rows[1]["config"]
     (written,) = tmp_path.glob("sweep-cpu-*.json")
@@ -261,43 +349,47 @@ def test_tuned_applies_the_sweeps_fastest_configs_in_process():
     defaults for half precision on that head (not fp32, not other heads, not small N), the
     strategy with the least summed backward time becomes "auto"'s, and undo() restores."""
     from benchmarks import tuned
-    from hardfocus_fused import lce
     from hardfocus_fused.kernels import config
+    from hardfocus_fused.op import dispatch
 
-    sweep = {"rows": [
-        _sweep_row("llama3-8b", "fwd", "-", 30.0, block_n=128, block_v=128),
-        _sweep_row("llama3-8b", "fwd", "-", 25.0, block_n=64, block_v=256),
-        _sweep_row("llama3-8b", "bwd", "fused", 70.0, block_n=128, block_v=64),
-        _sweep_row("llama3-8b", "bwd", "matmul", 75.0, chunk=2**30),
-        _sweep_row("gemma2-2b", "bwd", "fused", 40.0, block_n=64),
-        _sweep_row("gemma2-2b", "bwd", "matmul", 45.0, chunk=2**28),
-        {"head": "gemma2-2b", "pass": "fwd", "strategy": "-", "config": "", "error": "time budget"},
-    ]}
+    sweep = {
+        "rows": [
+            _sweep_row("llama3-8b", "fwd", "-", 30.0, block_n=128, block_v=128),
+            _sweep_row("llama3-8b", "fwd", "-", 25.0, block_n=64, block_v=256),
+            _sweep_row("llama3-8b", "bwd", "fused", 70.0, block_n=128, block_v=64),
+            _sweep_row("llama3-8b", "bwd", "matmul", 75.0, chunk=2**30),
+            _sweep_row("gemma2-2b", "bwd", "fused", 40.0, block_n=64),
+            _sweep_row("gemma2-2b", "bwd", "matmul", 45.0, chunk=2**28),
+            {"head": "gemma2-2b", "pass": "fwd", "strategy": "-", "config": "", "error": "time budget"},
+        ]
+    }
     choices = tuned.best(sweep)
     assert [c.head for c in choices] == ["llama3-8b", "gemma2-2b"]
     assert choices[0].forward.block_v == 256 and choices[0].backward.block_v == 64
     assert choices[1].forward is None and choices[1].matmul_chunk_bytes == 2**28
-    assert tuned.strategy(choices) == "fused"            # 70 + 40 < 75 + 45, though matmul won on gemma
-    original = config.default_configs
-    before = original(16384, 128256, 4096, torch.bfloat16)
+    assert tuned.strategy(choices) == "fused"  # 70 + 40 < 75 + 45, though matmul won on gemma
+    heads = [
+        (16384, 128256, 4096, torch.bfloat16),
+        (16384, 128256, 4096, torch.float32),
+        (4096, 32000, 1024, torch.bfloat16),
+        (512, 128256, 4096, torch.bfloat16),
+    ]
+    before = {head: config.default_configs(*head) for head in heads}
     applied = tuned.apply(choices)
     try:
         got = config.default_configs(16384, 128256, 4096, torch.bfloat16)
         assert got.forward.block_v == 256 and got.backward.block_v == 64
-        assert config.default_configs(1024, 128256, 4096, torch.bfloat16).forward.block_v == 256   # any N > 512
-        assert config.default_configs(16384, 128256, 4096, torch.float32) == \
-            original(16384, 128256, 4096, torch.float32)
+        assert config.default_configs(1024, 128256, 4096, torch.bfloat16).forward.block_v == 256  # any N > 512
+        assert config.default_configs(16384, 128256, 4096, torch.float32) == before[heads[1]]  # not fp32
         assert config.default_configs(8192, 256000, 2304, torch.bfloat16).matmul_chunk_bytes == 2**28
-        assert config.default_configs(4096, 32000, 1024, torch.bfloat16) == \
-            original(4096, 32000, 1024, torch.bfloat16)                                             # not swept
-        assert config.default_configs(512, 128256, 4096, torch.bfloat16) == \
-            original(512, 128256, 4096, torch.bfloat16)                                             # small N
-        assert lce.resolve_backward("auto") == "fused" and lce.resolve_backward("matmul") == "matmul"
+        assert config.default_configs(*heads[2]) == before[heads[2]]  # not swept
+        assert config.default_configs(*heads[3]) == before[heads[3]]  # small N
+        assert dispatch.resolve_backward("auto") == "fused" and dispatch.resolve_backward("matmul") == "matmul"
         assert applied.describe()["strategy"] == "fused"
     finally:
         applied.undo()
-    assert config.default_configs(16384, 128256, 4096, torch.bfloat16) == before
-    assert lce.resolve_backward.__module__ == "hardfocus_fused.lce"
+    assert {head: config.default_configs(*head) for head in heads} == before
+    assert dispatch.resolve_backward("auto") == "auto"
 
 
 def test_gpu_session_all_runs_its_stages_and_packs_the_results(tmp_path):
@@ -307,17 +399,24 @@ def test_gpu_session_all_runs_its_stages_and_packs_the_results(tmp_path):
     import os
     import tarfile
 
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "HARDFOCUS_SESSION_WORK": str(tmp_path / "work"),
-           "SWEEP_ARGS": "--heads micro", "TARGETS_ARGS": "--shapes micro", "TRITON_INTERPRET": "1"}
-    done = subprocess.run(["bash", "benchmarks/gpu_session.sh", "all"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "out"),
+        "HARDFOCUS_SESSION_WORK": str(tmp_path / "work"),
+        "SWEEP_ARGS": "--heads micro",
+        "TARGETS_ARGS": "--shapes micro",
+        "TRITON_INTERPRET": "1",
+    }
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_session.sh", "all"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["gpu.txt", "results.tar.gz", "session.log"]
     notes = (out / "gpu.txt").read_text()
     for stage in ("smoke", "sweep", "targets"):
         assert f"stage {stage}: exit 0" in notes, notes
-    assert "stage profile: exit" in notes                      # needs ncu and CUDA: fails here, the script goes on
+    assert "stage profile: exit" in notes  # needs ncu and CUDA: fails here, the script goes on
     assert "=== targets" in (out / "session.log").read_text()
     with tarfile.open(out / "results.tar.gz") as archive:
         names = archive.getnames()

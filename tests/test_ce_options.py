@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from hardfocus_fused import linear_cross_entropy
-from hardfocus_fused.lce import LCEOutput
+from hardfocus_fused.cross_entropy import LCEOutput
+
 from helpers import TOLERANCES, device_for, grads_of, make_batch, spy_on_launches
 from reference import rel_err
 
@@ -15,8 +16,17 @@ from reference import rel_err
 PATHS = [("torch", "auto", None), ("triton", "fused", False), ("triton", "fused", True), ("triton", "matmul", False)]
 
 
-def reference(hidden, weight, targets, bias=None, softcap=None, reduction="mean", label_smoothing=0.0,
-              class_weight=None, lse_square_scale=0.0):
+def reference(
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    softcap=None,
+    reduction="mean",
+    label_smoothing=0.0,
+    class_weight=None,
+    lse_square_scale=0.0,
+):
     """fp64, the written definition (docs/api.md): F.cross_entropy on the logits plus Liger's
     z-loss ``s * lse^2`` per scored token; a mean divides the cross-entropy by the scored
     targets' class weights (PyTorch's) and the z-loss by their count (Liger's)."""
@@ -46,39 +56,61 @@ def _batch(dtype, device, seed=31):
 
 
 @pytest.mark.parametrize("impl,backward_impl,deterministic", PATHS)
-@pytest.mark.parametrize("options", [
-    dict(label_smoothing=0.1),
-    dict(class_weight=True),
-    dict(label_smoothing=0.2, class_weight=True, lse_square_scale=1e-3),
-    dict(lse_square_scale=1e-2, softcap=5.0),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(label_smoothing=0.1),
+        dict(class_weight=True),
+        dict(label_smoothing=0.2, class_weight=True, lse_square_scale=1e-3),
+        dict(lse_square_scale=1e-2, softcap=5.0),
+    ],
+)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_options_match_pytorch(impl, backward_impl, deterministic, options, reduction, triton_device):
     h, w, b, targets = _batch(torch.float32, device_for(impl, triton_device))
     options = dict(options)
     if options.pop("class_weight", False):
         options["class_weight"] = torch.rand(70, generator=torch.Generator().manual_seed(2)).to(h.device) + 0.2
-    got = linear_cross_entropy(h, w, targets, bias=b, reduction=reduction, impl=impl, backward_impl=backward_impl,
-                               deterministic=deterministic, **options)
+    got = linear_cross_entropy(
+        h,
+        w,
+        targets,
+        bias=b,
+        reduction=reduction,
+        impl=impl,
+        backward_impl=backward_impl,
+        deterministic=deterministic,
+        **options,
+    )
     want, _, _ = reference(h, w, targets, bias=b, reduction=reduction, **options)
     assert rel_err(got, want) <= 1e-5
-    upstream = torch.rand(want.shape, generator=torch.Generator().manual_seed(3)).to(h.device) if reduction == "none" \
+    upstream = (
+        torch.rand(want.shape, generator=torch.Generator().manual_seed(3)).to(h.device)
+        if reduction == "none"
         else torch.tensor(1.0)
-    for g, r in zip(grads_of((got * upstream.to(got.device)).sum(), (h, w, b)),
-                    grads_of((want * upstream.to(want.device).double()).sum(), (h, w, b))):
+    )
+    for g, r in zip(
+        grads_of((got * upstream.to(got.device)).sum(), (h, w, b)),
+        grads_of((want * upstream.to(want.device).double()).sum(), (h, w, b)),
+    ):
         assert rel_err(g, r) <= 1e-4
 
 
 # Every combination of the options that change the per-token loss, on and off.
-COMBINATIONS = [dict(label_smoothing=eps, class_weight=cw, lse_square_scale=s)
-                for eps in (0.0, 0.15) for cw in (False, True) for s in (0.0, 2e-2)]
+COMBINATIONS = [
+    dict(label_smoothing=eps, class_weight=cw, lse_square_scale=s)
+    for eps in (0.0, 0.15)
+    for cw in (False, True)
+    for s in (0.0, 2e-2)
+]
 
 
 @pytest.mark.parametrize("impl,backward_impl,deterministic", [PATHS[0], PATHS[1]])
 @pytest.mark.parametrize("options", COMBINATIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_every_combination_follows_its_definition(impl, backward_impl, deterministic, options, reduction,
-                                                  triton_device):
+def test_every_combination_follows_its_definition(
+    impl, backward_impl, deterministic, options, reduction, triton_device
+):
     """Label smoothing x class weights x z-loss x reductions, loss, returned z-loss and
     gradients under a signed upstream gradient, each against the written definition."""
     device = device_for(impl, triton_device)
@@ -89,17 +121,34 @@ def test_every_combination_follows_its_definition(impl, backward_impl, determini
         options["class_weight"] = (torch.rand(70, generator=torch.Generator().manual_seed(5)) * 3 + 0.1).to(device)
     else:
         options["class_weight"] = None
-    out = linear_cross_entropy(h, w, targets, bias=b, reduction=reduction, impl=impl, backward_impl=backward_impl,
-                               deterministic=deterministic, return_z_loss=True, **options)
+    out = linear_cross_entropy(
+        h,
+        w,
+        targets,
+        bias=b,
+        reduction=reduction,
+        impl=impl,
+        backward_impl=backward_impl,
+        deterministic=deterministic,
+        return_z_loss=True,
+        **options,
+    )
     want, lse, _ = reference(h, w, targets, bias=b, reduction=reduction, **options)
     assert rel_err(out.loss, want) <= 1e-5
-    z_want = reference(h, w, targets, bias=b, reduction=reduction, lse_square_scale=options["lse_square_scale"])[0] \
+    z_want = (
+        reference(h, w, targets, bias=b, reduction=reduction, lse_square_scale=options["lse_square_scale"])[0]
         - reference(h, w, targets, bias=b, reduction=reduction)[0]
+    )
     assert rel_err(out.z_loss, z_want) <= 1e-4 if options["lse_square_scale"] else not out.z_loss.any()
-    upstream = torch.randn(want.shape, generator=torch.Generator().manual_seed(6)) if reduction == "none" \
+    upstream = (
+        torch.randn(want.shape, generator=torch.Generator().manual_seed(6))
+        if reduction == "none"
         else torch.tensor(-0.7)
-    for g, r in zip(grads_of((out.loss * upstream.to(device)).sum(), (h, w, b)),
-                    grads_of((want * upstream.to(device).double()).sum(), (h, w, b))):
+    )
+    for g, r in zip(
+        grads_of((out.loss * upstream.to(device)).sum(), (h, w, b)),
+        grads_of((want * upstream.to(device).double()).sum(), (h, w, b)),
+    ):
         assert rel_err(g, r) <= 1e-4
 
 
@@ -110,9 +159,10 @@ def test_z_loss_with_class_weights_is_a_token_mean():
     h, w = torch.randn(64, 16, dtype=torch.float64), torch.randn(32, 16, dtype=torch.float64)
     t, c, s = torch.randint(0, 32, (64,)), torch.rand(32), 1e-2
     lse = torch.logsumexp(h @ w.T, -1)
-    out = linear_cross_entropy(h, w, t, class_weight=c, lse_square_scale=s, reduction="mean", return_z_loss=True,
-                               impl="torch")
-    assert rel_err(out.z_loss, (s * lse**2).mean()) <= 1e-6     # the torch path computes in fp32
+    out = linear_cross_entropy(
+        h, w, t, class_weight=c, lse_square_scale=s, reduction="mean", return_z_loss=True, impl="torch"
+    )
+    assert rel_err(out.z_loss, (s * lse**2).mean()) <= 1e-6  # the torch path computes in fp32
     ce = F.cross_entropy(h @ w.T, t, weight=c.double())
     assert rel_err(out.loss, ce + (s * lse**2).mean()) <= 1e-6
 
@@ -133,12 +183,24 @@ def test_options_in_half_precision(dtype, triton_device):
 @pytest.mark.parametrize("impl,backward_impl,deterministic", PATHS)
 def test_returned_lse_z_loss_accuracy_and_predictions(impl, backward_impl, deterministic, triton_device):
     h, w, b, targets = _batch(torch.float32, device_for(impl, triton_device), seed=33)
-    with torch.no_grad():   # make some predictions right: pull a few hidden states onto their target rows
+    with torch.no_grad():  # make some predictions right: pull a few hidden states onto their target rows
         rows = (targets != -100).nonzero()[::2]
         h[rows[:, 0], rows[:, 1]] += 3.0 * w[targets[rows[:, 0], rows[:, 1]]]
-    out = linear_cross_entropy(h, w, targets, bias=b, reduction="mean", lse_square_scale=1e-2, return_lse=True,
-                               return_z_loss=True, return_token_accuracy=True, return_predicted_tokens=True,
-                               impl=impl, backward_impl=backward_impl, deterministic=deterministic)
+    out = linear_cross_entropy(
+        h,
+        w,
+        targets,
+        bias=b,
+        reduction="mean",
+        lse_square_scale=1e-2,
+        return_lse=True,
+        return_z_loss=True,
+        return_token_accuracy=True,
+        return_predicted_tokens=True,
+        impl=impl,
+        backward_impl=backward_impl,
+        deterministic=deterministic,
+    )
     assert isinstance(out, LCEOutput)
     want, lse, logits = reference(h, w, targets, bias=b, lse_square_scale=1e-2)
     valid = targets != -100
@@ -168,11 +230,11 @@ def test_accuracy_per_token_and_summed(triton_device):
 def test_argmax_takes_the_first_maximum(triton_device):
     """Ties: the first column with the largest logit, across tiles and splits."""
     from hardfocus_fused.kernels.config import KernelConfig
-    from hardfocus_fused.lce import token_terms
+    from hardfocus_fused.op.dispatch import token_terms
 
     h = torch.ones(4, 8, device=triton_device)
     w = torch.zeros(100, 8, device=triton_device)
-    w[[17, 40, 99]] = 1.0                  # equal largest logits in three tiles of 16 (two splits)
+    w[[17, 40, 99]] = 1.0  # equal largest logits in three tiles of 16 (two splits)
     targets = torch.tensor([17, 40, 99, 3], device=triton_device)
     for impl in ("torch", "triton"):
         config = KernelConfig(block_n=16, block_v=16, block_h=16, vocab_splits=2)
@@ -180,14 +242,17 @@ def test_argmax_takes_the_first_maximum(triton_device):
         assert best.tolist() == [17, 17, 17, 17]
 
 
-@pytest.mark.parametrize("kwargs,error,word", [
-    (dict(label_smoothing=1.5), ValueError, "label_smoothing must be in"),
-    (dict(label_smoothing="0.1"), ValueError, "label_smoothing"),
-    (dict(lse_square_scale=-1.0), ValueError, "lse_square_scale"),
-    (dict(class_weight=torch.ones(5)), ValueError, "class_weight has 5 entries but the head has 12"),
-    (dict(class_weight=torch.ones(12, dtype=torch.long)), TypeError, "class_weight must be float"),
-    (dict(return_lse=1), TypeError, "return_lse"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,word",
+    [
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing must be in"),
+        (dict(label_smoothing="0.1"), ValueError, "label_smoothing"),
+        (dict(lse_square_scale=-1.0), ValueError, "lse_square_scale"),
+        (dict(class_weight=torch.ones(5)), ValueError, "class_weight has 5 entries but the head has 12"),
+        (dict(class_weight=torch.ones(12, dtype=torch.long)), TypeError, "class_weight must be float"),
+        (dict(return_lse=1), TypeError, "return_lse"),
+    ],
+)
 def test_option_checks(kwargs, error, word):
     h, w, b, labels = make_batch(2, 6, 8, 12)
     with pytest.raises(error, match=word):

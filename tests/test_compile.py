@@ -34,8 +34,14 @@ def kernel_resources(*args: str) -> str:
     (which the suite turns on, and which would give the interpreter's configs)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", *args], env=env,
-                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.kernel_resources", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -63,7 +69,7 @@ def test_no_register_spills(variants):
 
 
 def test_shared_memory_fits_a_hopper_sm(variants):
-    assert max(v["shared"] for v in variants) <= 232448       # 227 KiB
+    assert max(v["shared"] for v in variants) <= 232448  # 227 KiB
 
 
 def test_atomic_backward_has_no_memory_barriers(variants):

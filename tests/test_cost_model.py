@@ -1,4 +1,4 @@
-"""The cost model (``hardfocus_fused.cost_model``): its counts follow the launch grids, its
+"""The cost model (``hardfocus_fused.kernels.cost_model``): its counts follow the launch grids, its
 choices follow its counts, and ``backward_impl="auto"`` follows its choice."""
 
 import dataclasses
@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from hardfocus_fused import cost_model as cm
+from hardfocus_fused.kernels import cost_model as cm
 from hardfocus_fused.kernels.config import KernelConfig, forward_splits, wave_footprint, whole_wave_splits
 
 H100 = cm.GPUS["H100"]
-LLAMA = cm.HeadShape(16384, 4096, 128256)          # the Llama-3-8B head, bf16
+LLAMA = cm.HeadShape(16384, 4096, 128256)  # the Llama-3-8B head, bf16
 TILE = KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
 
 
@@ -22,8 +22,8 @@ def test_fused_backward_counts_follow_its_grid():
     programs = 128 * 1002
     assert est.total("atomic_bytes") == programs * 256 * 4096 * 4
     assert est.total("atomic_bytes") / 1e9 == pytest.approx(538, abs=0.5)
-    assert est.total("flops") == 3 * 2.0 * programs * 128 * 128 * 4096            # recompute + 2 products
-    assert est.total("l2_bytes") == programs * 2 * 256 * 4096 * 2                   # both operands, twice
+    assert est.total("flops") == 3 * 2.0 * programs * 128 * 128 * 4096  # recompute + 2 products
+    assert est.total("l2_bytes") == programs * 2 * 256 * 4096 * 2  # both operands, twice
     frozen = cm.backward_fused(LLAMA, H100, TILE, need_weight=False)
     assert frozen.total("flops") == 2 * 2.0 * programs * 128 * 128 * 4096
     assert frozen.total("atomic_bytes") == programs * 128 * 4096 * 4
@@ -40,7 +40,7 @@ def test_matmul_backward_is_three_products_and_the_logits_round_trip():
     # fp32 logits written and read, bf16 dlogits written and read twice: 14 bytes a logit.
     logits = LLAMA.n_tokens * LLAMA.n_vocab
     per_logit = sum(launch.hbm_bytes for launch in est.launches if launch.name == "dlogits") / logits
-    assert per_logit == 6                                                   # the elementwise kernel's share
+    assert per_logit == 6  # the elementwise kernel's share
     assert est.total("hbm_bytes") > 14 * logits
 
 
@@ -72,7 +72,7 @@ def test_wave_footprint_matches_the_grouped_order(n_blocks, n_cols):
         first = (pid // (group * n_cols)) * group
         size = min(n_blocks - first, group)
         order.append((first + (pid % (group * n_cols)) % size, (pid % (group * n_cols)) // size))
-    assert sorted(order) == [(r, c) for r in range(n_blocks) for c in range(n_cols)]   # a permutation
+    assert sorted(order) == [(r, c) for r in range(n_blocks) for c in range(n_cols)]  # a permutation
     wave = 17
     rows, cols = wave_footprint(n_blocks, n_cols, group, wave)
     assert (rows, cols) == (len({r for r, _ in order[:wave]}), len({c for _, c in order[:wave]}))
@@ -82,14 +82,14 @@ def test_time_is_the_slowest_pipe_in_whole_waves():
     gpu = cm.GPU("test", 90, 10, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, mma_efficiency=1.0)
     launch = cm.Launch("x", flops=1e12, programs=10)
     assert launch.seconds(gpu) == pytest.approx(1.0)
-    assert cm.Launch("x", flops=1e12, programs=11).seconds(gpu) == pytest.approx(2 * 10 / 11)   # a 2nd wave
+    assert cm.Launch("x", flops=1e12, programs=11).seconds(gpu) == pytest.approx(2 * 10 / 11)  # a 2nd wave
     assert cm.Launch("x", flops=1e12, hbm_bytes=3e12).seconds(gpu) == pytest.approx(3.0)
     assert cm.Launch("x", l2_bytes=1e12, atomic_bytes=1e12).seconds(gpu) == pytest.approx(2.0)
     assert cm.Launch("x", l2_bytes=1e12, atomic_bytes=1e12).bound(gpu) == "l2"
 
 
 def test_choice_follows_the_model():
-    assert cm.choose_backward(16384, 4096, 128256, 2, None) == "fused"               # no device
+    assert cm.choose_backward(16384, 4096, 128256, 2, None) == "fused"  # no device
     for name, gpu in cm.GPUS.items():
         for n in (1024, 16384):
             shape = cm.HeadShape(n, 4096, 128256)
@@ -111,7 +111,7 @@ def test_the_modelled_target_at_the_llama_head_on_h100():
     total = {name: (fwd + bwd).seconds(H100) for name, (fwd, bwd) in impls.items()}
     ours = next(t for name, t in total.items() if name.startswith("ours, auto"))
     three = next(t for name, t in total.items() if "three products (auto: yes)" in name)
-    assert three < 0.85 * ours                                       # item 5: the drop-in path's saving
+    assert three < 0.85 * ours  # item 5: the drop-in path's saving
     assert ours <= 1.35 * cm.floor_seconds(LLAMA, H100, 4)
     assert ours < total["Cut Cross-Entropy (exact)"]
     assert ours < total['Liger, reduction="none"']
@@ -132,9 +132,8 @@ def test_auto_runs_the_models_choice(monkeypatch, triton_device):
     (forced here: the interpreter has none), with the same gradients as asking for it."""
     if triton_device != "cpu":
         pytest.skip("forces a device capability on the interpreter")
-    from hardfocus_fused import cost_model
-    from hardfocus_fused.kernels import backward_matmul, config
-    from hardfocus_fused.lce import token_nll
+    from hardfocus_fused.kernels import backward_matmul, config, cost_model
+    from hardfocus_fused.op.dispatch import token_nll
 
     torch.manual_seed(0)
     hidden = torch.randn(40, 32, requires_grad=True)
@@ -149,7 +148,7 @@ def test_auto_runs_the_models_choice(monkeypatch, triton_device):
     real = backward_matmul.matmul_backward
     monkeypatch.setattr(backward_matmul, "matmul_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
     grads("auto")
-    assert calls == []                                   # no device: the fused kernel
+    assert calls == []  # no device: the fused kernel
     monkeypatch.setattr(config, "device_capability", lambda device: 90)
     monkeypatch.setattr(config, "device_memory_bytes", lambda device: 80 * 2**30)
     monkeypatch.setattr(cost_model, "choose_backward", lambda *args: "matmul")
@@ -159,4 +158,4 @@ def test_auto_runs_the_models_choice(monkeypatch, triton_device):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     monkeypatch.setattr(cost_model, "choose_backward", lambda *args: "fused")
     grads("auto")
-    assert calls == [1, 1]                              # asked for "matmul" once more above, not by auto
+    assert calls == [1, 1]  # asked for "matmul" once more above, not by auto

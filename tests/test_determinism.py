@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from hardfocus_fused import hardfocus_loss, linear_cross_entropy
-from hardfocus_fused.kernels import backward as backward_module
+from hardfocus_fused.kernels import backward_fused as backward_module
+
 from helpers import assert_matches_reference, device_for, grads_of, make_batch
 
 # 3 x 13 tokens, 150 classes, 72 features: several token blocks, vocabulary tiles and
@@ -12,11 +13,14 @@ from helpers import assert_matches_reference, device_for, grads_of, make_batch
 SHAPE = dict(batch=3, seq=13, hidden=72, vocab=150)
 
 
-@pytest.mark.parametrize("options", [
-    dict(method="irdro"),
-    dict(method="midranking", n1=0.0, n2=0.5),
-    dict(method="mean", softcap=5.0),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(method="irdro"),
+        dict(method="midranking", n1=0.0, n2=0.5),
+        dict(method="mean", softcap=5.0),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_deterministic_backward_matches_reference(options, dtype, triton_device):
     h, w, b, labels = make_batch(**SHAPE, dtype=dtype, device=triton_device, seed=4)
@@ -31,8 +35,7 @@ def test_deterministic_frozen_head(triton_device):
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_two_runs_agree_bitwise(impl, triton_device):
     h, w, b, labels = make_batch(**SHAPE, device=device_for(impl, triton_device), seed=6)
-    runs = [grads_of(hardfocus_loss(h, w, labels, bias=b, impl=impl, deterministic=True), (h, w, b))
-            for _ in range(2)]
+    runs = [grads_of(hardfocus_loss(h, w, labels, bias=b, impl=impl, deterministic=True), (h, w, b)) for _ in range(2)]
     for first, second in zip(*runs):
         assert torch.equal(first, second)
 

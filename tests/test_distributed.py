@@ -9,10 +9,11 @@ import torch.distributed as dist
 from torch import nn
 
 from hardfocus_fused import hardfocus_loss
+
 from ranks import spawn_ranks
 
 H_IN, H, V, T = 6, 8, 23, 7
-SPLIT = [3, 2]          # rank 0 holds 3 sequences, rank 1 holds 2
+SPLIT = [3, 2]  # rank 0 holds 3 sequences, rank 1 holds 2
 
 
 class Head(nn.Module):
@@ -30,7 +31,7 @@ def global_batch():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(sum(SPLIT), T, H_IN, generator=gen) * 3
     labels = torch.randint(0, V, (sum(SPLIT), T), generator=gen)
-    labels[0, :3] = -100     # ragged: ranks hold different token counts too
+    labels[0, :3] = -100  # ragged: ranks hold different token counts too
     labels[4, 4:] = -100
     return x, labels
 
@@ -45,7 +46,7 @@ def _worker(rank, world, method):
     mine = slice(start, start + SPLIT[rank])
     ddp = nn.parallel.DistributedDataParallel(Head())
     loss, stats = ddp(x[mine], labels[mine], method=method, n1=0.2, n2=0.4, r=0.7, group=dist.group.WORLD)
-    loss.backward()          # DDP averages the gradients over the ranks
+    loss.backward()  # DDP averages the gradients over the ranks
 
     torch.testing.assert_close(stats.weights, ref_stats.weights[mine], rtol=1e-6, atol=1e-7)
     total = loss.detach().clone()
@@ -67,6 +68,7 @@ def hf_setup(rank):
     patched copy of ``base`` after one backward over all 4 sequences; rank 0 holds 3 of
     them, rank 1 holds 1."""
     from hardfocus_fused import apply_hardfocus
+
     from hf_models import left_padded_batch, tiny_model
 
     base = tiny_model("llama")
@@ -90,7 +92,7 @@ def _hf_worker(rank, world):
         if patch_first:
             patch_global(model)
         ddp = nn.parallel.DistributedDataParallel(model)
-        if not patch_first:     # patches the model inside DDP
+        if not patch_first:  # patches the model inside DDP
             patch_global(ddp)
         ddp(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
         for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
@@ -116,7 +118,7 @@ def _sharded(base, mesh, layout):
         fully_shard(model.lm_head, mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh)
     if layout == "patched after sharding":
-        patch_global(model)       # the probe runs through the sharded model
+        patch_global(model)  # the probe runs through the sharded model
     return model
 
 
@@ -130,12 +132,13 @@ def _fsdp_worker(rank, world):
     mesh = init_device_mesh("cpu", (world,))
     for layout in FSDP_LAYOUTS:
         model = _sharded(base, mesh, layout)
-        for step in range(2):      # the second step reuses the resharded head
+        for step in range(2):  # the second step reuses the resharded head
             model.zero_grad()
             model(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
             for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
-                torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-4, atol=1e-6,
-                                           msg=f"{layout}, step {step}: {name}")
+                torch.testing.assert_close(
+                    p.grad.full_tensor(), q.grad, rtol=1e-4, atol=1e-6, msg=f"{layout}, step {step}: {name}"
+                )
 
 
 def test_fsdp2_on_cpu(tmp_path):
@@ -162,11 +165,12 @@ def _fsdp1_worker(rank, world):
             patch_global(model)
         layers, head = set(model.model.layers), model.lm_head
         # lm_head is its own unit: its flat parameter is gathered only inside its call.
-        policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m in layers or m is head)
-        fsdp = FSDP(model, auto_wrap_policy=policy, device_id=torch.device("cpu"),
-                    use_orig_params=use_orig_params)
+        policy = functools.partial(
+            lambda_auto_wrap_policy, lambda_fn=lambda m, layers=layers, head=head: m in layers or m is head
+        )
+        fsdp = FSDP(model, auto_wrap_policy=policy, device_id=torch.device("cpu"), use_orig_params=use_orig_params)
         if not patch_first:
-            patch_global(fsdp)     # unwraps FSDP; the probe runs through it
+            patch_global(fsdp)  # unwraps FSDP; the probe runs through it
         fsdp(input_ids=ids[mine], attention_mask=mask[mine], labels=labels[mine]).loss.backward()
         # Read the gradients back as one SGD step of size 1 on the gathered parameters
         # (FSDP1 cannot gather gradients with use_orig_params=False).
@@ -174,8 +178,9 @@ def _fsdp1_worker(rank, world):
         with FSDP.summon_full_params(fsdp):
             pairs = zip(fsdp.module.named_parameters(), base.parameters(), ref.parameters(), strict=True)
             for (name, p), p0, q in pairs:
-                torch.testing.assert_close(p0 - p, q.grad, rtol=1e-4, atol=1e-6,
-                                           msg=f"patched {'before' if patch_first else 'after'}: {name}")
+                torch.testing.assert_close(
+                    p0 - p, q.grad, rtol=1e-4, atol=1e-6, msg=f"patched {'before' if patch_first else 'after'}: {name}"
+                )
 
 
 def test_fsdp1_with_its_own_lm_head_unit(tmp_path):

@@ -1,4 +1,4 @@
-"""The three-product path (``backward_impl="forward"``, ``triton_forward_grad``): gradients
+"""The three-product path (``backward_impl="forward"``, ``op.forward_gradients``): gradients
 formed in the forward for losses whose per-token weights are known up front, against an
 fp64 reference that materialises the logits."""
 
@@ -6,9 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hardfocus_fused import cost_model, fused_op, hardfocus_loss, linear_cross_entropy
+from hardfocus_fused import hardfocus_loss, linear_cross_entropy
+from hardfocus_fused.kernels import cost_model
 from hardfocus_fused.kernels.config import HeadConfigs, KernelConfig
-from hardfocus_fused.lce import weighted_sum
+from hardfocus_fused.op import registration
+from hardfocus_fused.op.dispatch import weighted_sum
+
 from helpers import make_batch
 
 
@@ -23,8 +26,9 @@ def _inputs(dtype, device, n=70, h=48, v=333, seed=0):
     return cast(hidden), cast(weight), cast(bias), targets.to(device)
 
 
-def _reference(hidden, weight, bias, targets, reduction, softcap=None, label_smoothing=0.0, class_weight=None,
-               lse_square_scale=0.0):
+def _reference(
+    hidden, weight, bias, targets, reduction, softcap=None, label_smoothing=0.0, class_weight=None, lse_square_scale=0.0
+):
     """fp64 loss from materialised logits: PyTorch's cross-entropy plus Liger's z-loss."""
     h, w, b = (t.detach().double().cpu().requires_grad_() for t in (hidden, weight, bias))
     z = h @ w.T + b
@@ -63,9 +67,10 @@ def test_three_products_against_fp64(reduction, options, dtype, triton_device):
     if options.get("class_weight") == "rand":
         options["class_weight"] = torch.rand(weight.shape[0], generator=torch.Generator().manual_seed(1)) + 0.5
     kwargs = {k: (v.to(triton_device) if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
-    loss = linear_cross_entropy(hidden, weight, targets, bias=bias, reduction=reduction, impl="triton",
-                                backward_impl="forward", **kwargs)
-    (0.37 * loss).backward()                             # any upstream gradient scales the stored ones
+    loss = linear_cross_entropy(
+        hidden, weight, targets, bias=bias, reduction=reduction, impl="triton", backward_impl="forward", **kwargs
+    )
+    (0.37 * loss).backward()  # any upstream gradient scales the stored ones
     want, (h, w, b) = _reference(hidden, weight, bias, targets, reduction, **options)
     (0.37 * want).backward()
     assert abs(loss.item() - want.item()) <= 1e-5 * abs(want.item())
@@ -81,18 +86,29 @@ def test_three_products_equal_four(triton_device):
     hidden, weight, bias, targets = _inputs(torch.float32, triton_device, n=50)
     tiny = HeadConfigs.of(KernelConfig(block_n=16, block_v=64, block_h=16, num_warps=4, num_stages=1))
     import dataclasses
+
     chunked = dataclasses.replace(tiny, matmul_chunk_bytes=16 * 4 * weight.shape[0])
 
     def run(backward_impl, config=None):
         for t in (hidden, weight, bias):
             t.grad = None
         if config is None:
-            loss = linear_cross_entropy(hidden, weight, targets, bias=bias, reduction="mean", impl="triton",
-                                        backward_impl=backward_impl)
+            loss = linear_cross_entropy(
+                hidden, weight, targets, bias=bias, reduction="mean", impl="triton", backward_impl=backward_impl
+            )
         else:
             valid = targets != -100
-            loss, _ = weighted_sum(hidden, weight, targets, valid.float() / valid.sum(), bias, -100, None,
-                                   (True, True, True), kernel_config=config)
+            loss, _ = weighted_sum(
+                hidden,
+                weight,
+                targets,
+                valid.float() / valid.sum(),
+                bias,
+                -100,
+                None,
+                (True, True, True),
+                kernel_config=config,
+            )
         loss.backward()
         return loss.detach(), hidden.grad.clone(), weight.grad.clone(), bias.grad.clone()
 
@@ -105,12 +121,13 @@ def test_three_products_equal_four(triton_device):
 @pytest.mark.parametrize("frozen", ["weight", "hidden"])
 def test_only_the_needed_gradients_are_formed(frozen, triton_device, monkeypatch):
     hidden, weight, bias, targets = _inputs(torch.float32, triton_device)
-    getattr(hidden if frozen == "hidden" else weight, "requires_grad_")(False)
+    (hidden if frozen == "hidden" else weight).requires_grad_(False)
     seen = []
-    real = fused_op.weighted_terms
-    monkeypatch.setattr(fused_op, "weighted_terms", lambda *args: seen.append(args[-3:]) or real(*args))
-    loss = linear_cross_entropy(hidden, weight, targets, bias=bias, reduction="sum", impl="triton",
-                                backward_impl="forward")
+    real = registration.weighted_terms
+    monkeypatch.setattr(registration, "weighted_terms", lambda *args: seen.append(args[-3:]) or real(*args))
+    loss = linear_cross_entropy(
+        hidden, weight, targets, bias=bias, reduction="sum", impl="triton", backward_impl="forward"
+    )
     loss.backward()
     assert seen == [(frozen != "hidden", frozen != "weight", True)]
     want, (h, w, b) = _reference(hidden, weight, bias, targets, "sum")
@@ -122,10 +139,11 @@ def test_only_the_needed_gradients_are_formed(frozen, triton_device, monkeypatch
 
 def test_without_gradients_the_plain_forward_runs(triton_device, monkeypatch):
     hidden, weight, bias, targets = _inputs(torch.float32, triton_device)
-    monkeypatch.setattr(fused_op, "weighted_terms", None)       # would fail if called
+    monkeypatch.setattr(registration, "weighted_terms", None)  # would fail if called
     with torch.no_grad():
-        loss = linear_cross_entropy(hidden, weight, targets, bias=bias, reduction="mean", impl="triton",
-                                    backward_impl="forward")
+        loss = linear_cross_entropy(
+            hidden, weight, targets, bias=bias, reduction="mean", impl="triton", backward_impl="forward"
+        )
     want, _ = _reference(hidden, weight, bias, targets, "mean")
     assert abs(loss.item() - want.item()) <= 1e-5 * want.item()
 
@@ -135,8 +153,9 @@ def test_refused_where_the_weights_depend_on_the_losses(triton_device):
     with pytest.raises(ValueError, match="backward_impl='forward'"):
         linear_cross_entropy(hidden, weight, targets, reduction="none", impl="triton", backward_impl="forward")
     with pytest.raises(ValueError, match="backward_impl='forward'"):
-        linear_cross_entropy(hidden, weight, targets, reduction="mean", return_lse=True, impl="triton",
-                             backward_impl="forward")
+        linear_cross_entropy(
+            hidden, weight, targets, reduction="mean", return_lse=True, impl="triton", backward_impl="forward"
+        )
     h, w, b, labels = make_batch(2, 8, 16, 40, device=triton_device)
     with pytest.raises(ValueError, match="backward_impl='forward'"):
         hardfocus_loss(h, w, labels, method="irdro", impl="triton", backward_impl="forward")
@@ -160,27 +179,38 @@ def test_auto_takes_three_products_where_the_model_says(triton_device, monkeypat
 
     hidden, weight, bias, targets = _inputs(torch.float32, triton_device)
     calls = []
-    real = fused_op.weighted_terms
-    monkeypatch.setattr(fused_op, "weighted_terms", lambda *args: calls.append(1) or real(*args))
+    real = registration.weighted_terms
+    monkeypatch.setattr(registration, "weighted_terms", lambda *args: calls.append(1) or real(*args))
     linear_cross_entropy(hidden, weight, targets, bias=bias, reduction="mean", impl="triton").backward()
     assert calls == []
     monkeypatch.setattr(config, "device_capability", lambda device: 90)
     monkeypatch.setattr(cost_model, "choose_forward_gradients", lambda *args: True)
     linear_cross_entropy(hidden, weight, targets, bias=bias, reduction="mean", impl="triton").backward()
     assert calls == [1]
-    linear_cross_entropy(hidden, weight, targets, bias=bias, reduction="mean", impl="triton",
-                         deterministic=True).backward()
-    linear_cross_entropy(hidden, weight, targets, bias=bias, reduction="mean", impl="triton",
-                         backward_impl="matmul").backward()
-    assert calls == [1]                                   # deterministic, or a backward asked for: four
+    linear_cross_entropy(
+        hidden, weight, targets, bias=bias, reduction="mean", impl="triton", deterministic=True
+    ).backward()
+    linear_cross_entropy(
+        hidden, weight, targets, bias=bias, reduction="mean", impl="triton", backward_impl="matmul"
+    ).backward()
+    assert calls == [1]  # deterministic, or a backward asked for: four
 
 
 def test_compiles_as_one_node(triton_device):
     import torch._dynamo as dynamo
 
     hidden, weight, bias, targets = _inputs(torch.float32, triton_device, n=24)
-    fn = lambda h, w: linear_cross_entropy(h, w, targets, reduction="mean", impl="triton",  # noqa: E731
-                                           backward_impl="forward")
+
+    def fn(h, w):
+        return linear_cross_entropy(
+            h,
+            w,
+            targets,
+            reduction="mean",
+            impl="triton",
+            backward_impl="forward",
+        )
+
     dynamo.reset()
     explained = dynamo.explain(fn)(hidden, weight)
     assert explained.graph_break_count == 0, explained.break_reasons
@@ -194,10 +224,27 @@ def test_compiles_as_one_node(triton_device):
 def test_the_op_passes_opcheck(triton_device):
     hidden, weight, bias, targets = _inputs(torch.float32, triton_device, n=12, v=40)
     valid = targets != -100
-    args = (hidden.detach().requires_grad_(), weight.detach().requires_grad_(), bias.detach().requires_grad_(),
-            targets, None, valid.float(), -100, None, 0.0, 0.0, None, 0, "", True, True, True)
-    torch.library.opcheck(fused_op.weighted_terms, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    args = (
+        hidden.detach().requires_grad_(),
+        weight.detach().requires_grad_(),
+        bias.detach().requires_grad_(),
+        targets,
+        None,
+        valid.float(),
+        -100,
+        None,
+        0.0,
+        0.0,
+        None,
+        0,
+        "",
+        True,
+        True,
+        True,
+    )
+    torch.library.opcheck(
+        registration.weighted_terms, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
+    )
 
 
 def test_the_model_counts_three_products():
@@ -206,10 +253,10 @@ def test_the_model_counts_three_products():
     three = cost_model.forward_gradients(shape, gpu)
     assert three.total("flops") == pytest.approx(3 * shape.product_flops)
     four = cost_model.forward(shape, gpu) + cost_model.backward_matmul(shape, gpu)
-    assert three.seconds(gpu) < 0.85 * four.seconds(gpu)       # the saving the issue asks the model to show
+    assert three.seconds(gpu) < 0.85 * four.seconds(gpu)  # the saving the issue asks the model to show
     assert cost_model.choose_forward_gradients(16384, 4096, 128256, 2, 90, 132, True, 80 * 2**30)
     assert not cost_model.choose_forward_gradients(16384, 4096, 128256, 2, 90, 132, True, 24 * 2**30)  # memory
-    assert not cost_model.choose_forward_gradients(16384, 4096, 128256, 2, None)                     # no device
+    assert not cost_model.choose_forward_gradients(16384, 4096, 128256, 2, None)  # no device
 
 
 HF_OPTIONS = [
@@ -238,11 +285,12 @@ def test_hardfocus_loss_with_known_weights(options, triton_device):
         if options.get(name) == "rand":
             options[name] = (torch.rand(shape, generator=gen) + 0.2).to(triton_device)
     if "token_weight" in options:
-        options["token_weight"][1, 3] = 0.0                     # a dropped token
+        options["token_weight"][1, 3] = 0.0  # a dropped token
 
     def run(backward_impl):
-        loss, stats = hardfocus_loss(h, w, labels, bias=b, impl="triton", backward_impl=backward_impl,
-                                     return_stats=True, **options)
+        loss, stats = hardfocus_loss(
+            h, w, labels, bias=b, impl="triton", backward_impl=backward_impl, return_stats=True, **options
+        )
         return (loss, stats, *torch.autograd.grad(loss, (h, w, b)))
 
     three, four = run("forward"), run("fused")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hardfocus_fused import hardfocus_loss, linear_cross_entropy
+
 from helpers import TOLERANCES, grads_of
 from reference import reference_loss, rel_err
 
@@ -24,8 +25,9 @@ def head_batch(batch, seq, hidden, vocab, dtype, seed=0):
 @pytest.mark.parametrize("method", ["irdro", "midranking", "mean"])
 def test_default_configs_match_reference(dtype, method, backward_impl):
     h, w, labels = head_batch(8, 256, 512, 32003, dtype)
-    loss, stats = hardfocus_loss(h, w, labels, method=method, impl="triton", return_stats=True,
-                                 backward_impl=backward_impl)
+    loss, stats = hardfocus_loss(
+        h, w, labels, method=method, impl="triton", return_stats=True, backward_impl=backward_impl
+    )
     ref, ref_seq, ref_w, _ = reference_loss(h, w, labels, method=method)
     tol_loss, tol_grad = TOLERANCES[dtype]
     assert rel_err(loss, ref) <= tol_loss
@@ -38,8 +40,9 @@ def test_small_token_count_uses_vocabulary_splits():
     # 64 tokens are one row block: the forward must split the vocabulary to fill the GPU.
     h, w, labels = head_batch(1, 64, 256, 50000, torch.bfloat16, seed=1)
     nll = linear_cross_entropy(h, w, labels, reduction="none", impl="triton")
-    ref = torch.nn.functional.cross_entropy((h.double() @ w.double().T)[0], labels[0], reduction="none",
-                                            ignore_index=-100)
+    ref = torch.nn.functional.cross_entropy(
+        (h.double() @ w.double().T)[0], labels[0], reduction="none", ignore_index=-100
+    )
     assert rel_err(nll[0], ref) <= 2e-3
 
 
@@ -59,7 +62,7 @@ def test_no_logits_sized_allocation():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     logits_bytes = 4 * 1024 * 64000 * 2
-    grad_buffers = (64000 * 256 + 4 * 1024 * 256) * (4 + 2)   # fp32 accumulators + outputs
+    grad_buffers = (64000 * 256 + 4 * 1024 * 256) * (4 + 2)  # fp32 accumulators + outputs
     assert extra < grad_buffers + logits_bytes // 100
 
 
@@ -70,12 +73,13 @@ def test_half_precision_weight_gradient_needs_no_fp32_copy():
     import dataclasses
 
     from hardfocus_fused.kernels.config import default_config
-    from hardfocus_fused.lce import token_nll
+    from hardfocus_fused.op.dispatch import token_nll
 
     n_tokens, n_hidden, vocab = 4096, 256, 64000
     h, w, labels = head_batch(4, 1024, n_hidden, vocab, torch.bfloat16, seed=6)
-    config = dataclasses.replace(default_config(n_tokens, vocab, n_hidden, torch.bfloat16),
-                                 weight_grad_chunk_bytes=8 * 2**20)
+    config = dataclasses.replace(
+        default_config(n_tokens, vocab, n_hidden, torch.bfloat16), weight_grad_chunk_bytes=8 * 2**20
+    )
     nll = token_nll(h.view(n_tokens, n_hidden), w, labels.view(-1), None, -100, None, "triton", kernel_config=config)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -85,8 +89,9 @@ def test_half_precision_weight_gradient_needs_no_fp32_copy():
     extra = torch.cuda.max_memory_allocated() - base
     allowed = vocab * n_hidden * 2 + n_tokens * n_hidden * (4 + 2) + 8 * 2**20 + 2**20
     assert extra <= allowed < vocab * n_hidden * (4 + 2)
-    ref = torch.nn.functional.cross_entropy(h.view(n_tokens, n_hidden).double() @ w.double().T, labels.view(-1),
-                                            reduction="sum", ignore_index=-100)
+    ref = torch.nn.functional.cross_entropy(
+        h.view(n_tokens, n_hidden).double() @ w.double().T, labels.view(-1), reduction="sum", ignore_index=-100
+    )
     for g, r in zip((h.grad, w.grad), grads_of(ref, (h, w))):
         assert rel_err(g, r) <= TOLERANCES[torch.bfloat16][1]
 
@@ -101,14 +106,19 @@ def test_deterministic_gradients_are_bitwise_reproducible():
         assert rel_err(g, r) <= TOLERANCES[torch.bfloat16][1]
 
 
-@pytest.mark.parametrize("n_tokens,n_hidden,n_vocab", [
-    (17_000, 64, 131_072),      # N x V = 2.2e9 logits
-    (2**21 + 64, 1024, 64),     # N x H = 2.1e9 hidden elements: row offsets past 2**31
-])
+@pytest.mark.parametrize(
+    "n_tokens,n_hidden,n_vocab",
+    [
+        (17_000, 64, 131_072),  # N x V = 2.2e9 logits
+        (2**21 + 64, 1024, 64),  # N x H = 2.1e9 hidden elements: row offsets past 2**31
+    ],
+)
 def test_index_space_beyond_int32(n_tokens, n_hidden, n_vocab):
     h, w, labels = head_batch(1, n_tokens, n_hidden, n_vocab, torch.bfloat16, seed=5)
     got = linear_cross_entropy(h, w, labels, reduction="none", impl="triton")
-    want = linear_cross_entropy(h, w, labels, reduction="none", impl="torch")   # chunked fp32, independent of the kernels
+    want = linear_cross_entropy(
+        h, w, labels, reduction="none", impl="torch"
+    )  # chunked fp32, independent of the kernels
     assert rel_err(got, want) <= 2e-3
     upstream = torch.rand_like(got)
     for g, r in zip(grads_of((got * upstream).sum(), (h, w)), grads_of((want * upstream).sum(), (h, w))):
@@ -120,10 +130,11 @@ def test_hf_patch_in_bf16_on_the_gpu():
 
     pytest.importorskip("transformers")
     from hardfocus_fused import apply_hardfocus
+
     from hf_models import left_padded_batch, tiny_model
 
     model = tiny_model("gemma2").to("cuda", torch.bfloat16)
-    patched = apply_hardfocus(copy.deepcopy(model), method="mean")          # impl="auto": Triton on CUDA
+    patched = apply_hardfocus(copy.deepcopy(model), method="mean")  # impl="auto": Triton on CUDA
     ids, mask, labels = (t.cuda() for t in left_padded_batch())
     want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     got = patched(input_ids=ids, attention_mask=mask, labels=labels).loss

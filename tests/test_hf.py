@@ -7,11 +7,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import hardfocus_fused.torch_op as torch_op  # noqa: E402
+from test_memory import LargestTensor  # noqa: E402
+
+import hardfocus_fused.op.torch_path as torch_path  # noqa: E402
 from hardfocus_fused import apply_hardfocus, remove_hardfocus  # noqa: E402
+
 from hf_models import ARCHITECTURES, VOCAB, left_padded_batch, tiny_model  # noqa: E402
 from reference import reference_weights, rel_err  # noqa: E402
-from test_memory import LargestTensor  # noqa: E402
 
 
 def named_grads(model):
@@ -31,12 +33,20 @@ def assert_same_grads(got, want, tol):
 def reference_from_logits(logits, labels, method, **weighting):
     """Weighted loss computed in fp64 from the unpatched model's logits."""
     targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-    nll = torch.nn.functional.cross_entropy(logits.double().transpose(1, 2), targets, reduction="none",
-                                            ignore_index=-100)
+    nll = torch.nn.functional.cross_entropy(
+        logits.double().transpose(1, 2), targets, reduction="none", ignore_index=-100
+    )
     n_tokens = (targets != -100).sum(1)
     seq_loss = nll.sum(1) / n_tokens.clamp_min(1)
-    w = reference_weights(seq_loss.tolist(), n_tokens.tolist(), method, weighting.get("r", 10.0),
-                          weighting.get("n1", 0.25), weighting.get("n2", 0.25), "mean")
+    w = reference_weights(
+        seq_loss.tolist(),
+        n_tokens.tolist(),
+        method,
+        weighting.get("r", 10.0),
+        weighting.get("n1", 0.25),
+        weighting.get("n2", 0.25),
+        "mean",
+    )
     return (torch.tensor(w, dtype=torch.float64) * seq_loss).sum()
 
 
@@ -53,8 +63,9 @@ def test_mean_matches_unpatched_model(arch):
     out.loss.backward()
     assert_same_grads(named_grads(patched), named_grads(model), 1e-4)
     # Without labels: the model's own logits, unchanged.
-    torch.testing.assert_close(patched(input_ids=ids, attention_mask=mask).logits,
-                               model(input_ids=ids, attention_mask=mask).logits)
+    torch.testing.assert_close(
+        patched(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -80,7 +91,7 @@ def test_logits_never_materialised(arch, monkeypatch):
     model = apply_hardfocus(tiny_model(arch), impl="torch")
     ids, mask, labels = left_padded_batch(batch=4, seq=32)
     logits_bytes = ids.numel() * VOCAB * 4
-    monkeypatch.setattr(torch_op, "DEFAULT_CHUNK_BUDGET_BYTES", 16 * VOCAB * 4)   # 16 tokens per chunk
+    monkeypatch.setattr(torch_path, "DEFAULT_CHUNK_BUDGET_BYTES", 16 * VOCAB * 4)  # 16 tokens per chunk
     with LargestTensor() as spy:
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     assert spy.largest < logits_bytes // 2, (spy.largest, logits_bytes)
@@ -139,14 +150,14 @@ def test_packed_documents_are_weighted_separately():
     docs = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in (7, 5, 9)]
     batch = collator([{"input_ids": d} for d in docs])
     out = patched(**batch)
-    assert out.hardfocus_stats.weights.shape == (3,)           # one weight per document, not per row
+    assert out.hardfocus_stats.weights.shape == (3,)  # one weight per document, not per row
     # Reference from the unpatched model's logits on the same packed row, split by document.
     # (Whether attention crosses documents is the model's business: flash-attention's varlen
     # path isolates them; the eager path used here does not.  The weighting is ours.)
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0].double()
     targets = batch["labels"][0, 1:]
     nll = torch.nn.functional.cross_entropy(logits[:-1], targets, reduction="none", ignore_index=-100)
-    bounds = [(0, 6), (7, 11), (12, 20)]      # predicting positions of each document, from lengths 7, 5, 9
+    bounds = [(0, 6), (7, 11), (12, 20)]  # predicting positions of each document, from lengths 7, 5, 9
     seq = torch.stack([nll[a:b].sum() / (targets[a:b] != -100).sum() for a, b in bounds])
     want = (torch.softmax(seq / 0.5, 0).detach() * seq).sum()
     assert rel_err(out.loss, want) <= 1e-5
@@ -156,7 +167,7 @@ def test_gradient_checkpointing_and_lora():
     peft = pytest.importorskip("peft")
     model = tiny_model("gpt2")
     model.gradient_checkpointing_enable()
-    config = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)   # GPT-2's Conv1D
+    config = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)  # GPT-2's Conv1D
     torch.manual_seed(5)
     reference = peft.get_peft_model(copy.deepcopy(model), config)
     torch.manual_seed(5)
@@ -170,7 +181,7 @@ def test_gradient_checkpointing_and_lora():
     want.backward()
     got.backward()
     grads = named_grads(lora)
-    assert grads and all("lora_" in name for name in grads)          # the frozen head gets no gradient
+    assert grads and all("lora_" in name for name in grads)  # the frozen head gets no gradient
     assert_same_grads(grads, named_grads(reference), 1e-4)
 
 

@@ -8,12 +8,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from test_trainer import Rows, sgd_args  # noqa: E402
+
 from hardfocus_fused import HardFocusCallback, apply_hardfocus, hardfocus_loss, hardfocus_patch  # noqa: E402
 from hardfocus_fused.hf.trainer import WeightColumns  # noqa: E402
+
 from helpers import assert_same_updates, state_of  # noqa: E402
 from hf_models import VOCAB, left_padded_batch, tiny_model  # noqa: E402
 from reference import rel_err  # noqa: E402
-from test_trainer import Rows, sgd_args  # noqa: E402
 
 
 def test_trainer_label_smoothing_moves_into_the_fused_loss(tmp_path):
@@ -24,8 +26,9 @@ def test_trainer_label_smoothing_moves_into_the_fused_loss(tmp_path):
     before = state_of(model)
     runs = {}
     for name, m in (("stock", model), ("ours", patched)):
-        trainer = transformers.Trainer(model=m, args=sgd_args(tmp_path / name, 4, 2, label_smoothing_factor=0.1),
-                                       train_dataset=Rows())
+        trainer = transformers.Trainer(
+            model=m, args=sgd_args(tmp_path / name, 4, 2, label_smoothing_factor=0.1), train_dataset=Rows()
+        )
         if name == "ours":
             HardFocusCallback.attach(trainer)
             assert trainer.label_smoother is None
@@ -39,15 +42,17 @@ def test_options_through_the_patch():
     model = tiny_model("gemma2")
     reference = copy.deepcopy(model)
     weights = torch.rand(VOCAB, generator=torch.Generator().manual_seed(0)) + 0.5
-    apply_hardfocus(model, method="mean", impl="torch", label_smoothing=0.1, class_weight=weights,
-                    lse_square_scale=1e-4)
+    apply_hardfocus(
+        model, method="mean", impl="torch", label_smoothing=0.1, class_weight=weights, lse_square_scale=1e-4
+    )
     ids, mask, labels = left_padded_batch()
     got = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     logits = reference(input_ids=ids, attention_mask=mask).logits.double()
     targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
     flat, t = logits.reshape(-1, VOCAB), targets.reshape(-1)
-    ce = torch.nn.functional.cross_entropy(flat, t, weight=weights.double(), reduction="none", ignore_index=-100,
-                                           label_smoothing=0.1)
+    ce = torch.nn.functional.cross_entropy(
+        flat, t, weight=weights.double(), reduction="none", ignore_index=-100, label_smoothing=0.1
+    )
     valid = t != -100
     z = 1e-4 * torch.logsumexp(flat, -1)[valid] ** 2
     # Liger's definition: the class weights weigh the cross-entropy, the z-loss is a token mean.
@@ -60,11 +65,20 @@ def test_weight_columns_reach_the_loss():
     ids, mask, labels = left_padded_batch()
     token_weight = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1))
     sample_weight = torch.tensor([1.0, 2.0, 0.5, 1.0])
-    out = model(input_ids=ids, attention_mask=mask, labels=labels, token_weight=token_weight,
-                sample_weight=sample_weight)
+    out = model(
+        input_ids=ids, attention_mask=mask, labels=labels, token_weight=token_weight, sample_weight=sample_weight
+    )
     hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    want = hardfocus_loss(hidden, model.lm_head.weight, labels, method="irdro", r=0.5, impl="torch",
-                          token_weight=token_weight, sample_weight=sample_weight)
+    want = hardfocus_loss(
+        hidden,
+        model.lm_head.weight,
+        labels,
+        method="irdro",
+        r=0.5,
+        impl="torch",
+        token_weight=token_weight,
+        sample_weight=sample_weight,
+    )
     assert rel_err(out.loss, want) <= 1e-6
     plain = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     assert rel_err(out.loss, plain) > 1e-3
@@ -79,8 +93,13 @@ class WeightedRows(torch.utils.data.Dataset):
         for i in range(n):
             length = 6 + (i * 3) % 7
             ids = torch.randint(1, VOCAB, (length,), generator=gen).tolist()
-            self.items.append({"input_ids": ids, "token_weight": torch.rand(length, generator=gen).tolist(),
-                               "sample_weight": 0.5 + i % 3})
+            self.items.append(
+                {
+                    "input_ids": ids,
+                    "token_weight": torch.rand(length, generator=gen).tolist(),
+                    "sample_weight": 0.5 + i % 3,
+                }
+            )
 
     def __len__(self):
         return len(self.items)
@@ -94,8 +113,9 @@ def test_trainer_keeps_and_pads_the_weight_columns(tmp_path):
 
     tokenizer = train_builtin_tokenizer(vocab_size=VOCAB)
     model = apply_hardfocus(tiny_model("llama"), method="irdro", r=0.5, impl="torch")
-    collator = WeightColumns(transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False),
-                             padding_side=tokenizer.padding_side)
+    collator = WeightColumns(
+        transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False), padding_side=tokenizer.padding_side
+    )
     seen = []
     patch = hardfocus_patch(model)
     real = patch.compute
@@ -105,7 +125,7 @@ def test_trainer_keeps_and_pads_the_weight_columns(tmp_path):
         return real(hidden, call, options)
 
     patch.compute = spy
-    args = sgd_args(tmp_path, 4, 1, max_steps=1)          # remove_unused_columns stays on (the default)
+    args = sgd_args(tmp_path, 4, 1, max_steps=1)  # remove_unused_columns stays on (the default)
     transformers.Trainer(model=model, args=args, train_dataset=WeightedRows(), data_collator=collator).train()
     batch = seen[0]
     assert batch["sample_weight"].shape == (4,) and batch["token_weight"].shape == batch["labels"].shape

@@ -18,8 +18,9 @@ BLOCK = 16
 
 
 @triton.jit
-def _row_offsets_kernel(order_ptr, n_active_ptr, token_out_ptr, vocab_out_ptr, v0, n_vocab, row_stride,
-                        BLOCK: tl.constexpr):
+def _row_offsets_kernel(
+    order_ptr, n_active_ptr, token_out_ptr, vocab_out_ptr, v0, n_vocab, row_stride, BLOCK: tl.constexpr
+):
     n_active = tl.load(n_active_ptr)
     tok, row_mask = token_block(order_ptr, n_active, 0, BLOCK)
     tl.store(token_out_ptr + tl.arange(0, BLOCK), tok * row_stride + 7, mask=row_mask)
@@ -28,8 +29,8 @@ def _row_offsets_kernel(order_ptr, n_active_ptr, token_out_ptr, vocab_out_ptr, v
 
 
 def test_row_offsets_do_not_wrap(triton_device):
-    stride = 4096                                  # a Llama-3-8B hidden size
-    first = (2**31 // stride) - 4                  # rows whose offsets cross 2**31
+    stride = 4096  # a Llama-3-8B hidden size
+    first = (2**31 // stride) - 4  # rows whose offsets cross 2**31
     order = torch.arange(first, first + BLOCK, dtype=torch.int32, device=triton_device)
     n_active = torch.tensor([BLOCK - 3], dtype=torch.int32, device=triton_device)
     token_out = torch.full((BLOCK,), -1, dtype=torch.int64, device=triton_device)
@@ -41,6 +42,6 @@ def test_row_offsets_do_not_wrap(triton_device):
     want = rows * stride + 7
     assert want.max() > 2**31
     assert torch.equal(token_out.cpu()[: BLOCK - 3], want[: BLOCK - 3])
-    assert (token_out.cpu()[BLOCK - 3:] == -1).all()          # masked slots are not written
+    assert (token_out.cpu()[BLOCK - 3 :] == -1).all()  # masked slots are not written
     assert torch.equal(vocab_out.cpu()[: BLOCK - 2], want[: BLOCK - 2])
-    assert (vocab_out.cpu()[BLOCK - 2:] == -1).all()
+    assert (vocab_out.cpu()[BLOCK - 2 :] == -1).all()

@@ -22,8 +22,10 @@ EXPERIMENT = f"{PACKAGE}.experiment"
 def _module_files() -> dict[str, Path]:
     """Every module of the package by dotted name, ``kernels`` included (a namespace
     subpackage, installed from the top-level folder through ``package_dir``)."""
-    roots = {PACKAGE: Path(hardfocus_fused.__file__).parent,
-             f"{PACKAGE}.kernels": Path(next(iter(hardfocus_fused.kernels.__path__)))}
+    roots = {
+        PACKAGE: Path(hardfocus_fused.__file__).parent,
+        f"{PACKAGE}.kernels": Path(next(iter(hardfocus_fused.kernels.__path__))),
+    }
     files = {}
     for prefix, root in roots.items():
         for path in root.rglob("*.py"):
@@ -49,8 +51,9 @@ def _imports(name: str, path: Path, modules: set[str]) -> set[str]:
                 source = ".".join(base + ([node.module] if node.module else []))
             else:
                 source = node.module
-            targets = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else source
-                       for alias in node.names]
+            targets = [
+                f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else source for alias in node.names
+            ]
         else:
             continue
         found.update(target for target in targets if target in modules and target != name)
@@ -76,7 +79,7 @@ def test_the_graph_sees_the_layout(graph):
     """The checks below can fail: the graph has the edges we know exist."""
     assert f"{INTEGRATION}.parts" in graph[f"{INTEGRATION}.patch"]
     assert f"{PACKAGE}.loss" in graph[f"{INTEGRATION}.patch"]
-    assert f"{PACKAGE}.kernels.forward" in graph[f"{PACKAGE}.triton_op"]
+    assert f"{PACKAGE}.kernels.forward" in graph[f"{PACKAGE}.op.triton_path"]
     assert f"{INTEGRATION}" in graph[f"{EXPERIMENT}.train"]
 
 
@@ -144,12 +147,14 @@ def test_public_names_still_exported():
         assert getattr(hardfocus_fused, name) is not None
     assert set(hardfocus_fused.__all__) <= set(dir(hardfocus_fused))
     from hardfocus_fused.hf.trl import HardFocusSFTTrainer  # noqa: F401
+
     with pytest.raises(AttributeError, match="no attribute"):
         hardfocus_fused.not_a_name  # noqa: B018
 
 
 def test_demo_runs_as_a_module():
-    result = subprocess.run([sys.executable, "-m", "hardfocus_fused.demo", "--help"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "hardfocus_fused.demo", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage" in result.stdout

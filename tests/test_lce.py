@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from hardfocus_fused import linear_cross_entropy
+from hardfocus_fused.kernels import backward_fused as backward_module
 from hardfocus_fused.kernels.config import KernelConfig
-from hardfocus_fused.lce import token_nll
-from hardfocus_fused.kernels import backward as backward_module
+from hardfocus_fused.op.dispatch import token_nll
+
 from helpers import TOLERANCES, device_for, grads_of, make_batch
 from reference import reference_token_nll, rel_err
 
@@ -35,7 +36,7 @@ def test_per_token_nll_with_arbitrary_upstream_gradient(impl, shift, triton_devi
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_reductions(impl, reduction, triton_device):
     h, w, b, labels = make_batch(2, 8, 20, 30, device=device_for(impl, triton_device), seed=12)
-    h2, labels2 = h.reshape(16, 20), labels.reshape(16)   # 2-D hidden works too
+    h2, labels2 = h.reshape(16, 20), labels.reshape(16)  # 2-D hidden works too
     got = linear_cross_entropy(h2, w, labels2, bias=b, reduction=reduction, impl=impl)
     want = torch.nn.functional.cross_entropy((h2 @ w.T + b).double(), labels2, reduction=reduction)
     assert rel_err(got, want) <= 1e-5
@@ -84,8 +85,10 @@ def test_weight_gradient_chunks_match_reference(dtype, triton_device, monkeypatc
         assert rel_err(g, r) <= TOLERANCES[dtype][1]
 
 
-@pytest.mark.parametrize("field,value", [("block_v", 48), ("block_n", 8), ("fp32_precision", "fp16"),
-                                         ("vocab_splits", -1), ("weight_grad_chunk_bytes", 0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [("block_v", 48), ("block_n", 8), ("fp32_precision", "fp16"), ("vocab_splits", -1), ("weight_grad_chunk_bytes", 0)],
+)
 def test_kernel_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"KernelConfig.{field}"):
         KernelConfig(**{field: value})

@@ -6,7 +6,9 @@ strategy."""
 import pytest
 import torch
 
-from hardfocus_fused import fused_op, linear_cross_entropy
+from hardfocus_fused import linear_cross_entropy
+from hardfocus_fused.op import registration
+
 from helpers import TOLERANCES, device_for, grads_of, make_batch, spy_on_launches
 from reference import rel_err
 
@@ -33,22 +35,35 @@ def reference(hidden, weight, labels, bias=None, temperature=1.0, softcap=None):
 
 @pytest.mark.parametrize("impl,backward_impl,deterministic", PATHS)
 @pytest.mark.parametrize("temperature,softcap", [(1.0, None), (0.7, None), (1.6, 4.0)])
-def test_logprobs_entropy_and_lse_with_signed_upstream_gradients(impl, backward_impl, deterministic, temperature,
-                                                                  softcap, triton_device):
+def test_logprobs_entropy_and_lse_with_signed_upstream_gradients(
+    impl, backward_impl, deterministic, temperature, softcap, triton_device
+):
     device = device_for(impl, triton_device)
     h, w, b, labels = make_batch(3, 10, 24, 70, device=device, seed=11)
-    out = linear_cross_entropy(h, w, labels, bias=b, shift=True, reduction="none", return_entropy=True,
-                               return_lse=True, temperature=temperature, softcap=softcap, impl=impl,
-                               backward_impl=backward_impl, deterministic=deterministic)
+    out = linear_cross_entropy(
+        h,
+        w,
+        labels,
+        bias=b,
+        shift=True,
+        reduction="none",
+        return_entropy=True,
+        return_lse=True,
+        temperature=temperature,
+        softcap=softcap,
+        impl=impl,
+        backward_impl=backward_impl,
+        deterministic=deterministic,
+    )
     logp, entropy, lse = reference(h, w, labels, b, temperature, softcap)
     assert rel_err(-out.loss, logp) <= 1e-5 and rel_err(out.entropy, entropy) <= 1e-5
     assert rel_err(out.lse, lse) <= 1e-5
     gen = torch.Generator().manual_seed(12)
     g_logp, g_ent, g_lse = (torch.randn(labels.shape, generator=gen, dtype=torch.float64) for _ in range(3))
-    ours = grads_of((-out.loss * g_logp.to(device) + out.entropy * g_ent.to(device)
-                     + out.lse * g_lse.to(device)).sum(), (h, w, b))
-    ref = grads_of((logp * g_logp.to(device) + entropy * g_ent.to(device) + lse * g_lse.to(device)).sum(),
-                   (h, w, b))
+    ours = grads_of(
+        (-out.loss * g_logp.to(device) + out.entropy * g_ent.to(device) + out.lse * g_lse.to(device)).sum(), (h, w, b)
+    )
+    ref = grads_of((logp * g_logp.to(device) + entropy * g_ent.to(device) + lse * g_lse.to(device)).sum(), (h, w, b))
     for g, r in zip(ours, ref):
         assert rel_err(g, r) <= 1e-4
 
@@ -67,7 +82,7 @@ def test_entropy_alone_backpropagates(impl, triton_device):
 def test_entropy_across_vocabulary_splits(triton_device):
     """The forward's per-split sums merge into the entropy (several splits and tiles)."""
     from hardfocus_fused.kernels.config import KernelConfig
-    from hardfocus_fused.lce import token_terms
+    from hardfocus_fused.op.dispatch import token_terms
 
     h, w, b, labels = make_batch(2, 9, 16, 100, device=triton_device, seed=14, ragged=False, dead=False)
     targets = labels.reshape(-1)
@@ -88,7 +103,7 @@ def test_a_confident_entropy_keeps_its_relative_precision(impl, triton_device):
     out = linear_cross_entropy(h, w, labels, reduction="none", shift=True, return_entropy=True, impl=impl)
     _, entropy, _ = reference(h, w, labels)
     valid = entropy != 0
-    assert entropy[valid].min() < 1e-4          # the case this is about
+    assert entropy[valid].min() < 1e-4  # the case this is about
     relative = ((out.entropy.double() - entropy).abs() / entropy.abs())[valid]
     assert relative.max() <= 1e-4
 
@@ -96,8 +111,9 @@ def test_a_confident_entropy_keeps_its_relative_precision(impl, triton_device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision(dtype, triton_device):
     h, w, b, labels = make_batch(3, 10, 24, 70, dtype=dtype, device=triton_device, seed=16)
-    out = linear_cross_entropy(h, w, labels, reduction="none", bias=b, shift=True, return_entropy=True, temperature=0.8,
-                               impl="triton")
+    out = linear_cross_entropy(
+        h, w, labels, reduction="none", bias=b, shift=True, return_entropy=True, temperature=0.8, impl="triton"
+    )
     logp, entropy, _ = reference(h, w, labels, b, 0.8)
     tol_loss, tol_grad = TOLERANCES[dtype]
     assert rel_err(-out.loss, logp) <= tol_loss and rel_err(out.entropy, entropy) <= tol_loss
@@ -120,7 +136,7 @@ def test_unused_entropy_keeps_the_plain_kernels(triton_device, monkeypatch):
     assert seen == [dict(ENTROPY=False), dict(RICH_COEF=False, ENTROPY=False)]
     seen.clear()
     out = linear_cross_entropy(h, w, labels, reduction="none", shift=True, return_entropy=True, impl="triton")
-    out.loss.sum().backward()            # the entropy is computed but not in the loss: no entropy gradient
+    out.loss.sum().backward()  # the entropy is computed but not in the loss: no entropy gradient
     assert seen == [dict(ENTROPY=True), dict(RICH_COEF=False, ENTROPY=False)]
 
 
@@ -128,7 +144,25 @@ def test_unused_entropy_keeps_the_plain_kernels(triton_device, monkeypatch):
 def test_the_registered_op_with_entropy_passes_opcheck(impl, triton_device):
     device = device_for(impl, triton_device)
     h, w, b, labels = make_batch(1, 6, 16, 40, device=device, seed=17, ragged=False, dead=False)
-    args = (h.reshape(-1, 16).detach().requires_grad_(), w, b, labels.reshape(-1), None, -100, None, 0.0, 0.0, False,
-            True, impl, False, "fused", None, 0, "")
-    torch.library.opcheck(fused_op.token_terms, args, test_utils=("test_schema", "test_autograd_registration",
-                                                                  "test_faketensor"))
+    args = (
+        h.reshape(-1, 16).detach().requires_grad_(),
+        w,
+        b,
+        labels.reshape(-1),
+        None,
+        -100,
+        None,
+        0.0,
+        0.0,
+        False,
+        True,
+        impl,
+        False,
+        "fused",
+        None,
+        0,
+        "",
+    )
+    torch.library.opcheck(
+        registration.token_terms, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
+    )

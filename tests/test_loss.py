@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hardfocus_fused import HardFocusLoss, hardfocus_loss
+
 from helpers import assert_matches_reference, device_for, grads_of, make_batch
 
 METHODS = ["irdro", "midranking", "highranking", "lowranking", "uniform", "mean"]
@@ -43,8 +44,9 @@ def test_integer_shift(impl, shift, triton_device):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_ignore_index_may_be_a_vocabulary_id(impl, triton_device):
     """As in PyTorch (and Liger), ignore_index=5 skips the targets equal to 5."""
-    h, w, b, labels = make_batch(3, 10, 24, 70, device=device_for(impl, triton_device), seed=5, ragged=False,
-                                 dead=False)
+    h, w, b, labels = make_batch(
+        3, 10, 24, 70, device=device_for(impl, triton_device), seed=5, ragged=False, dead=False
+    )
     labels[:, ::3] = 5
     loss, stats = assert_matches_reference(h, w, b, labels, ignore_index=5, impl=impl, method="midranking")
     assert stats.n_tokens.tolist() == [(labels[i, 1:] != 5).sum().item() for i in range(3)]
@@ -68,8 +70,9 @@ def test_softcap_keeps_fp32_precision_near_zero(triton_device):
     device = device_for("triton", triton_device)
     h, w, b, labels = make_batch(3, 9, 32, 80, device=device, seed=0)
     for impl in IMPLS:
-        assert_matches_reference(h, w, b, labels, softcap=1000.0, impl=impl, method="irdro", r=0.5,
-                                 tolerances=(1e-6, 2e-6))
+        assert_matches_reference(
+            h, w, b, labels, softcap=1000.0, impl=impl, method="irdro", r=0.5, tolerances=(1e-6, 2e-6)
+        )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -144,8 +147,9 @@ def test_module_matches_function():
     h, w, b, labels = make_batch(4, 6, 16, 30, seed=8)
     module = HardFocusLoss(method="midranking", n1=0.25, n2=0.5, impl="torch", return_stats=True)
     loss_m, stats_m = module(h, w, labels, b)
-    loss_f, stats_f = hardfocus_loss(h, w, labels, bias=b, method="midranking", n1=0.25, n2=0.5,
-                                     impl="torch", return_stats=True)
+    loss_f, stats_f = hardfocus_loss(
+        h, w, labels, bias=b, method="midranking", n1=0.25, n2=0.5, impl="torch", return_stats=True
+    )
     assert torch.equal(loss_m, loss_f) and torch.equal(stats_m.weights, stats_f.weights)
     assert "midranking" in repr(module)
 

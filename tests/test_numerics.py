@@ -4,20 +4,25 @@ import pytest
 import torch
 
 from hardfocus_fused import hardfocus_loss
+
 from helpers import assert_matches_reference, device_for, grads_of, make_batch
 
 IMPLS = ["torch", "triton"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("batch,seq,hidden,vocab", [
-    (2, 5, 16, 1),     # V = 1: every NLL is 0
-    (3, 2, 13, 17),    # sequences of length 2 with shift: one target each; H not a multiple of 16
-    (2, 6, 1, 9),      # H = 1
-])
+@pytest.mark.parametrize(
+    "batch,seq,hidden,vocab",
+    [
+        (2, 5, 16, 1),  # V = 1: every NLL is 0
+        (3, 2, 13, 17),  # sequences of length 2 with shift: one target each; H not a multiple of 16
+        (2, 6, 1, 9),  # H = 1
+    ],
+)
 def test_edge_shapes(impl, batch, seq, hidden, vocab, triton_device):
-    h, w, b, labels = make_batch(batch, seq, hidden, vocab, device=device_for(impl, triton_device),
-                                 ragged=False, dead=False)
+    h, w, b, labels = make_batch(
+        batch, seq, hidden, vocab, device=device_for(impl, triton_device), ragged=False, dead=False
+    )
     assert_matches_reference(h, w, b, labels, impl=impl)
 
 
@@ -35,9 +40,9 @@ def test_extreme_temperatures(impl, r, triton_device):
     h, w, b, labels = make_batch(5, 8, 16, 30, device=device_for(impl, triton_device), seed=21)
     loss, stats = assert_matches_reference(h, w, b, labels, impl=impl, method="irdro", r=r)
     live = stats.n_tokens > 0
-    if r < 1:   # (nearly) one-hot on the largest loss
+    if r < 1:  # (nearly) one-hot on the largest loss
         assert stats.weights.argmax() == stats.seq_loss.argmax() and stats.weights.max().item() > 0.99
-    else:       # uniform over the sequences with targets
+    else:  # uniform over the sequences with targets
         torch.testing.assert_close(stats.weights[live], torch.full_like(stats.weights[live], 1 / int(live.sum())))
 
 
@@ -45,7 +50,7 @@ def test_extreme_temperatures(impl, r, triton_device):
 def test_large_logits_do_not_overflow(impl, triton_device):
     h, w, b, labels = make_batch(3, 8, 16, 40, device=device_for(impl, triton_device), seed=22)
     with torch.no_grad():
-        h *= 100    # logits in the hundreds: exp() would overflow without the running max
+        h *= 100  # logits in the hundreds: exp() would overflow without the running max
     loss, _ = assert_matches_reference(h, w, b, labels, impl=impl, method="midranking")
     assert torch.isfinite(loss)
 
@@ -55,7 +60,7 @@ def test_large_logits_do_not_overflow(impl, triton_device):
 def test_non_finite_hidden_gives_nan_loss(impl, method, triton_device):
     h, w, b, labels = make_batch(3, 8, 16, 40, device=device_for(impl, triton_device), seed=23)
     with torch.no_grad():
-        h[1, 2, 0] = float("nan")   # a position with a target
+        h[1, 2, 0] = float("nan")  # a position with a target
     loss = hardfocus_loss(h, w, labels, bias=b, impl=impl, method=method)
     assert torch.isnan(loss)
 
@@ -93,7 +98,7 @@ def test_confident_predictions_keep_their_gradient_precision(impl, deterministic
         w = torch.randn(vocab, size, generator=gen) * 0.01
         h = torch.randn(1, 1, size, generator=gen)
         b = 18.0 + torch.randn(vocab, generator=gen) * 0.5
-        b[target] = 30.0                            # lse ~ 30, 1 - p_t ~ 1e-3
+        b[target] = 30.0  # lse ~ 30, 1 - p_t ~ 1e-3
         labels = torch.tensor([[target]])
         b64 = b.double().requires_grad_()
         ref = torch.nn.functional.cross_entropy(h.double()[0] @ w.double().T + b64, labels[0])
@@ -101,7 +106,8 @@ def test_confident_predictions_keep_their_gradient_precision(impl, deterministic
         assert -1e-2 < ref_grad.item() < -1e-4
 
         b = b.to(device).requires_grad_()
-        loss = hardfocus_loss(h.to(device), w.to(device), labels.to(device), bias=b, shift=False, impl=impl,
-                              deterministic=deterministic)
+        loss = hardfocus_loss(
+            h.to(device), w.to(device), labels.to(device), bias=b, shift=False, impl=impl, deterministic=deterministic
+        )
         grad = torch.autograd.grad(loss, b)[0][target].double().cpu()
         assert abs(grad - ref_grad) / abs(ref_grad) < 2e-5, (target, grad.item(), ref_grad.item())

@@ -17,15 +17,21 @@ from hardfocus_fused.options import (
     Returns,
     Weighting,
 )
-from hardfocus_fused.rules import Rule
+from hardfocus_fused.weighting.rules import Rule
+
 from helpers import make_batch
 from hf_models import tiny_model
 
 CLASS_WEIGHT = torch.linspace(0.5, 2.0, 12)
 # (class_weight, lse_square_scale): the z-loss kept apart is the combination that matters.
 TERMS = [(None, 0.0), (CLASS_WEIGHT, 0.0), (None, 1e-2), (CLASS_WEIGHT, 1e-2)]
-RETURNS = [{}, {"return_lse": True}, {"return_z_loss": True}, {"return_entropy": True},
-           {"return_token_accuracy": True, "return_predicted_tokens": True}]
+RETURNS = [
+    {},
+    {"return_lse": True},
+    {"return_z_loss": True},
+    {"return_entropy": True},
+    {"return_token_accuracy": True, "return_predicted_tokens": True},
+]
 
 
 def _runs(loss_of) -> None:
@@ -50,15 +56,23 @@ def _lce_grid(impls, backward_impls, returns):
     return list(itertools.product(impls, ("none", "sum", "mean"), backward_impls, returns, TERMS))
 
 
-@pytest.mark.parametrize("impl, reduction, backward_impl, extra, terms",
-                         _lce_grid(["torch"], ["auto", "fused", "matmul", "forward"], RETURNS))
+@pytest.mark.parametrize(
+    "impl, reduction, backward_impl, extra, terms",
+    _lce_grid(["torch"], ["auto", "fused", "matmul", "forward"], RETURNS),
+)
 def test_every_accepted_linear_cross_entropy_combination_runs(impl, reduction, backward_impl, extra, terms):
     class_weight, z = terms
-    keywords = dict(reduction=reduction, backward_impl=backward_impl, class_weight=class_weight, lse_square_scale=z,
-                    impl=impl, **extra)
+    keywords = dict(
+        reduction=reduction,
+        backward_impl=backward_impl,
+        class_weight=class_weight,
+        lse_square_scale=z,
+        impl=impl,
+        **extra,
+    )
     options = _built_or_refused(lambda: LCEOptions.build(**keywords))
     h, w, _, labels = make_batch(2, 6, 8, 12, bias=False)
-    if options is None:     # refused when built: refused the same way by the function, before any work
+    if options is None:  # refused when built: refused the same way by the function, before any work
         with pytest.raises((ValueError, TypeError)):
             linear_cross_entropy(h, w, labels, **keywords)
         return
@@ -80,27 +94,39 @@ def _same_as_torch(loss_of, options, triton_device) -> None:
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl, reduction, backward_impl, extra, terms",
-                         _lce_grid(["triton"], ["auto", "forward"], [{}]))
-def test_every_accepted_combination_is_right_on_the_triton_path(impl, reduction, backward_impl, extra, terms,
-                                                                triton_device):
+@pytest.mark.parametrize(
+    "impl, reduction, backward_impl, extra, terms", _lce_grid(["triton"], ["auto", "forward"], [{}])
+)
+def test_every_accepted_combination_is_right_on_the_triton_path(
+    impl, reduction, backward_impl, extra, terms, triton_device
+):
     class_weight, z = terms
-    options = _built_or_refused(lambda: LCEOptions.build(reduction=reduction, backward_impl=backward_impl,
-                                                         class_weight=class_weight, lse_square_scale=z, impl=impl,
-                                                         shift=True))
+    options = _built_or_refused(
+        lambda: LCEOptions.build(
+            reduction=reduction,
+            backward_impl=backward_impl,
+            class_weight=class_weight,
+            lse_square_scale=z,
+            impl=impl,
+            shift=True,
+        )
+    )
     if options is not None:
         _same_as_torch(lambda h, w, y, o: linear_cross_entropy(h, w, y, options=o).sum(), options, triton_device)
 
 
-@pytest.mark.parametrize("method, backward_impl, terms",
-                         list(itertools.product(["irdro", "uniform", "mean"], ["auto", "forward"], TERMS)))
+@pytest.mark.parametrize(
+    "method, backward_impl, terms", list(itertools.product(["irdro", "uniform", "mean"], ["auto", "forward"], TERMS))
+)
 def test_every_accepted_weighting_is_right_on_the_triton_path(method, backward_impl, terms, triton_device):
     """Where the weights are known up front and ``backward_impl="forward"``, the
     three-product path runs: it must be refused wherever it would be wrong."""
     class_weight, z = terms
-    options = _built_or_refused(lambda: HardFocusOptions.build(method=method, backward_impl=backward_impl,
-                                                               class_weight=class_weight, lse_square_scale=z,
-                                                               impl="triton"))
+    options = _built_or_refused(
+        lambda: HardFocusOptions.build(
+            method=method, backward_impl=backward_impl, class_weight=class_weight, lse_square_scale=z, impl="triton"
+        )
+    )
     if options is not None:
         _same_as_torch(lambda h, w, y, o: hardfocus_loss(h, w, y, options=o), options, triton_device)
 
@@ -108,12 +134,14 @@ def test_every_accepted_weighting_is_right_on_the_triton_path(method, backward_i
 METHODS = ["irdro", "midranking", "uniform", "mean", Rule("mean")]
 
 
-@pytest.mark.parametrize("method, backward_impl, terms",
-                         list(itertools.product(METHODS, ["auto", "fused", "matmul", "forward"], TERMS)))
+@pytest.mark.parametrize(
+    "method, backward_impl, terms", list(itertools.product(METHODS, ["auto", "fused", "matmul", "forward"], TERMS))
+)
 def test_every_accepted_hardfocus_loss_combination_runs(method, backward_impl, terms):
     class_weight, z = terms
-    keywords = dict(method=method, backward_impl=backward_impl, class_weight=class_weight, lse_square_scale=z,
-                    impl="torch")
+    keywords = dict(
+        method=method, backward_impl=backward_impl, class_weight=class_weight, lse_square_scale=z, impl="torch"
+    )
     options = _built_or_refused(lambda: HardFocusOptions.build(**keywords))
     h, w, _, labels = make_batch(4, 6, 8, 12, bias=False)
     if options is None:
@@ -124,16 +152,18 @@ def test_every_accepted_hardfocus_loss_combination_runs(method, backward_impl, t
     _runs(lambda: (h, w, HardFocusLoss(options)(h, w, labels)))
 
 
-@pytest.mark.parametrize("method, backward_impl, terms",
-                         list(itertools.product(["irdro", "mean"], ["auto", "forward"], TERMS)))
+@pytest.mark.parametrize(
+    "method, backward_impl, terms", list(itertools.product(["irdro", "mean"], ["auto", "forward"], TERMS))
+)
 def test_every_combination_apply_hardfocus_accepts_trains(method, backward_impl, terms):
     """What ``apply_hardfocus`` accepts trains: the combination of the report
     (``method="mean"``, ``backward_impl="forward"``, class weights and z-loss) is refused
     when patching, not at the first forward."""
     class_weight, z = terms
     model = tiny_model("llama")
-    keywords = dict(method=method, backward_impl=backward_impl, class_weight=class_weight, lse_square_scale=z,
-                    impl="torch")
+    keywords = dict(
+        method=method, backward_impl=backward_impl, class_weight=class_weight, lse_square_scale=z, impl="torch"
+    )
     vocab = model.config.vocab_size
     if class_weight is not None:
         keywords["class_weight"] = torch.linspace(0.5, 2.0, vocab)
@@ -151,8 +181,14 @@ def test_every_combination_apply_hardfocus_accepts_trains(method, backward_impl,
 def test_the_reported_combination_is_refused_when_patching():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="backward_impl='forward'.*class_weight and lse_square_scale"):
-        apply_hardfocus(model, method="mean", backward_impl="forward", class_weight=torch.ones(model.config.vocab_size),
-                        lse_square_scale=1e-3, verify=True)
+        apply_hardfocus(
+            model,
+            method="mean",
+            backward_impl="forward",
+            class_weight=torch.ones(model.config.vocab_size),
+            lse_square_scale=1e-3,
+            verify=True,
+        )
 
 
 def test_keywords_go_to_the_part_that_owns_them():
@@ -171,28 +207,31 @@ def test_unknown_and_misplaced_options_are_named():
         HardFocusOptions.build(metod="irdro")
     h, w, _, labels = make_batch(1, 4, 8, 12, bias=False)
     with pytest.raises(TypeError, match="unknown option 'return_stats'.*reduction"):
-        linear_cross_entropy(h, w, labels, return_stats=True)          # hardfocus_loss's, not this one's
+        linear_cross_entropy(h, w, labels, return_stats=True)  # hardfocus_loss's, not this one's
     with pytest.raises(TypeError, match="options must be a HardFocusOptions, got LCEOptions"):
         HardFocusOptions.build(LCEOptions())
     with pytest.raises(TypeError, match="weighting must be a Weighting"):
         HardFocusOptions(weighting=Execution())
 
 
-@pytest.mark.parametrize("build, word", [
-    (lambda: Weighting(r=0), "r must be > 0"),
-    (lambda: Weighting(n2=2.0), "n2 must be in"),
-    (lambda: Weighting(method="top"), "method must be one of"),
-    (lambda: CrossEntropy(temperature=0.0), "temperature must be > 0"),
-    (lambda: CrossEntropy(softcap=-1.0), "softcap must be None or"),
-    (lambda: CrossEntropy(ignore_index=1.5), "ignore_index must be an int"),
-    (lambda: CrossEntropy(class_weight=torch.ones(3, requires_grad=True)), "class_weight must not require grad"),
-    (lambda: Execution(impl="cuda"), "impl must be one of"),
-    (lambda: Execution(deterministic="yes"), "deterministic must be"),
-    (lambda: Returns(entropy=1), "return_entropy must be True or False"),
-    (lambda: LCEOptions(reduction="avg"), "reduction must be one of"),
-    (lambda: LCEOptions(shift=-1), "shift must be >= 0"),
-    (lambda: HardFocusOptions(return_stats=None), "return_stats must be True or False"),
-])
+@pytest.mark.parametrize(
+    "build, word",
+    [
+        (lambda: Weighting(r=0), "r must be > 0"),
+        (lambda: Weighting(n2=2.0), "n2 must be in"),
+        (lambda: Weighting(method="top"), "method must be one of"),
+        (lambda: CrossEntropy(temperature=0.0), "temperature must be > 0"),
+        (lambda: CrossEntropy(softcap=-1.0), "softcap must be None or"),
+        (lambda: CrossEntropy(ignore_index=1.5), "ignore_index must be an int"),
+        (lambda: CrossEntropy(class_weight=torch.ones(3, requires_grad=True)), "class_weight must not require grad"),
+        (lambda: Execution(impl="cuda"), "impl must be one of"),
+        (lambda: Execution(deterministic="yes"), "deterministic must be"),
+        (lambda: Returns(entropy=1), "return_entropy must be True or False"),
+        (lambda: LCEOptions(reduction="avg"), "reduction must be one of"),
+        (lambda: LCEOptions(shift=-1), "shift must be >= 0"),
+        (lambda: HardFocusOptions(return_stats=None), "return_stats must be True or False"),
+    ],
+)
 def test_each_mistake_has_its_message(build, word):
     with pytest.raises((ValueError, TypeError), match=word):
         build()
@@ -211,4 +250,4 @@ def test_linear_cross_entropy_defaults_to_the_mean_like_the_peers():
     logits = h.reshape(-1, 8) @ w.T
     want = torch.nn.functional.cross_entropy(logits, labels.reshape(-1))
     torch.testing.assert_close(linear_cross_entropy(h, w, labels, impl="torch"), want)
-    linear_cross_entropy(h, w, labels, impl="torch").backward()      # a scalar, as a drop-in loss must be
+    linear_cross_entropy(h, w, labels, impl="torch").backward()  # a scalar, as a drop-in loss must be

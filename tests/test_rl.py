@@ -3,20 +3,21 @@ the same formula on materialised fp64 logits: loss and gradients."""
 
 import pytest
 import torch
+from test_logprobs import reference as reference_logprobs
 
 from hardfocus_fused import hardfocus_loss
 from hardfocus_fused.rl import aggregate, grpo_loss, token_logprobs
-from hardfocus_fused.rules import DFT
+from hardfocus_fused.weighting.rules import DFT
+
 from helpers import device_for, grads_of, make_batch
 from reference import rel_err
-from test_logprobs import reference as reference_logprobs
 
 B, T, H, V = 4, 9, 16, 60
 
 
 def _batch(device, seed=21):
     h, w, b, labels = make_batch(B, T, H, V, device=device, seed=seed)
-    labels[:, :3] = -100                       # the prompt is not scored
+    labels[:, :3] = -100  # the prompt is not scored
     gen = torch.Generator().manual_seed(seed)
     mask = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1) != -100
     noise = lambda: (0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)).to(device)  # noqa: E731
@@ -50,14 +51,21 @@ def test_grpo_loss_matches_the_formula_on_logits(impl, loss_type, per_token_adva
     adv = torch.randn((B, T) if per_token_advantages else (B,), generator=gen, dtype=torch.float64).to(device)
     logp, entropy = token_logprobs(h, w, labels, bias=b, temperature=0.9, return_entropy=True, impl=impl)
     ref_logp, ref_entropy, _ = reference_logprobs(h, w, labels, b, 0.9)
-    old = (ref_logp + noise()).detach()           # clipping is active on some tokens, both ways
+    old = (ref_logp + noise()).detach()  # clipping is active on some tokens, both ways
     reference_policy = (ref_logp + noise()).detach()
-    options = dict(epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=T, beta=0.04,
-                   entropy_coef=0.01)
-    ours = grpo_loss(logp, adv.float(), mask, old_log_probs=old.float(), ref_log_probs=reference_policy.float(),
-                     entropy=entropy, **options)
-    want = _reference_loss(ref_logp, old, adv, mask, 0.2, 0.28, loss_type, T, 0.04, reference_policy, ref_entropy,
-                           0.01)
+    options = dict(
+        epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=T, beta=0.04, entropy_coef=0.01
+    )
+    ours = grpo_loss(
+        logp,
+        adv.float(),
+        mask,
+        old_log_probs=old.float(),
+        ref_log_probs=reference_policy.float(),
+        entropy=entropy,
+        **options,
+    )
+    want = _reference_loss(ref_logp, old, adv, mask, 0.2, 0.28, loss_type, T, 0.04, reference_policy, ref_entropy, 0.01)
     assert rel_err(ours.loss, want) <= 1e-5
     assert 0 < ours.clip_fraction < 1 and ours.kl > 0 and ours.entropy > 0
     for g, r in zip(grads_of(ours.loss, (h, w, b)), grads_of(want, (h, w, b))):

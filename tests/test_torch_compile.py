@@ -11,7 +11,8 @@ import torch
 import torch._dynamo as dynamo
 
 from hardfocus_fused import hardfocus_loss, linear_cross_entropy
-from hardfocus_fused import fused_op
+from hardfocus_fused.op import registration
+
 from helpers import device_for, grads_of, make_batch
 from reference import rel_err
 
@@ -27,9 +28,13 @@ def graph_breaks(fn, *args) -> tuple[int, list[str]]:
 
 def _options(device):
     gen = torch.Generator().manual_seed(3)
-    return dict(label_smoothing=0.1, class_weight=(torch.rand(60, generator=gen) + 0.5).to(device),
-                lse_square_scale=1e-3, token_weight=torch.rand(4, 9, generator=gen).to(device),
-                sample_weight=torch.rand(4, generator=gen).to(device))
+    return dict(
+        label_smoothing=0.1,
+        class_weight=(torch.rand(60, generator=gen) + 0.5).to(device),
+        lse_square_scale=1e-3,
+        token_weight=torch.rand(4, 9, generator=gen).to(device),
+        sample_weight=torch.rand(4, generator=gen).to(device),
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -41,17 +46,32 @@ def test_hardfocus_loss_has_no_graph_break(method, extra):
         kwargs.update(_options("cpu"))
     if extra == "stats":
         kwargs.update(return_stats=True)
-    count, reasons = graph_breaks(lambda h, w, b, labels: hardfocus_loss(h, w, labels, bias=b, **kwargs),
-                                  h, w, b, labels)
+    count, reasons = graph_breaks(
+        lambda h, w, b, labels: hardfocus_loss(h, w, labels, bias=b, **kwargs), h, w, b, labels
+    )
     assert count == 0, reasons
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_linear_cross_entropy_has_no_graph_break(reduction):
     h, w, b, labels = make_batch(4, 9, 16, 60, seed=2)
-    count, reasons = graph_breaks(lambda h, w: linear_cross_entropy(
-        h, w, labels, shift=True, reduction=reduction, impl="torch", label_smoothing=0.1, lse_square_scale=1e-3,
-        return_lse=True, return_z_loss=True, return_token_accuracy=True), h, w)
+    count, reasons = graph_breaks(
+        lambda h, w: linear_cross_entropy(
+            h,
+            w,
+            labels,
+            shift=True,
+            reduction=reduction,
+            impl="torch",
+            label_smoothing=0.1,
+            lse_square_scale=1e-3,
+            return_lse=True,
+            return_z_loss=True,
+            return_token_accuracy=True,
+        ),
+        h,
+        w,
+    )
     assert count == 0, reasons
 
 
@@ -71,8 +91,9 @@ def test_compiled_loss_equals_eager(impl, method, triton_device):
     h, w, b, labels = make_batch(4, 9, 16, 60, device=device, seed=4)
     options = dict(method=method, impl=impl, **_options(device))
     eager = hardfocus_loss(h, w, labels, bias=b, **options)
-    compiled = torch.compile(lambda h, w, b: hardfocus_loss(h, w, labels, bias=b, **options), backend="aot_eager",
-                             fullgraph=True)(h, w, b)
+    compiled = torch.compile(
+        lambda h, w, b: hardfocus_loss(h, w, labels, bias=b, **options), backend="aot_eager", fullgraph=True
+    )(h, w, b)
     assert rel_err(compiled, eager) <= 1e-6
     for g, r in zip(grads_of(compiled, (h, w, b)), grads_of(eager, (h, w, b))):
         assert rel_err(g, r) <= 1e-6
@@ -81,15 +102,15 @@ def test_compiled_loss_equals_eager(impl, method, triton_device):
 def test_bad_labels_are_refused_inside_a_compiled_graph():
     h, w, b, labels = make_batch(2, 6, 8, 12, seed=5)
     labels[1, 3] = 12
-    compiled = torch.compile(lambda h: hardfocus_loss(h, w, labels, impl="torch"), backend="aot_eager",
-                             fullgraph=True)
+    compiled = torch.compile(lambda h: hardfocus_loss(h, w, labels, impl="torch"), backend="aot_eager", fullgraph=True)
     with pytest.raises(ValueError, match="labels contains 12, outside"):
         compiled(h)
     weights = torch.ones(2, 6)
     weights[0, 2] = float("nan")
     labels[1, 3] = 1
-    compiled = torch.compile(lambda h: hardfocus_loss(h, w, labels, impl="torch", token_weight=weights),
-                             backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(
+        lambda h: hardfocus_loss(h, w, labels, impl="torch", token_weight=weights), backend="aot_eager", fullgraph=True
+    )
     with pytest.raises(ValueError, match="token_weight must be finite"):
         compiled(h)
 
@@ -100,10 +121,28 @@ def test_the_registered_op_passes_opcheck(impl, triton_device):
     device = device_for(impl, triton_device)
     h, w, b, labels = make_batch(1, 6, 16, 40, device=device, seed=6, ragged=False, dead=False)
     targets = labels.reshape(-1)
-    args = (h.reshape(-1, 16).detach().requires_grad_(), w, b, targets, None, -100, None, 0.0, 0.0, False, False,
-            impl, False, "fused", None, 0, "")
-    torch.library.opcheck(fused_op.token_terms, args, test_utils=("test_schema", "test_autograd_registration",
-                                                                  "test_faketensor"))
+    args = (
+        h.reshape(-1, 16).detach().requires_grad_(),
+        w,
+        b,
+        targets,
+        None,
+        -100,
+        None,
+        0.0,
+        0.0,
+        False,
+        False,
+        impl,
+        False,
+        "fused",
+        None,
+        0,
+        "",
+    )
+    torch.library.opcheck(
+        registration.token_terms, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
+    )
 
 
 # -- a patched model -----------------------------------------------------------------------
@@ -111,6 +150,7 @@ def test_the_registered_op_passes_opcheck(impl, triton_device):
 transformers = pytest.importorskip("transformers")
 
 from hardfocus_fused import apply_hardfocus, hardfocus_patch  # noqa: E402
+
 from hf_models import left_padded_batch, tiny_model  # noqa: E402
 
 
@@ -120,8 +160,9 @@ def _step(model, batch):
     ids, mask, labels = batch
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
-    return out.loss.detach(), {name.removeprefix("_orig_mod."): p.grad.clone() for name, p in model.named_parameters()
-                               if p.grad is not None}
+    return out.loss.detach(), {
+        name.removeprefix("_orig_mod."): p.grad.clone() for name, p in model.named_parameters() if p.grad is not None
+    }
 
 
 def _assert_same_step(a, b, tol=0.0):
@@ -198,8 +239,10 @@ def test_trainer_with_torch_compile(tmp_path):
         args = sgd_args(tmp_path / str(compiled), 4, 1, torch_compile=compiled)
         trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows())
         trainer.train()
-        results[compiled] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
-                             [p.detach().clone() for p in model.parameters()])
+        results[compiled] = (
+            [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            [p.detach().clone() for p in model.parameters()],
+        )
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
-    for a, b in zip(results[True][1], results[False][1]):   # inductor fuses (and so rounds) differently
+    for a, b in zip(results[True][1], results[False][1]):  # inductor fuses (and so rounds) differently
         assert rel_err(a, b) <= 1e-4

@@ -39,7 +39,7 @@ def test_outputs(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     assert model.config.vocab_size == len(tokenizer)
     step = log["steps"][0]
-    assert sorted(step["weights"]) == [0.0, 1.0]           # MidRanking keeps max(1, floor(0.5 * 2)) = 1
+    assert sorted(step["weights"]) == [0.0, 1.0]  # MidRanking keeps max(1, floor(0.5 * 2)) = 1
     assert step["max_weight"] == 1.0 and step["ess"] == 1.0
     assert len(step["kinds"]) == 2 and abs(sum(step["weight_share"].values()) - 1) < 1e-6
     assert step["tokens_per_s"] > 0 and step["peak_memory_mb"] > 0
@@ -58,7 +58,7 @@ def test_one_document_per_row_and_unseen_positions():
     _, stream = data_streams(args, tokenizer)
     batch = next(stream)
     assert batch["input_ids"].shape[0] == 3 and len(batch["kinds"]) == 3
-    assert torch.equal(batch["labels"] == -100, batch["attention_mask"] == 0)        # padding masked
+    assert torch.equal(batch["labels"] == -100, batch["attention_mask"] == 0)  # padding masked
     seen_by_base = {text for _, text in __import__("itertools").islice(builtin_examples("train"), NEW_FACTS_FROM)}
     rows = [tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
     assert not any(row in seen_by_base for row in rows)
@@ -70,8 +70,9 @@ def test_one_document_per_row_and_unseen_positions():
 def test_resume_continues_exactly(tmp_path):
     straight = run(tmp_path, "straight", "--num-batches", "4")
     run(tmp_path, "resumed", "--num-batches", "2", "--save-every", "1")
-    resumed = train(parse_args(["--output-dir", str(tmp_path / "resumed"), "--resume", "--num-batches", "4",
-                                "--quiet"]))
+    resumed = train(
+        parse_args(["--output-dir", str(tmp_path / "resumed"), "--resume", "--num-batches", "4", "--quiet"])
+    )
     assert [s["step"] for s in resumed["steps"]] == [1, 2, 3, 4]
     for a, b in zip(straight["steps"], resumed["steps"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -110,13 +111,16 @@ def test_a_dataset_too_small_for_one_batch(tmp_path):
         run(tmp_path, "small", "--dataset", str(corpus), "--eval-batches", "0")
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--r", "-1"], "--r must be > 0"),
-    (["--num-batches", "0"], "--num-batches must be > 0"),
-    (["--impl", "triton"], "--impl triton needs a CUDA GPU"),
-    (["--dataset", "missing.jsonl"], "no such file"),
-    (["--resume", "--overwrite"], "exclude each other"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--r", "-1"], "--r must be > 0"),
+        (["--num-batches", "0"], "--num-batches must be > 0"),
+        (["--impl", "triton"], "--impl triton needs a CUDA GPU"),
+        (["--dataset", "missing.jsonl"], "no such file"),
+        (["--resume", "--overwrite"], "exclude each other"),
+    ],
+)
 def test_user_errors_are_one_line(argv, message, capsys, tmp_path):
     if "--impl" in argv and torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -133,10 +137,14 @@ def test_input_errors_are_one_line(tmp_path, capsys, monkeypatch):
     not_a_model = tmp_path / "folder"
     not_a_model.mkdir()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for argv, message in (([f"--dataset={bad}"], 'needs a "text" field'),
-                          ([f"--model={not_a_model}"], "not a model directory"),
-                          (["--model", "nobody/no-such-model", "--output-dir", str(tmp_path / "hub")],
-                           "cannot load --model nobody/no-such-model")):
+    for argv, message in (
+        ([f"--dataset={bad}"], 'needs a "text" field'),
+        ([f"--model={not_a_model}"], "not a model directory"),
+        (
+            ["--model", "nobody/no-such-model", "--output-dir", str(tmp_path / "hub")],
+            "cannot load --model nobody/no-such-model",
+        ),
+    ):
         with pytest.raises(SystemExit):
             main([*SMALL, *argv])
         err = capsys.readouterr().err.strip()
@@ -166,10 +174,26 @@ def test_fp32_master_weights_move_at_the_papers_learning_rate(tmp_path):
 def test_compare_writes_table_json_and_plot(tmp_path):
     from hardfocus_fused.experiment.compare import main, run_compare
 
-    result = run_compare(["--methods", "uniform,midranking", "--seeds", "2", "--output-dir", str(tmp_path / "c"),
-                          *SMALL, "--num-batches", "2"], say=lambda *a: None)
-    assert [(r["method"], r["seed"]) for r in result["runs"]] == [("uniform", 0), ("midranking", 0), ("uniform", 1),
-                                                                  ("midranking", 1)]
+    result = run_compare(
+        [
+            "--methods",
+            "uniform,midranking",
+            "--seeds",
+            "2",
+            "--output-dir",
+            str(tmp_path / "c"),
+            *SMALL,
+            "--num-batches",
+            "2",
+        ],
+        say=lambda *a: None,
+    )
+    assert [(r["method"], r["seed"]) for r in result["runs"]] == [
+        ("uniform", 0),
+        ("midranking", 0),
+        ("uniform", 1),
+        ("midranking", 1),
+    ]
     table = (tmp_path / "c" / "compare.md").read_text()
     assert "| midranking |" in table and "| base model |" in table and "±" in table
     assert (tmp_path / "c" / "compare.png").stat().st_size > 10_000
@@ -185,8 +209,19 @@ def test_compare_exits_cleanly_and_says_what_it_does(tmp_path, capsys):
     comparison, one progress line as each run starts and ends, no spread with one seed."""
     from hardfocus_fused.experiment.compare import main
 
-    status = main(["--methods", "uniform,irdro", "--seeds", "1", "--output-dir", str(tmp_path / "c"), *SMALL,
-                   "--num-batches", "1"])
+    status = main(
+        [
+            "--methods",
+            "uniform,irdro",
+            "--seeds",
+            "1",
+            "--output-dir",
+            str(tmp_path / "c"),
+            *SMALL,
+            "--num-batches",
+            "1",
+        ]
+    )
     captured = capsys.readouterr()
     assert status == 0 and captured.err == ""
     for line in ("[1/2] uniform, seed 0: training 1 batches", "[2/2] irdro, seed 0: held-out after"):
@@ -216,8 +251,17 @@ def test_every_option_has_help_text():
 
 
 def test_train_ends_with_the_change_and_how_to_compare(tmp_path, capsys):
-    main([*[a for a in SMALL if a != "--quiet"], "--num-batches", "1", "--lr", "2e-3",
-          "--output-dir", str(tmp_path / "t")])
+    main(
+        [
+            *[a for a in SMALL if a != "--quiet"],
+            "--num-batches",
+            "1",
+            "--lr",
+            "2e-3",
+            "--output-dir",
+            str(tmp_path / "t"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "before    after   change" in out and "informative" in out
     assert "do not say whether irdro helped" in out
@@ -228,18 +272,27 @@ def test_saving_draws_no_bar_of_its_own(tmp_path, capfd):
     """Checkpoints mid-run do not print transformers' or the hub's bars over the training bar."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.enable_progress_bar()                     # an earlier --quiet run in this process turned it off
-    main([*[a for a in SMALL if a != "--quiet"], "--num-batches", "2", "--save-every", "1",
-          "--output-dir", str(tmp_path / "bars")])
+    hf_logging.enable_progress_bar()  # an earlier --quiet run in this process turned it off
+    main(
+        [
+            *[a for a in SMALL if a != "--quiet"],
+            "--num-batches",
+            "2",
+            "--save-every",
+            "1",
+            "--output-dir",
+            str(tmp_path / "bars"),
+        ]
+    )
     assert "Writing model shards" not in capfd.readouterr().err
-    assert hf_logging.is_progress_bar_enabled()          # restored afterwards
+    assert hf_logging.is_progress_bar_enabled()  # restored afterwards
 
 
 def test_a_model_directory_without_tokenizer_is_one_line(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(base.ensure_base(say=None)).save_pretrained(tmp_path / "bare")
-    capsys.readouterr()                                   # transformers' own bars while saving the folder
+    capsys.readouterr()  # transformers' own bars while saving the folder
     with pytest.raises(SystemExit):
         main([*SMALL, "--model", str(tmp_path / "bare"), "--output-dir", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip()

@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from hardfocus_fused import HardFocusCallback, apply_hardfocus  # noqa: E402
+
 from helpers import assert_same_updates, state_of  # noqa: E402
 from hf_models import VOCAB, tiny_model  # noqa: E402
 
@@ -33,10 +34,21 @@ def sgd_args(out, batch_size, accumulation, **overrides):
     """Two logged steps of plain SGD with large steps and no clipping: the updates show any
     error in the gradients' scale, which Adam's normalisation and clipping would hide (and
     Adam would turn round-off in near-zero gradients into full steps)."""
-    options = dict(output_dir=str(out), per_device_train_batch_size=batch_size,
-                   gradient_accumulation_steps=accumulation, max_steps=2, logging_steps=1, report_to=[],
-                   save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
-                   optim="sgd", learning_rate=1.0, max_grad_norm=0.0)
+    options = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+    )
     return transformers.TrainingArguments(**dict(options, **overrides))
 
 
@@ -55,7 +67,10 @@ def test_mean_trains_exactly_like_the_unpatched_model(tmp_path):
     before = state_of(model)
     stock = train(model, tmp_path / "stock")
     ours = train(patched, tmp_path / "ours", attach=True)
-    losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h]
+
+    def losses(t):
+        return [h["loss"] for h in t.state.log_history if "loss" in h]
+
     assert len(losses(ours)) == 2
     torch.testing.assert_close(losses(ours), losses(stock), rtol=1e-5, atol=1e-6)
     assert_same_updates(before, state_of(patched), state_of(model))

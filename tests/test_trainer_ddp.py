@@ -12,16 +12,18 @@ import torch.multiprocessing as mp
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from hardfocus_fused import apply_hardfocus  # noqa: E402
-from hardfocus_fused.accumulate import AccumulatedIRDRO  # noqa: E402
-from hardfocus_fused.hf.trainer import AccumulationCallback  # noqa: E402
-from helpers import assert_same_updates, state_of  # noqa: E402
-from ranks import finish_group  # noqa: E402
-from hf_models import tiny_model  # noqa: E402
 from test_trainer import Rows, sgd_args  # noqa: E402
 
+from hardfocus_fused import apply_hardfocus  # noqa: E402
+from hardfocus_fused.hf.trainer import AccumulationCallback  # noqa: E402
+from hardfocus_fused.weighting.accumulate import AccumulatedIRDRO  # noqa: E402
+
+from helpers import assert_same_updates, state_of  # noqa: E402
+from hf_models import tiny_model  # noqa: E402
+from ranks import finish_group  # noqa: E402
+
 WORLD = 2
-ROWS = 8     # one global batch per epoch: every step sees the same 8 rows in any order or split
+ROWS = 8  # one global batch per epoch: every step sees the same 8 rows in any order or split
 
 
 def train(model, out, batch_size, accumulation, callbacks=(), distributed=False):
@@ -45,10 +47,11 @@ def _runs(base, group):
 
 
 def _worker(rank, port, out, initial, references):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD)
+    )
     _train_and_check(out, initial, references)
-    finish_group()    # the Trainer started the group and leaves it to us
+    finish_group()  # the Trainer started the group and leaves it to us
 
 
 def _train_and_check(out, initial, references):

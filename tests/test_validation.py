@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hardfocus_fused import HardFocusLoss, hardfocus_loss, linear_cross_entropy
+
 from helpers import make_batch
 
 
@@ -12,20 +13,23 @@ def batch():
     return make_batch(2, 6, 8, 12)
 
 
-@pytest.mark.parametrize("kwargs,error,word", [
-    (dict(method="topk"), ValueError, "method"),
-    (dict(r=0.0), ValueError, "r must"),
-    (dict(r=float("nan")), ValueError, "r must"),
-    (dict(n1=1.5), ValueError, "n1"),
-    (dict(n2=-0.1), ValueError, "n2"),
-    (dict(seq_reduction="max"), ValueError, "seq_reduction"),
-    (dict(impl="cuda"), ValueError, "impl"),
-    (dict(softcap=0.0), ValueError, "softcap"),
-    (dict(ignore_index=3.0), TypeError, "ignore_index"),
-    (dict(shift="yes"), TypeError, "shift must be a bool or an int"),
-    (dict(shift=1.5), TypeError, "shift must be a bool or an int"),
-    (dict(shift=-1), ValueError, "shift must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,word",
+    [
+        (dict(method="topk"), ValueError, "method"),
+        (dict(r=0.0), ValueError, "r must"),
+        (dict(r=float("nan")), ValueError, "r must"),
+        (dict(n1=1.5), ValueError, "n1"),
+        (dict(n2=-0.1), ValueError, "n2"),
+        (dict(seq_reduction="max"), ValueError, "seq_reduction"),
+        (dict(impl="cuda"), ValueError, "impl"),
+        (dict(softcap=0.0), ValueError, "softcap"),
+        (dict(ignore_index=3.0), TypeError, "ignore_index"),
+        (dict(shift="yes"), TypeError, "shift must be a bool or an int"),
+        (dict(shift=1.5), TypeError, "shift must be a bool or an int"),
+        (dict(shift=-1), ValueError, "shift must be >= 0"),
+    ],
+)
 def test_bad_options(batch, kwargs, error, word):
     h, w, b, labels = batch
     with pytest.raises(error, match=word):
@@ -78,7 +82,7 @@ def test_validate_false_skips_only_the_value_check(batch):
         hardfocus_loss(h, w, torch.full_like(labels, 12), validate=False, impl="torch")
     assert "labels contains" not in str(failure.value)
     with pytest.raises(ValueError, match="labels must have shape"):
-        hardfocus_loss(h, w, labels[:, :2], validate=False)   # shapes are still checked
+        hardfocus_loss(h, w, labels[:, :2], validate=False)  # shapes are still checked
 
 
 def test_sequence_weights_checks_its_inputs():
@@ -104,4 +108,6 @@ def test_attention_mask_needs_position_ids(batch):
     with pytest.raises(ValueError, match="attention_mask is only used with position_ids"):
         hardfocus_loss(h, w, labels, attention_mask=torch.ones_like(labels))
     with pytest.raises(ValueError, match="attention_mask has shape"):
-        hardfocus_loss(h, w, labels, position_ids=torch.zeros_like(labels), attention_mask=torch.ones(2, 3, dtype=torch.long))
+        hardfocus_loss(
+            h, w, labels, position_ids=torch.zeros_like(labels), attention_mask=torch.ones(2, 3, dtype=torch.long)
+        )

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hardfocus_fused import sequence_weights
-from hardfocus_fused.weighting import ranking_window
+from hardfocus_fused.weighting.methods import ranking_window
+
 from reference import reference_weights
 
 LOSSES = torch.tensor([0.5, 3.0, 1.0, 2.5, 0.1, 4.0, 2.0, 1.5])  # ranks: 5,1,3,6,7,0,4,2 -> see below
@@ -32,7 +33,7 @@ def test_high_low_uniform():
 
 def test_sequences_without_targets_take_no_part():
     n = FULL.clone()
-    n[5] = 0   # the largest loss, but no target tokens
+    n[5] = 0  # the largest loss, but no target tokens
     n[1] = 0
     w = sequence_weights(LOSSES, n, method="midranking", n1=0.25, n2=0.25)
     # 6 live: floor(1.5)=1 skipped (2.5 @3), keep 1 (2.0 @6).
@@ -47,14 +48,17 @@ def test_ties_are_broken_by_position():
     assert kept(sequence_weights(loss, torch.ones(4), method="lowranking", n2=0.5)) == [2, 3]
 
 
-@pytest.mark.parametrize("n_live,n1,n2,expected", [
-    (8, 0.25, 0.25, (2, 4)),
-    (3, 0.25, 0.25, (0, 1)),    # floor(0.75)=0 skipped, max(1, 0) kept
-    (4, 0.75, 0.5, (2, 4)),     # asks for ranks 3..5 of 4: window slides up to keep 2
-    (4, 1.0, 0.0, (3, 4)),
-    (5, 0.0, 1.0, (0, 5)),      # n1=0, n2=1 is Uniform
-    (0, 0.25, 0.25, (0, 0)),
-])
+@pytest.mark.parametrize(
+    "n_live,n1,n2,expected",
+    [
+        (8, 0.25, 0.25, (2, 4)),
+        (3, 0.25, 0.25, (0, 1)),  # floor(0.75)=0 skipped, max(1, 0) kept
+        (4, 0.75, 0.5, (2, 4)),  # asks for ranks 3..5 of 4: window slides up to keep 2
+        (4, 1.0, 0.0, (3, 4)),
+        (5, 0.0, 1.0, (0, 5)),  # n1=0, n2=1 is Uniform
+        (0, 0.25, 0.25, (0, 0)),
+    ],
+)
 def test_ranking_window(n_live, n1, n2, expected):
     assert ranking_window(n_live, "midranking", n1, n2) == expected
 

@@ -34,7 +34,7 @@ class BaseRecipe:
     vocab_size: int = 512
     seq_len: int = 128
     batch_size: int = 16
-    steps: int = 600        # x batch_size = the corpus's NEW_FACTS_FROM documents: one pass over the old era
+    steps: int = 600  # x batch_size = the corpus's NEW_FACTS_FROM documents: one pass over the old era
     lr: float = 3e-3
     warmup: int = 30
     seed: int = 0
@@ -53,19 +53,30 @@ def new_model(recipe: BaseRecipe, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(recipe.seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=recipe.hidden_size,
-                         intermediate_size=2 * recipe.hidden_size, num_hidden_layers=recipe.layers,
-                         num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
-                         max_position_embeddings=recipe.seq_len, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=2 * recipe.hidden_size,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.heads,
+        max_position_embeddings=recipe.seq_len,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return LlamaForCausalLM(config)
 
 
 def heldout_batches(tokenizer, seq_len: int, batch_size: int, n_batches: int) -> dict[str, list[dict]]:
     """``n_batches`` held-out batches of each kind and of the mixture (``"mix"``)."""
     splits = {kind: f"heldout-{kind}" for kind in KINDS} | {"mix": "heldout"}
-    return {name: list(itertools.islice(document_batches(builtin_examples(split), tokenizer, seq_len, batch_size),
-                                        n_batches)) for name, split in splits.items()}
+    return {
+        name: list(
+            itertools.islice(document_batches(builtin_examples(split), tokenizer, seq_len, batch_size), n_batches)
+        )
+        for name, split in splits.items()
+    }
 
 
 @torch.no_grad()
@@ -76,8 +87,9 @@ def token_mean_loss(model, batches: list[dict], device: torch.device) -> float:
     total, count = 0.0, 0
     for batch in batches:
         labels = batch["labels"].to(device)
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                    labels=labels)
+        out = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), labels=labels
+        )
         n = int((labels[:, 1:] != -100).sum())
         total += out.loss.item() * n
         count += n
@@ -108,13 +120,20 @@ def train_base(path: Path, recipe: BaseRecipe, say=print) -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     # Passes over the old era of the stream (the documents before the new facts).
     passes = itertools.chain.from_iterable(
-        document_batches(itertools.islice(builtin_examples("train"), NEW_FACTS_FROM), tokenizer, recipe.seq_len,
-                         recipe.batch_size) for _ in itertools.count())
-    bar = tqdm(itertools.islice(passes, recipe.steps), total=recipe.steps, desc="base model (once)",
-               disable=say is None)
+        document_batches(
+            itertools.islice(builtin_examples("train"), NEW_FACTS_FROM), tokenizer, recipe.seq_len, recipe.batch_size
+        )
+        for _ in itertools.count()
+    )
+    bar = tqdm(
+        itertools.islice(passes, recipe.steps), total=recipe.steps, desc="base model (once)", disable=say is None
+    )
     for batch in bar:
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                    labels=batch["labels"].to(device))
+        out = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            labels=batch["labels"].to(device),
+        )
         out.loss.backward()
         optimizer.step()
         schedule.step()
@@ -128,14 +147,19 @@ def train_base(path: Path, recipe: BaseRecipe, say=print) -> None:
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    meta = {"recipe": dataclasses.asdict(recipe), "seconds": round(time.time() - start, 1), "heldout": losses,
-            "torch": torch.__version__, "device": str(device)}
+    meta = {
+        "recipe": dataclasses.asdict(recipe),
+        "seconds": round(time.time() - start, 1),
+        "heldout": losses,
+        "torch": torch.__version__,
+        "device": str(device),
+    }
     (tmp / "base.json").write_text(json.dumps(meta, indent=1))
     if path.exists():
         import shutil
 
         shutil.rmtree(path)
-    tmp.rename(path)   # a crash mid-training leaves no half-written base
+    tmp.rename(path)  # a crash mid-training leaves no half-written base
 
 
 DEFAULT_RECIPE = BaseRecipe()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..weighting import METHODS
+from ..weighting.methods import METHODS
 from .train import BUILTIN, UserError, build_parser, check_extra, parse_args, threads_for, train
 
 # Options hardfocus-compare sets itself for each run.
@@ -32,19 +32,30 @@ _SET_PER_RUN = ("--method", "--seed", "--output-dir", "--resume", "--quiet")
 
 def _passed_through() -> str:
     """The ``hardfocus-train`` options that apply to every run, for ``--help``."""
-    options = [action.option_strings[-1] for action in build_parser()._actions
-               if action.option_strings and action.option_strings[-1] not in (*_SET_PER_RUN, "--help", "--overwrite")]
-    return ("Every other hardfocus-train option applies to every run (see hardfocus-train --help): "
-            + " ".join(options) + ".")
+    options = [
+        action.option_strings[-1]
+        for action in build_parser()._actions
+        if action.option_strings and action.option_strings[-1] not in (*_SET_PER_RUN, "--help", "--overwrite")
+    ]
+    return (
+        "Every other hardfocus-train option applies to every run (see hardfocus-train --help): "
+        + " ".join(options)
+        + "."
+    )
 
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="hardfocus-compare", description=__doc__.split("\n\n")[0],
-                                epilog=_passed_through(), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="hardfocus-compare",
+        description=__doc__.split("\n\n")[0],
+        epilog=_passed_through(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--methods", default="uniform,midranking,irdro", help="comma-separated, of " + ", ".join(METHODS))
     p.add_argument("--seeds", type=int, default=3, help="data orders per method")
-    p.add_argument("--output-dir", default="hardfocus-compare", help="where compare.md, compare.json and "
-                   "compare.png are written")
+    p.add_argument(
+        "--output-dir", default="hardfocus-compare", help="where compare.md, compare.json and compare.png are written"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a comparison already in --output-dir")
     args, train_argv = p.parse_known_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -66,25 +77,50 @@ def run_all(args: argparse.Namespace, train_argv: list[str], say=print) -> dict:
     total = args.seeds * len(args.methods)
     for seed in range(args.seeds):
         for method in args.methods:
-            run_args = parse_args([*train_argv, "--method", method, "--seed", str(seed), "--quiet",
-                                   "--output-dir", str(Path(args.output_dir) / f"{method}-seed{seed}")])
+            run_args = parse_args(
+                [
+                    *train_argv,
+                    "--method",
+                    method,
+                    "--seed",
+                    str(seed),
+                    "--quiet",
+                    "--output-dir",
+                    str(Path(args.output_dir) / f"{method}-seed{seed}"),
+                ]
+            )
             if not runs and run_args.model == BUILTIN:
                 from .base import ensure_base
 
-                ensure_base(say=say)                # says so when the base is trained (once)
+                ensure_base(say=say)  # says so when the base is trained (once)
             say(f"[{len(runs) + 1}/{total}] {method}, seed {seed}: training {run_args.num_batches} batches ...")
             start = time.time()
             log = train(run_args, save=False)
-            say(f"[{len(runs) + 1}/{total}] {method}, seed {seed}: held-out after "
+            say(
+                f"[{len(runs) + 1}/{total}] {method}, seed {seed}: held-out after "
                 + ", ".join(f"{k} {v:.4f}" for k, v in log["heldout_after"].items())
-                + f" ({time.time() - start:.0f} s)")
-            runs.append({"method": method, "seed": seed, "heldout_before": log["heldout_before"],
-                         "heldout_after": log["heldout_after"], "steps": log["steps"]})
+                + f" ({time.time() - start:.0f} s)"
+            )
+            runs.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "heldout_before": log["heldout_before"],
+                    "heldout_after": log["heldout_after"],
+                    "steps": log["steps"],
+                }
+            )
     settings = {k: v for k, v in vars(run_args).items() if k not in ("method", "seed", "output_dir", "given")}
-    return {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "methods": args.methods, "seeds": args.seeds, "settings": settings, "runs": runs,
-            "summary": summarize(runs, args.methods)}
+    return {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "methods": args.methods,
+        "seeds": args.seeds,
+        "settings": settings,
+        "runs": runs,
+        "summary": summarize(runs, args.methods),
+    }
 
 
 def summarize(runs: list[dict], methods: list[str]) -> dict:
@@ -119,22 +155,37 @@ def markdown(result: dict) -> str:
     summary = result["summary"]
     sets = list(next(iter(summary.values()))["after"])
     before = result["runs"][0]["heldout_before"]
-    lines = [f"# hardfocus-compare, {result['date']}", "",
-             f"{result['device']}, torch {result['torch']}; model `{s['model']}`, dataset `{s['dataset']}`, "
-             f"{s['num_batches']} batches of {s['batch_size']}, lr {s['lr']}, r {s['r']}, n1 {s['n1']}, n2 {s['n2']}; "
-             + _orders(result["seeds"]), "",
-             "Held-out loss after training (nats/token; lower is better), change from the base model in brackets:",
-             "", "| method | " + " | ".join(sets) + " |", "|---|" + "---:|" * len(sets),
-             "| base model | " + " | ".join(f"{before[x]:.4f}" for x in sets) + " |"]
+    lines = [
+        f"# hardfocus-compare, {result['date']}",
+        "",
+        f"{result['device']}, torch {result['torch']}; model `{s['model']}`, dataset `{s['dataset']}`, "
+        f"{s['num_batches']} batches of {s['batch_size']}, lr {s['lr']}, r {s['r']}, n1 {s['n1']}, n2 {s['n2']}; "
+        + _orders(result["seeds"]),
+        "",
+        "Held-out loss after training (nats/token; lower is better), change from the base model in brackets:",
+        "",
+        "| method | " + " | ".join(sets) + " |",
+        "|---|" + "---:|" * len(sets),
+        "| base model | " + " | ".join(f"{before[x]:.4f}" for x in sets) + " |",
+    ]
     spread = result["seeds"] > 1
     for method, row in summary.items():
-        cells = [f"{row['after'][x]['mean']:.4f}" + (f" ± {row['after'][x]['sd']:.4f}" if spread else "")
-                 + f" ({row['delta'][x]['mean']:+.4f})" for x in sets]
+        cells = [
+            f"{row['after'][x]['mean']:.4f}"
+            + (f" ± {row['after'][x]['sd']:.4f}" if spread else "")
+            + f" ({row['delta'][x]['mean']:+.4f})"
+            for x in sets
+        ]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     kinds = list(next(iter(summary.values()))["weight_share"])
-    lines += ["", "Where the weight went (mean share of each batch's weight; documents' share in brackets) "
-              "and the mean effective sample size:", "",
-              "| method | " + " | ".join(kinds) + " | ESS |", "|---|" + "---:|" * (len(kinds) + 1)]
+    lines += [
+        "",
+        "Where the weight went (mean share of each batch's weight; documents' share in brackets) "
+        "and the mean effective sample size:",
+        "",
+        "| method | " + " | ".join(kinds) + " | ESS |",
+        "|---|" + "---:|" * (len(kinds) + 1),
+    ]
     for method, row in summary.items():
         cells = [f"{row['weight_share'][k]:.3f} ({row['document_share'][k]:.3f})" for k in kinds]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {row['ess']:.2f} |")
@@ -173,14 +224,21 @@ def plot(result: dict, path: Path) -> None:
     spread = result["seeds"] > 1
     for i, method in enumerate(methods):
         xs = [j + i * width for j in range(len(sets))]
-        bars.bar(xs, [summary[method]["delta"][s]["mean"] for s in sets], width,
-                 yerr=[summary[method]["delta"][s]["sd"] for s in sets] if spread else None, label=method,
-                 capsize=3, color=METHOD_COLORS.get(method, f"C{i}"))
+        bars.bar(
+            xs,
+            [summary[method]["delta"][s]["mean"] for s in sets],
+            width,
+            yerr=[summary[method]["delta"][s]["sd"] for s in sets] if spread else None,
+            label=method,
+            capsize=3,
+            color=METHOD_COLORS.get(method, f"C{i}"),
+        )
     bars.axhline(0, color="black", linewidth=0.8)
     bars.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets)
     bars.set_ylabel("held-out loss after - before (nats/token)")
-    bars.set_title("held-out loss change from the base\n(below 0: better" + ("; bars: sd over data orders)"
-                                                                             if spread else ")"))
+    bars.set_title(
+        "held-out loss change from the base\n(below 0: better" + ("; bars: sd over data orders)" if spread else ")")
+    )
     bars.legend()
     colors = kind_colors(summary[methods[0]]["weight_share"])
     bottom = [0.0] * len(methods)
@@ -195,8 +253,11 @@ def plot(result: dict, path: Path) -> None:
         run = next(r for r in result["runs"] if r["method"] == method and r["seed"] == 0)
         weight_vs_loss(ax, run["steps"], f"{method}: weight vs loss per sequence (seed 0)")
     orders = f"{result['seeds']} data orders" if spread else "one data order"
-    fig.suptitle(f"Continual training from a trained base: {', '.join(methods)} "
-                 f"({result['settings']['num_batches']} batches, {orders})", fontsize=FONT_SIZE + 2)
+    fig.suptitle(
+        f"Continual training from a trained base: {', '.join(methods)} "
+        f"({result['settings']['num_batches']} batches, {orders})",
+        fontsize=FONT_SIZE + 2,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -210,7 +271,7 @@ def run_compare(argv: list[str] | None = None, say=print) -> dict:
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"--output-dir {out} already holds a comparison; pass --overwrite to replace it")
-    shared = parse_args([*train_argv, "--quiet"])      # the shared options are checked before any run
+    shared = parse_args([*train_argv, "--quiet"])  # the shared options are checked before any run
     with threads_for(shared):
         result = run_all(args, train_argv, say=say)
     out.mkdir(parents=True, exist_ok=True)

@@ -43,8 +43,10 @@ _DEFAULT_DATASET_CONFIGS = {"allenai/c4": "en"}
 
 
 def _sentence(rng: random.Random) -> str:
-    return (f"the {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} "
-            f"the {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)} {rng.choice(_PLACES)} .")
+    return (
+        f"the {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} "
+        f"the {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)} {rng.choice(_PLACES)} ."
+    )
 
 
 def _clean_document(rng: random.Random) -> str:
@@ -54,8 +56,10 @@ def _clean_document(rng: random.Random) -> str:
 def _noisy_document(rng: random.Random) -> str:
     words = _clean_document(rng).split()
     rng.shuffle(words)
-    junk = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
-            for _ in range(len(words) // 3)]
+    junk = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+        for _ in range(len(words) // 3)
+    ]
     mixed = words + junk
     rng.shuffle(mixed)
     return " ".join(mixed)
@@ -67,10 +71,28 @@ MIXTURE = {"common": 0.70, "informative": 0.15, "noise": 0.15}
 # trains on) state one table of facts; the documents after them, and the held-out
 # splits, state another: continual training meets knowledge its base has never seen.
 NEW_FACTS_FROM = 9600
-_HOMES = ["the marsh", "the glacier", "the canyon", "the orchard", "the harbour", "the desert", "the tower",
-          "the cave", "the meadow", "the island"]
-_FOODS = ["amber moss", "silver beans", "blue honey", "salt roots", "iron plums", "glass berries", "smoke fish",
-          "copper nuts"]
+_HOMES = [
+    "the marsh",
+    "the glacier",
+    "the canyon",
+    "the orchard",
+    "the harbour",
+    "the desert",
+    "the tower",
+    "the cave",
+    "the meadow",
+    "the island",
+]
+_FOODS = [
+    "amber moss",
+    "silver beans",
+    "blue honey",
+    "salt roots",
+    "iron plums",
+    "glass berries",
+    "smoke fish",
+    "copper nuts",
+]
 
 
 def _facts(era: str, n: int = 40) -> dict[str, tuple[str, str, str]]:
@@ -133,8 +155,7 @@ def shuffled(items: Iterator, seed: int, buffer: int = 1024) -> Iterator:
     yield from pool
 
 
-def document_batches(examples: Iterator[tuple[str, str]], tokenizer, seq_len: int,
-                     batch_size: int) -> Iterator[dict]:
+def document_batches(examples: Iterator[tuple[str, str]], tokenizer, seq_len: int, batch_size: int) -> Iterator[dict]:
     """One document per row, as the authors' code trains: each ``(kind, text)`` tokenized,
     cut to ``seq_len`` tokens and right-padded, the padding masked (``attention_mask`` 0,
     ``labels`` -100).  Yields ``{"input_ids", "attention_mask", "labels", "kinds"}``."""
@@ -150,8 +171,12 @@ def document_batches(examples: Iterator[tuple[str, str]], tokenizer, seq_len: in
         for row, tokens in enumerate(ids):
             input_ids[row, : len(tokens)] = torch.tensor(tokens)
             mask[row, : len(tokens)] = 1
-        yield {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100),
-               "kinds": [kind for kind, _ in rows]}
+        yield {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "labels": input_ids.masked_fill(mask == 0, -100),
+            "kinds": [kind for kind, _ in rows],
+        }
 
 
 def file_documents(path: Path) -> Iterator[str]:
@@ -220,8 +245,12 @@ def train_builtin_tokenizer(vocab_size: int = 512):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eos>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     sample = itertools.islice(builtin_documents("train"), 2000)
     bpe.train_from_iterator(sample, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<eos>")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..loss import hardfocus_loss
-from ..weighting import METHODS
+from ..weighting.methods import METHODS
 
 
 def eager_loss(hidden, weight, labels, method_weights):
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     weight = torch.randn(args.vocab, args.hidden, generator=gen) / args.hidden**0.5
     labels = torch.randint(0, args.vocab, (batch, seq_len), generator=gen)
     for i in range(batch):
-        labels[i, : i * seq_len // (4 * batch)] = -100                     # left padding, ragged
+        labels[i, : i * seq_len // (4 * batch)] = -100  # left padding, ragged
     # Sequences of different difficulty: hidden states of sequence i are pulled towards
     # the rows of their next tokens with strength 12 i / B, so its loss falls with i.
     targets = torch.cat([labels[:, 1:], labels[:, :1]], 1).clamp_min(0)
@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     labels = labels.to(device)
 
     start = time.perf_counter()
-    loss, stats = hardfocus_loss(hidden, weight, labels, method=args.method, r=args.r, impl=args.impl,
-                                 return_stats=True)
+    loss, stats = hardfocus_loss(
+        hidden, weight, labels, method=args.method, r=args.r, impl=args.impl, return_stats=True
+    )
     loss.backward()
     elapsed = time.perf_counter() - start
     grads = hidden.grad.clone(), weight.grad.clone()
@@ -69,18 +70,26 @@ def main(argv: list[str] | None = None) -> None:
     n_tokens = int(stats.n_tokens.sum())
     logits_mib = args.batch_size * args.seq_len * args.vocab * 4 / 2**20
 
-    print(f"hardfocus-fused demo on {device}: B={args.batch_size} T={args.seq_len} H={args.hidden} "
-          f"V={args.vocab}, method={args.method}, r={args.r}")
+    print(
+        f"hardfocus-fused demo on {device}: B={args.batch_size} T={args.seq_len} H={args.hidden} "
+        f"V={args.vocab}, method={args.method}, r={args.r}"
+    )
     print(f"loss            {loss.item():.6f}   (eager PyTorch: {reference.item():.6f})")
     print(f"seq loss        {' '.join(f'{v:.3f}' for v in stats.seq_loss.tolist())}")
     print(f"weights         {' '.join(f'{v:.3f}' for v in stats.weights.tolist())}")
     print(f"target tokens   {n_tokens} of {args.batch_size * args.seq_len}")
-    print(f"max |grad diff| hidden {(grads[0] - hidden.grad).abs().max().item():.2e}, "
-          f"weight {(grads[1] - weight.grad).abs().max().item():.2e} (vs eager)")
-    print(f"forward+backward {elapsed * 1000:.0f} ms fused, {eager_elapsed * 1000:.0f} ms eager (one run, "
-          f"not a benchmark; see benchmarks/)")
-    print(f"the fp32 logits the fused loss never allocated would take {logits_mib:.0f} MiB, "
-          f"and as much again for their gradient")
+    print(
+        f"max |grad diff| hidden {(grads[0] - hidden.grad).abs().max().item():.2e}, "
+        f"weight {(grads[1] - weight.grad).abs().max().item():.2e} (vs eager)"
+    )
+    print(
+        f"forward+backward {elapsed * 1000:.0f} ms fused, {eager_elapsed * 1000:.0f} ms eager (one run, "
+        f"not a benchmark; see benchmarks/)"
+    )
+    print(
+        f"the fp32 logits the fused loss never allocated would take {logits_mib:.0f} MiB, "
+        f"and as much again for their gradient"
+    )
 
 
 if __name__ == "__main__":

@@ -13,9 +13,8 @@ import json
 import tempfile
 from pathlib import Path
 
-PAPER_TASKS = ("piqa", "hellaswag", "winogrande", "arc_challenge", "boolq", "mmlu")
 BUILTIN_TASK = "builtin_facts"
-SOTU_TASK = "sotu_next_sentence"     # speeches.TASK
+SOTU_TASK = "sotu_next_sentence"  # speeches.TASK
 
 
 def builtin_task_dir(root: Path) -> Path:
@@ -24,8 +23,10 @@ def builtin_task_dir(root: Path) -> Path:
 
     folder = root / BUILTIN_TASK
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"question": f"the {name} lives in", "choices": [f" {home}" for home in _HOMES],
-             "answer": _HOMES.index(home)} for name, (home, _, _) in sorted(_FACTS["new"].items())]
+    rows = [
+        {"question": f"the {name} lives in", "choices": [f" {home}" for home in _HOMES], "answer": _HOMES.index(home)}
+        for name, (home, _, _) in sorted(_FACTS["new"].items())
+    ]
     data = folder / "facts.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     (folder / f"{BUILTIN_TASK}.yaml").write_text(
@@ -34,15 +35,23 @@ def builtin_task_dir(root: Path) -> Path:
         f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
         "test_split: test\n"
         "output_type: multiple_choice\n"
-        "doc_to_text: \"{{question}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: \"{{answer}}\"\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
     return folder
 
 
-def evaluate(model, tokenizer, tasks: list[str], include_path: str | None = None, limit: int | None = None,
-             batch_size: int = 8, train_until: int = 2016) -> dict[str, dict[str, float]]:
+def evaluate(
+    model,
+    tokenizer,
+    tasks: list[str],
+    include_path: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    train_until: int = 2016,
+) -> dict[str, dict[str, float]]:
     """0-shot lm-evaluation-harness metrics ``{task: {metric: value}}`` of ``model`` as it is
     in memory (a patched model evaluates with its own logits: no labels are passed).
     ``sotu_next_sentence`` is built from the addresses after ``train_until``."""
@@ -51,8 +60,9 @@ def evaluate(model, tokenizer, tasks: list[str], include_path: str | None = None
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise ImportError("downstream evaluation needs lm-evaluation-harness: pip install 'hardfocus-fused[eval]'") \
-            from None
+        raise ImportError(
+            "downstream evaluation needs lm-evaluation-harness: pip install 'hardfocus-fused[eval]'"
+        ) from None
     with tempfile.TemporaryDirectory() as tmp:
         paths = [include_path] if include_path else []
         if BUILTIN_TASK in tasks:
@@ -64,11 +74,15 @@ def evaluate(model, tokenizer, tasks: list[str], include_path: str | None = None
         manager = TaskManager(include_path=paths or None)
         was_training = model.training
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=0, limit=limit,
-                                      log_samples=False)
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=0, limit=limit, log_samples=False
+        )
         model.train(was_training)
     results = {}
     for task, metrics in out["results"].items():
-        results[task] = {name.split(",")[0]: float(value) for name, value in metrics.items()
-                         if isinstance(value, (int, float)) and "stderr" not in name and name != "sample_len"}
+        results[task] = {
+            name.split(",")[0]: float(value)
+            for name, value in metrics.items()
+            if isinstance(value, (int, float)) and "stderr" not in name and name != "sample_len"
+        }
     return results

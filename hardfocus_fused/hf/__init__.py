@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from torch import nn
 
 from ..options import HardFocusOptions
@@ -84,7 +83,7 @@ def apply_hardfocus(
     (``num_items_in_batch``), each micro-batch's weighted loss is scaled by its share of the
     step's target tokens, so ``method="mean"`` gives exactly the standard loss and the
     weighted methods weight sequences within each micro-batch (over all ranks of
-    ``group``); a weighting rule from ``hardfocus_fused.accumulate`` weighs the whole
+    ``group``); a weighting rule from ``hardfocus_fused.weighting.accumulate`` weighs the whole
     step (see ``hf.loss.trainer_factor``).
 
     The model may be patched before or after it is wrapped in DDP or FSDP (1 or 2), and
@@ -120,37 +119,49 @@ def apply_hardfocus(
             reproduce.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a loaded torch.nn.Module (a transformers causal LM), got "
-                        f"{type(model).__name__} {model!r:.80}; load it first, e.g. "
-                        f"AutoModelForCausalLM.from_pretrained(name)")
+        raise TypeError(
+            f"model must be a loaded torch.nn.Module (a transformers causal LM), got "
+            f"{type(model).__name__} {model!r:.80}; load it first, e.g. "
+            f"AutoModelForCausalLM.from_pretrained(name)"
+        )
     options = model_options(HardFocusOptions.build(options, **keywords))
     if not isinstance(eval_logits, bool):
         raise TypeError(f"eval_logits must be True or False, got {eval_logits!r}")
     target = unwrap(model)
     previous = hardfocus_patch(target)
     if previous is not None:
-        warnings.warn(f"{type(target).__name__} was already patched by apply_hardfocus (method="
-                      f"{previous.options.weighting.method!r}); that patch is replaced by this one", stacklevel=2)
+        warnings.warn(
+            f"{type(target).__name__} was already patched by apply_hardfocus (method="
+            f"{previous.options.weighting.method!r}); that patch is replaced by this one",
+            stacklevel=2,
+        )
         remove_hardfocus(target)
     config = getattr(target, "config", None)
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"{type(target).__name__} is an encoder-decoder model, not a causal language model; "
-                         f"apply_hardfocus patches causal LMs (what AutoModelForCausalLM loads)")
+        raise ValueError(
+            f"{type(target).__name__} is an encoder-decoder model, not a causal language model; "
+            f"apply_hardfocus patches causal LMs (what AutoModelForCausalLM loads)"
+        )
     reason = not_causal_lm(target)
     if reason is not None:
-        raise ValueError(f"{type(target).__name__} is not a causal language model: it is {reason}; apply_hardfocus "
-                         f"patches causal LMs (what AutoModelForCausalLM loads)")
+        raise ValueError(
+            f"{type(target).__name__} is not a causal language model: it is {reason}; apply_hardfocus "
+            f"patches causal LMs (what AutoModelForCausalLM loads)"
+        )
     head = find_linear_head(target)
     if not hasattr(target, "loss_function"):
-        raise ValueError(f"{type(target).__name__} has no loss_function; apply_hardfocus needs a transformers "
-                         f"causal LM that computes its loss through self.loss_function")
+        raise ValueError(
+            f"{type(target).__name__} has no loss_function; apply_hardfocus needs a transformers "
+            f"causal LM that computes its loss through self.loss_function"
+        )
     options.cross_entropy.check_head(head.out_features, None)
     patch = HardFocusPatch(target, head, backbone_of(target), options, eval_logits=eval_logits)
     patch.install()
     if verify:
         try:
             from .probe import probe
-            probe(patch, model)   # through the wrappers, which gather sharded weights
+
+            probe(patch, model)  # through the wrappers, which gather sharded weights
         except Exception:
             patch.uninstall()
             raise
@@ -159,9 +170,13 @@ def apply_hardfocus(
 
 # What a Hugging Face model defines itself: not options of apply_hardfocus (the patch sets
 # them per model, see HardFocusPatch.compute).
-MODEL_DEFINED = {"ignore_index": "the models score labels -100 as ignored", "softcap": "the patch reads the config's "
-                 "final_logit_softcapping", "temperature": "training uses the logits as they are",
-                 "shift": "the model shifts its labels itself", "return_stats": "the output carries hardfocus_stats"}
+MODEL_DEFINED = {
+    "ignore_index": "the models score labels -100 as ignored",
+    "softcap": "the patch reads the config's final_logit_softcapping",
+    "temperature": "training uses the logits as they are",
+    "shift": "the model shifts its labels itself",
+    "return_stats": "the output carries hardfocus_stats",
+}
 
 
 def model_options(options: HardFocusOptions) -> HardFocusOptions:

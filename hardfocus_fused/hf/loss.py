@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .._tokens import document_starts, shift_targets
 from ..loss import HardFocusStats
 from ..options import HardFocusOptions
+from ..tokens import document_starts, shift_targets
 
 
 @dataclass
@@ -23,8 +23,16 @@ class Targets:
     token_weight: torch.Tensor | None = None
 
 
-def call_targets(labels, shift_labels, position_ids, attention_mask, logits_to_keep, device,
-                 ignore_index: int = -100, token_weight: torch.Tensor | None = None) -> Targets:
+def call_targets(
+    labels,
+    shift_labels,
+    position_ids,
+    attention_mask,
+    logits_to_keep,
+    device,
+    ignore_index: int = -100,
+    token_weight: torch.Tensor | None = None,
+) -> Targets:
     """Targets of the positions ``lm_head`` sees, from the arguments the model was called with.
 
     ``labels`` are shifted by one, never across a document boundary of packed rows
@@ -37,7 +45,7 @@ def call_targets(labels, shift_labels, position_ids, attention_mask, logits_to_k
     if position_ids is not None:
         position_ids = position_ids.to(device).expand(labels.shape)
     if attention_mask is not None and (attention_mask.dim() != 2 or position_ids is None):
-        attention_mask = None     # a 4-D mask, or padding told by the labels alone
+        attention_mask = None  # a 4-D mask, or padding told by the labels alone
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)
     if token_weight is not None:
@@ -55,7 +63,10 @@ def call_targets(labels, shift_labels, position_ids, attention_mask, logits_to_k
         index = logits_to_keep.to(device)
     else:
         raise ValueError("with labels, logits_to_keep must be an int or a 1-D tensor of positions")
-    keep = lambda t: t[:, index] if t is not None else None
+
+    def keep(t):
+        return t[:, index] if t is not None else None
+
     return Targets(keep(targets), keep(position_ids), keep(attention_mask), keep(token_weight))
 
 
@@ -65,8 +76,9 @@ def token_mean(stats: HardFocusStats, seq_reduction: str) -> torch.Tensor:
     return token_sums.sum() / stats.n_tokens.sum().clamp_min(1)
 
 
-def trainer_factor(stats: HardFocusStats, num_items_in_batch, method, group,
-                   trainer_loss_scale: int | None) -> torch.Tensor | float:
+def trainer_factor(
+    stats: HardFocusStats, num_items_in_batch, method, group, trainer_loss_scale: int | None
+) -> torch.Tensor | float:
     """What turns this micro-batch's loss into the one the ``transformers.Trainer`` expects.
 
     The Trainer passes ``num_items_in_batch`` (the step's target count: over all ranks
@@ -89,23 +101,26 @@ def trainer_factor(stats: HardFocusStats, num_items_in_batch, method, group,
     if callable(method):
         if trainer_loss_scale is None:
             if _world_size() > 1:
-                raise ValueError("a weighting rule (method=AccumulatedIRDRO/TwoPassRanking) under a multi-process "
-                                 "Trainer needs hardfocus_fused.hf.trainer.AccumulationCallback, which reads how "
-                                 "the Trainer scales the loss")
+                raise ValueError(
+                    "a weighting rule (method=AccumulatedIRDRO/TwoPassRanking) under a multi-process "
+                    "Trainer needs hardfocus_fused.hf.trainer.AccumulationCallback, which reads how "
+                    "the Trainer scales the loss"
+                )
             trainer_loss_scale = 1
         return 1.0 / trainer_loss_scale
     n_tokens = stats.n_tokens.sum()
     if group is None:
         return n_tokens / num_items_in_batch
-    counts = torch.stack([n_tokens.to(torch.float64),
-                          torch.as_tensor(num_items_in_batch, dtype=torch.float64, device=n_tokens.device)])
+    counts = torch.stack(
+        [n_tokens.to(torch.float64), torch.as_tensor(num_items_in_batch, dtype=torch.float64, device=n_tokens.device)]
+    )
     torch.distributed.all_reduce(counts, group=group)
     return (counts[0] / counts[1]).float()
 
 
 def batch_options(options: HardFocusOptions) -> HardFocusOptions:
     """The loss options for a call that must not touch a weighting rule's state
-    (evaluation): a rule from ``hardfocus_fused.accumulate`` becomes its per-batch method
+    (evaluation): a rule from ``hardfocus_fused.weighting.accumulate`` becomes its per-batch method
     (``rule.batch_options()``), any other callable the token mean; the weights are over
     this rank's batch."""
     method = options.weighting.method

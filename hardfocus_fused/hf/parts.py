@@ -16,6 +16,7 @@ def _wrapper_types() -> tuple[type, ...]:
     if not torch.distributed.is_available():
         return ()
     from torch.distributed.fsdp import FullyShardedDataParallel
+
     return nn.parallel.DistributedDataParallel, FullyShardedDataParallel
 
 
@@ -37,18 +38,24 @@ def find_linear_head(model: nn.Module) -> nn.Linear:
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head): not a causal language "
-                         f"model; apply_hardfocus patches causal LMs (what AutoModelForCausalLM loads)")
+        raise ValueError(
+            f"{type(model).__name__} has no output embeddings (lm_head): not a causal language "
+            f"model; apply_hardfocus patches causal LMs (what AutoModelForCausalLM loads)"
+        )
     head = unwrap(head)
     if isinstance(head, nn.Linear) and not hasattr(head, "base_layer"):
         return head
     kind = f"{type(head).__module__}.{type(head).__qualname__}"
-    if hasattr(head, "base_layer"):   # a PEFT tuner layer (LoRA, ...) around the head
-        raise TypeError(f"{type(model).__name__}'s lm_head carries a PEFT adapter ({kind}); hardfocus needs a plain "
-                        f"torch.nn.Linear head: leave lm_head out of the adapter's target_modules, or merge the "
-                        f"adapter (merge_and_unload) before apply_hardfocus")
-    raise TypeError(f"{type(model).__name__}'s lm_head is a {kind}, not a torch.nn.Linear; apply_hardfocus needs a "
-                    f"plain linear head")
+    if hasattr(head, "base_layer"):  # a PEFT tuner layer (LoRA, ...) around the head
+        raise TypeError(
+            f"{type(model).__name__}'s lm_head carries a PEFT adapter ({kind}); hardfocus needs a plain "
+            f"torch.nn.Linear head: leave lm_head out of the adapter's target_modules, or merge the "
+            f"adapter (merge_and_unload) before apply_hardfocus"
+        )
+    raise TypeError(
+        f"{type(model).__name__}'s lm_head is a {kind}, not a torch.nn.Linear; apply_hardfocus needs a "
+        f"plain linear head"
+    )
 
 
 def backbone_of(model: nn.Module) -> nn.Module | None:
@@ -59,9 +66,14 @@ def backbone_of(model: nn.Module) -> nn.Module | None:
 
 # transformers' task mappings whose models are not causal LMs (a class listed in one of
 # these and not among the causal LMs is refused by name, before the probe).
-_OTHER_TASKS = {"MASKED_LM": "a masked language model", "SEQUENCE_CLASSIFICATION": "a sequence classifier",
-                "TOKEN_CLASSIFICATION": "a token classifier", "QUESTION_ANSWERING": "a question-answering model",
-                "MULTIPLE_CHOICE": "a multiple-choice model", "PRETRAINING": "a pre-training model"}
+_OTHER_TASKS = {
+    "MASKED_LM": "a masked language model",
+    "SEQUENCE_CLASSIFICATION": "a sequence classifier",
+    "TOKEN_CLASSIFICATION": "a token classifier",
+    "QUESTION_ANSWERING": "a question-answering model",
+    "MULTIPLE_CHOICE": "a multiple-choice model",
+    "PRETRAINING": "a pre-training model",
+}
 
 
 def not_causal_lm(model: nn.Module) -> str | None:

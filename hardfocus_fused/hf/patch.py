@@ -52,13 +52,13 @@ class _Call:
     position_ids: torch.Tensor | None
     attention_mask: torch.Tensor | None
     logits_to_keep: int | torch.Tensor
-    evaluating: bool                          # no grad, eval mode: plain loss, logits kept if eval_logits
+    evaluating: bool  # no grad, eval mode: plain loss, logits kept if eval_logits
     token_weight: torch.Tensor | None = None  # the batch's weight columns (DATA_COLUMNS)
     sample_weight: torch.Tensor | None = None
     head_calls: int = 0
-    loss: torch.Tensor | None = None          # computed by lm_head
+    loss: torch.Tensor | None = None  # computed by lm_head
     stats: HardFocusStats | None = None
-    standin: torch.Tensor | None = None       # what loss_function got instead of the logits
+    standin: torch.Tensor | None = None  # what loss_function got instead of the logits
     loss_returned: bool = False
 
 
@@ -80,8 +80,11 @@ def _with_columns(signature: inspect.Signature) -> inspect.Signature:
     receiver = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     params = [receiver, *signature.parameters.values()]
     at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
-    columns = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
-               for name in DATA_COLUMNS if name not in signature.parameters]
+    columns = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+        for name in DATA_COLUMNS
+        if name not in signature.parameters
+    ]
     return signature.replace(parameters=params[:at] + columns + params[at:])
 
 
@@ -95,14 +98,20 @@ class HardFocusPatch:
     (settable) says whether evaluation calls return the logits.
     """
 
-    def __init__(self, model: nn.Module, head: nn.Linear, backbone: nn.Module | None, options: HardFocusOptions,
-                 eval_logits: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        head: nn.Linear,
+        backbone: nn.Module | None,
+        options: HardFocusOptions,
+        eval_logits: bool = True,
+    ) -> None:
         self.model, self.head, self.backbone, self.options = model, head, backbone, options
         self.eval_logits = eval_logits
         self.softcap = _config_value(getattr(model, "config", None), "final_logit_softcapping")
         self.scale = 1.0
-        self.mode = "loss"            # "loss": compute the loss; "probe" (see hf.probe); "off": the model's own
-        self.probe_gain = 1.0         # probe mode: lm_head sees its input times this
+        self.mode = "loss"  # "loss": compute the loss; "probe" (see hf.probe); "off": the model's own
+        self.probe_gain = 1.0  # probe mode: lm_head sees its input times this
         self.probe_raw = None
         self.call: _Call | None = None
         self.last_stats: HardFocusStats | None = None
@@ -143,8 +152,9 @@ class HardFocusPatch:
 
     @functools.cached_property
     def _var_kwargs(self) -> str | None:
-        return next((p.name for p in self._signature.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD),
-                    None)
+        return next(
+            (p.name for p in self._signature.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD), None
+        )
 
     def forward_method(self):
         """The ``forward`` installed on the model: a copy of ``_patched_forward`` carrying the
@@ -156,8 +166,13 @@ class HardFocusPatch:
         ``_patched_forward`` accepts; pickling stores it as ``getattr(patch,
         "_hardfocus_forward")``, which rebuilds it for the reloaded model; and being a plain
         function with source, ``torch.compile`` traces it."""
-        function = types.FunctionType(_patched_forward.__code__, _patched_forward.__globals__, "_hardfocus_forward",
-                                      _patched_forward.__defaults__, _patched_forward.__closure__)
+        function = types.FunctionType(
+            _patched_forward.__code__,
+            _patched_forward.__globals__,
+            "_hardfocus_forward",
+            _patched_forward.__defaults__,
+            _patched_forward.__closure__,
+        )
         function.__qualname__ = f"{self.name}.forward"
         function.__doc__ = getattr(type(self.model).forward, "__doc__", None)
         function.__signature__ = _with_columns(self._signature)
@@ -170,14 +185,14 @@ class HardFocusPatch:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for derived in ("_signature", "_var_kwargs"):   # recomputed after loading
+        for derived in ("_signature", "_var_kwargs"):  # recomputed after loading
             state.pop(derived, None)
         return state
 
     # -- installed on the instance -------------------------------------------------------
 
     def patched_forward(self, *args, **kwargs):
-        columns = {name: kwargs.pop(name) for name in DATA_COLUMNS if name in kwargs}   # never the model's
+        columns = {name: kwargs.pop(name) for name in DATA_COLUMNS if name in kwargs}  # never the model's
         if self.mode == "off":
             return self._forward(*args, **kwargs)
         bound = self._signature.bind_partial(*args, **kwargs).arguments
@@ -187,18 +202,25 @@ class HardFocusPatch:
             return bound.get(name, extra.get(name, default))
 
         labels = argument("labels")
-        if labels is None:   # inference, generation; a backward through it is refused (backbone_guard)
+        if labels is None:  # inference, generation; a backward through it is refused (backbone_guard)
             return self._forward(*args, **kwargs)
         self._check_head()
-        self.call = _Call(labels=labels, shift_labels=argument("shift_labels"),
-                          position_ids=argument("position_ids"), attention_mask=argument("attention_mask"),
-                          logits_to_keep=argument("logits_to_keep", 0),
-                          evaluating=not self.model.training and not torch.is_grad_enabled(), **columns)
+        self.call = _Call(
+            labels=labels,
+            shift_labels=argument("shift_labels"),
+            position_ids=argument("position_ids"),
+            attention_mask=argument("attention_mask"),
+            logits_to_keep=argument("logits_to_keep", 0),
+            evaluating=not self.model.training and not torch.is_grad_enabled(),
+            **columns,
+        )
         try:
             out = self._forward(*args, **kwargs)
             if not self.call.loss_returned:
-                raise ValueError(f"{self.name}.forward did not compute its loss through self.loss_function, so "
-                                 f"hardfocus cannot compute it.  {BYPASS_HELP}")
+                raise ValueError(
+                    f"{self.name}.forward did not compute its loss through self.loss_function, so "
+                    f"hardfocus cannot compute it.  {BYPASS_HELP}"
+                )
             return self._output(out)
         finally:
             self.call = None
@@ -208,8 +230,9 @@ class HardFocusPatch:
         if call is not None and self.mode == "loss":
             call.head_calls += 1
             if call.head_calls > 1:
-                raise RuntimeError(f"lm_head ran more than once in one forward of {self.name}; hardfocus supports "
-                                   f"exactly one")
+                raise RuntimeError(
+                    f"lm_head ran more than once in one forward of {self.name}; hardfocus supports exactly one"
+                )
             options = batch_options(self.options) if call.evaluating else self.options
             call.loss, call.stats = self.compute(hidden, call, options)
             if call.evaluating and self.eval_logits:
@@ -222,25 +245,40 @@ class HardFocusPatch:
             return self.probe_raw
         return self._head_forward(hidden)
 
-    def loss_function(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
-                      shift_labels=None, **kwargs):
+    def loss_function(
+        self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs
+    ):
         call = self.call
-        if call is None:   # called from outside a patched forward: behave as before
-            return self._loss_function(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
-                                       ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
+        if call is None:  # called from outside a patched forward: behave as before
+            return self._loss_function(
+                logits,
+                labels,
+                vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                ignore_index=ignore_index,
+                shift_labels=shift_labels,
+                **kwargs,
+            )
         if call.loss is None:
-            raise RuntimeError(f"{self.name}.forward called loss_function without running lm_head; hardfocus "
-                               f"cannot compute its loss")
+            raise RuntimeError(
+                f"{self.name}.forward called loss_function without running lm_head; hardfocus cannot compute its loss"
+            )
         if ignore_index != -100:
-            raise ValueError(f"{self.name}.forward passed ignore_index={ignore_index} to loss_function; hardfocus "
-                             f"computes the loss with -100")
-        for what, given, expected in (("labels", labels, call.labels),
-                                      ("shift_labels", shift_labels, call.shift_labels)):
+            raise ValueError(
+                f"{self.name}.forward passed ignore_index={ignore_index} to loss_function; hardfocus "
+                f"computes the loss with -100"
+            )
+        for what, given, expected in (
+            ("labels", labels, call.labels),
+            ("shift_labels", shift_labels, call.shift_labels),
+        ):
             if not _same(given, expected):
-                raise ValueError(f"{self.name}.forward passed loss_function other {what} than it was called with; "
-                                 f"hardfocus computes the loss from the {what} given to the model")
+                raise ValueError(
+                    f"{self.name}.forward passed loss_function other {what} than it was called with; "
+                    f"hardfocus computes the loss from the {what} given to the model"
+                )
         call.loss_returned = True
-        call.standin = logits       # the stand-in (after the model's post-processing), or real logits in evaluation
+        call.standin = logits  # the stand-in (after the model's post-processing), or real logits in evaluation
         stats = call.stats
         if call.evaluating:
             # Evaluation reports the plain token-mean loss, comparable across methods; the
@@ -251,8 +289,9 @@ class HardFocusPatch:
         loss = call.loss + logits.sum().to(call.loss.dtype)
         if num_items_in_batch is not None:
             weighting = self.options.weighting
-            loss = loss * trainer_factor(stats, num_items_in_batch, weighting.method, weighting.group,
-                                         self.trainer_loss_scale)
+            loss = loss * trainer_factor(
+                stats, num_items_in_batch, weighting.method, weighting.group, self.trainer_loss_scale
+            )
         self.train_log.record(stats)
         return loss
 
@@ -267,40 +306,63 @@ class HardFocusPatch:
             return
         hidden = output[0] if isinstance(output, (tuple, dict)) else output
         if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-            cause = trainer_bypass()      # read now: the backward may run on another thread
+            cause = trainer_bypass()  # read now: the backward may run on another thread
             hidden.register_hook(lambda grad: self._refuse_backward(cause))
 
     def _refuse_backward(self, cause: str | None):
         if cause is not None:
             raise ValueError(f"{self.name} is patched by apply_hardfocus, but {cause}")
-        raise ValueError(f"a loss computed outside the hardfocus patch is being backpropagated through "
-                         f"{self.name} (patched by apply_hardfocus): the model would train on it instead of the "
-                         f"sample-reweighted loss.  {BYPASS_HELP}")
+        raise ValueError(
+            f"a loss computed outside the hardfocus patch is being backpropagated through "
+            f"{self.name} (patched by apply_hardfocus): the model would train on it instead of the "
+            f"sample-reweighted loss.  {BYPASS_HELP}"
+        )
 
     # -- the loss ------------------------------------------------------------------------
 
-    def compute(self, hidden: torch.Tensor, call: _Call,
-                options: HardFocusOptions) -> tuple[torch.Tensor, HardFocusStats]:
+    def compute(
+        self, hidden: torch.Tensor, call: _Call, options: HardFocusOptions
+    ) -> tuple[torch.Tensor, HardFocusStats]:
         """``hardfocus_loss`` of the hidden states ``lm_head`` was given, with ``options``
         and what the model defines (its soft-capping, labels already aligned by
         ``call_targets``, -100 ignored, the stats returned)."""
-        where = call_targets(call.labels, call.shift_labels, call.position_ids, call.attention_mask,
-                             call.logits_to_keep, hidden.device, token_weight=call.token_weight)
+        where = call_targets(
+            call.labels,
+            call.shift_labels,
+            call.position_ids,
+            call.attention_mask,
+            call.logits_to_keep,
+            hidden.device,
+            token_weight=call.token_weight,
+        )
         if where.targets.shape != hidden.shape[:2]:
-            raise ValueError(f"labels give targets of shape {tuple(where.targets.shape)} but lm_head saw hidden "
-                             f"states of shape {tuple(hidden.shape[:2])}")
+            raise ValueError(
+                f"labels give targets of shape {tuple(where.targets.shape)} but lm_head saw hidden "
+                f"states of shape {tuple(hidden.shape[:2])}"
+            )
         weight, bias = self.head.weight, self.head.bias
         if _is_dtensor(weight):
-            raise ValueError(f"{self.name}.lm_head's weight is a DTensor inside lm_head's own forward (tensor "
-                             f"parallel?); hardfocus needs the whole weight there, as FSDP provides")
+            raise ValueError(
+                f"{self.name}.lm_head's weight is a DTensor inside lm_head's own forward (tensor "
+                f"parallel?); hardfocus needs the whole weight there, as FSDP provides"
+            )
         if self.scale != 1.0:
             hidden = hidden * self.scale
             bias = bias * self.scale if bias is not None else None
         options = options.replace(softcap=self.softcap, shift=0, ignore_index=-100, return_stats=True)
         sample_weight = call.sample_weight.to(hidden.device).float() if call.sample_weight is not None else None
-        return hardfocus_loss(hidden, weight, where.targets, bias=bias, shift=False, position_ids=where.position_ids,
-                              attention_mask=where.attention_mask if where.position_ids is not None else None,
-                              token_weight=where.token_weight, sample_weight=sample_weight, options=options)
+        return hardfocus_loss(
+            hidden,
+            weight,
+            where.targets,
+            bias=bias,
+            shift=False,
+            position_ids=where.position_ids,
+            attention_mask=where.attention_mask if where.position_ids is not None else None,
+            token_weight=where.token_weight,
+            sample_weight=sample_weight,
+            options=options,
+        )
 
     @contextlib.contextmanager
     def options_for(self, **overrides):
@@ -343,18 +405,23 @@ class HardFocusPatch:
         except (TypeError, ValueError) as error:
             current = error
         if current is not self.head:
-            raise ValueError(f"{self.name}'s lm_head was replaced after apply_hardfocus (by resize_token_embeddings, "
-                             f"an adapter on the head, or set_output_embeddings): {current!r:.200}.  Call "
-                             f"apply_hardfocus(model) again after changing the head; LoRA on lm_head is not "
-                             f"supported (leave it out of target_modules)")
+            raise ValueError(
+                f"{self.name}'s lm_head was replaced after apply_hardfocus (by resize_token_embeddings, "
+                f"an adapter on the head, or set_output_embeddings): {current!r:.200}.  Call "
+                f"apply_hardfocus(model) again after changing the head; LoRA on lm_head is not "
+                f"supported (leave it out of target_modules)"
+            )
 
     def _output(self, out):
         """The model's output without the stand-in logits, with the weighting's stats."""
         call = self.call
         self.last_stats = call.stats
         real_logits = call.evaluating and self.eval_logits
-        keep = lambda value: real_logits or value is not call.standin
-        if isinstance(out, tuple):   # return_dict=False: the stand-in is dropped wherever it sits
+
+        def keep(value):
+            return real_logits or value is not call.standin
+
+        if isinstance(out, tuple):  # return_dict=False: the stand-in is dropped wherever it sits
             return tuple(item for item in out if keep(item))
         fields = {k: v for k, v in out.items() if keep(v)}
         new = type(out)(**fields)
@@ -430,13 +497,19 @@ def trainer_bypass() -> str | None:
     trainer = frame.f_locals["self"]
     smoothing = getattr(trainer.args, "label_smoothing_factor", 0.0)
     if smoothing:
-        return (f"the Trainer has label_smoothing_factor={smoothing}, so it calls the model without labels and "
-                f"smooths the logits itself: call HardFocusCallback.attach(trainer) (or use HardFocusSFTTrainer), "
-                f"which moves the label smoothing into the fused loss")
+        return (
+            f"the Trainer has label_smoothing_factor={smoothing}, so it calls the model without labels and "
+            f"smooths the logits itself: call HardFocusCallback.attach(trainer) (or use HardFocusSFTTrainer), "
+            f"which moves the label smoothing into the fused loss"
+        )
     if getattr(trainer, "compute_loss_func", None) is not None:
-        return ("the Trainer has a compute_loss_func, which computes the loss from the logits: drop it (the patched "
-                "model computes the loss itself)")
+        return (
+            "the Trainer has a compute_loss_func, which computes the loss from the logits: drop it (the patched "
+            "model computes the loss itself)"
+        )
     if "trl" in sys.modules and type(trainer).__name__ == "SFTTrainer":
-        return ("TRL's SFTTrainer computes its own loss: train with hardfocus_fused.hf.trl.HardFocusSFTTrainer, the "
-                "same trainer taking the patched model's loss")
+        return (
+            "TRL's SFTTrainer computes its own loss: train with hardfocus_fused.hf.trl.HardFocusSFTTrainer, the "
+            "same trainer taking the patched model's loss"
+        )
     return None

@@ -23,7 +23,7 @@ import math
 import torch
 
 _PROBE_TOKENS = 8
-_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}   # others (bf16, fp16): 3e-2
+_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}  # others (bf16, fp16): 3e-2
 
 
 def _logits_with_gain(patch, runner, ids, gain: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +36,7 @@ def _logits_with_gain(patch, runner, ids, gain: float) -> tuple[torch.Tensor, to
 def _declared_scales(config) -> list[float]:
     scales = [1.0]
     for cfg in (config, getattr(config, "text_config", None)):
-        for name, value in (vars(cfg).items() if cfg is not None else ()):
+        for name, value in vars(cfg).items() if cfg is not None else ():
             if "logit" in name and "scal" in name and isinstance(value, (int, float)) and value:
                 scales += [float(value), 1.0 / float(value)]
     return scales
@@ -54,8 +54,10 @@ def _fit_scale(patch, runner, ids, head_max: float, exact_dtype: bool) -> float:
         return declared
     if exact_dtype:
         return fitted
-    raise ProbeRefusal(f"cannot patch {name}: its logits are lm_head's output times {fitted:.4g}, a scaling its "
-                       f"config does not declare")
+    raise ProbeRefusal(
+        f"cannot patch {name}: its logits are lm_head's output times {fitted:.4g}, a scaling its "
+        f"config does not declare"
+    )
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -83,10 +85,12 @@ def probe(patch, runner) -> None:
         raise
     except Exception as error:
         first_line = str(error).splitlines()[0] if str(error) else ""
-        raise ValueError(f"cannot patch {type(patch.model).__name__}: this architecture is not supported (the "
-                         f"patch-time probe failed with {type(error).__name__}: {first_line:.200}); apply_hardfocus "
-                         f"needs a causal LM whose forward computes the logits as lm_head(hidden), elementwise "
-                         f"post-processing aside, and its loss through self.loss_function") from error
+        raise ValueError(
+            f"cannot patch {type(patch.model).__name__}: this architecture is not supported (the "
+            f"patch-time probe failed with {type(error).__name__}: {first_line:.200}); apply_hardfocus "
+            f"needs a causal LM whose forward computes the logits as lm_head(hidden), elementwise "
+            f"post-processing aside, and its loss through self.loss_function"
+        ) from error
     finally:
         runner.train(was_training)
         patch.mode, patch.probe_gain = "loss", 1.0
@@ -118,17 +122,20 @@ def _measure(patch, runner) -> None:
         expected = patch.softcap * torch.tanh(expected / patch.softcap)
     err = _relative_error(y, expected)
     if err > tolerance:
-        raise ProbeRefusal(f"cannot patch {name}: its logits are not softcap(scale * lm_head(h)) "
-                           f"(relative difference {err:.2e} with softcap={patch.softcap}, "
-                           f"scale={patch.scale}); its forward transforms the logits in a way "
-                           f"hardfocus does not reproduce")
+        raise ProbeRefusal(
+            f"cannot patch {name}: its logits are not softcap(scale * lm_head(h)) "
+            f"(relative difference {err:.2e} with softcap={patch.softcap}, "
+            f"scale={patch.scale}); its forward transforms the logits in a way "
+            f"hardfocus does not reproduce"
+        )
 
     patch.mode = "off"
     reference = runner(input_ids=ids, labels=ids).loss
     patch.mode = "loss"
     # The model's own loss is plain cross-entropy: compared with the plain fused loss.
-    with patch.options_for(method="mean", seq_reduction="mean", group=None, label_smoothing=0.0, class_weight=None,
-                           lse_square_scale=0.0):
+    with patch.options_for(
+        method="mean", seq_reduction="mean", group=None, label_smoothing=0.0, class_weight=None, lse_square_scale=0.0
+    ):
         # The training path (with grad: the stand-in logits) and the evaluation path.
         with torch.enable_grad():
             ours = runner(input_ids=ids, labels=ids).loss.detach()
@@ -136,5 +143,7 @@ def _measure(patch, runner) -> None:
     for what, loss in (("patched", ours), ("patched evaluation", evaluated)):
         err = _relative_error(loss.double().reshape(1), reference.double().reshape(1))
         if err > tolerance:
-            raise ProbeRefusal(f"cannot patch {name}: the {what} loss {loss.item():.6g} differs from the "
-                               f"model's own {reference.item():.6g}")
+            raise ProbeRefusal(
+                f"cannot patch {name}: the {what} loss {loss.item():.6g} differs from the "
+                f"model's own {reference.item():.6g}"
+            )

@@ -22,7 +22,7 @@ class HardFocusCallback(TrainerCallback):
     """
 
     @classmethod
-    def attach(cls, trainer: Trainer) -> "HardFocusCallback":
+    def attach(cls, trainer: Trainer) -> HardFocusCallback:
         """Add the callback first among ``trainer``'s callbacks, and move the Trainer's
         label smoothing (``label_smoothing_factor``) into the fused loss: the Trainer would
         otherwise call the model without labels and smooth full logits itself."""
@@ -35,11 +35,11 @@ class HardFocusCallback(TrainerCallback):
         patch = hardfocus_patch(model) if model is not None else None
         if patch is None or logs is None:
             return
-        if "loss" in logs:                                   # a training log
+        if "loss" in logs:  # a training log
             values = patch.pop_log_values()
         else:
             prefix = next((key[: -len("_runtime")] for key in logs if key.endswith("_runtime")), None)
-            if prefix is None:                               # neither training nor evaluation
+            if prefix is None:  # neither training nor evaluation
                 return
             values = {f"{prefix}_{key}": value for key, value in patch.pop_eval_log_values().items()}
         logs.update(values)
@@ -96,7 +96,7 @@ class WeightColumns:
 
 class AccumulationCallback(TrainerCallback):
     """Calls ``rule.reset()`` at the start of every optimizer step, for the global-batch
-    weighting rules of ``hardfocus_fused.accumulate`` (``AccumulatedIRDRO``), and tells
+    weighting rules of ``hardfocus_fused.weighting.accumulate`` (``AccumulatedIRDRO``), and tells
     the patched model by what factor the Trainer multiplies the loss (the world size when
     it averages tokens across devices), which such a rule's loss must not get."""
 

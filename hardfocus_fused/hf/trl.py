@@ -25,7 +25,7 @@ import torch
 from transformers import Trainer
 from trl import GRPOTrainer, SFTTrainer
 
-from ..lce import LCEOutput, linear_cross_entropy
+from ..cross_entropy import LCEOutput, linear_cross_entropy
 from .parts import unwrap
 from .patch import DATA_COLUMNS, _is_dtensor, hardfocus_patch
 from .trainer import WeightColumns, take_label_smoothing
@@ -51,12 +51,15 @@ class HardFocusSFTTrainer(SFTTrainer):
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *DATA_COLUMNS]))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        take_label_smoothing(self)   # when the model was patched after the trainer was built
+        take_label_smoothing(self)  # when the model was patched after the trainer was built
         if hardfocus_patch(self.model) is None:
-            raise ValueError("HardFocusSFTTrainer trains a model patched with hardfocus_fused.apply_hardfocus; "
-                             "patch the model first, or use trl.SFTTrainer")
-        return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+            raise ValueError(
+                "HardFocusSFTTrainer trains a model patched with hardfocus_fused.apply_hardfocus; "
+                "patch the model first, or use trl.SFTTrainer"
+            )
+        return Trainer.compute_loss(
+            self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         return Trainer.prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
@@ -79,8 +82,13 @@ def _logit_transform(model) -> tuple[float, float | None]:
         remove_hardfocus(model)
 
 
-def use_fused_logprobs(model: torch.nn.Module, *, temperature: float = 1.0, outputs: tuple[str, ...] = ("log_probs",),
-                       cast_lm_head_to_fp32: bool = False) -> torch.nn.Module:
+def use_fused_logprobs(
+    model: torch.nn.Module,
+    *,
+    temperature: float = 1.0,
+    outputs: tuple[str, ...] = ("log_probs",),
+    cast_lm_head_to_fp32: bool = False,
+) -> torch.nn.Module:
     """Make ``model(..., labels=labels, fused_lm_head=True)`` (the protocol of TRL's fused
     LM head, which TRL's trainers call for per-token log-probabilities) run on the fused
     kernels: the backbone's hidden states go through :func:`~hardfocus_fused.linear_cross_entropy`
@@ -99,24 +107,28 @@ def use_fused_logprobs(model: torch.nn.Module, *, temperature: float = 1.0, outp
 
     unknown = [name for name in outputs if name not in FUSED_OUTPUTS]
     if unknown or "log_probs" not in outputs:
-        raise ValueError(f"use_fused_logprobs computes {FUSED_OUTPUTS} (log_probs always); {unknown or outputs} "
-                         f"asked for")
+        raise ValueError(
+            f"use_fused_logprobs computes {FUSED_OUTPUTS} (log_probs always); {unknown or outputs} asked for"
+        )
     target = unwrap(model)
     if hardfocus_patch(target) is not None:
-        raise ValueError(f"{type(target).__name__} is patched with apply_hardfocus, whose sample-reweighted loss is "
-                         f"not a policy-gradient loss: remove_hardfocus(model) before training it with GRPO")
+        raise ValueError(
+            f"{type(target).__name__} is patched with apply_hardfocus, whose sample-reweighted loss is "
+            f"not a policy-gradient loss: remove_hardfocus(model) before training it with GRPO"
+        )
     scale, softcap = _logit_transform(target)
     previous = target.forward
     config = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
 
-    @functools.wraps(type(target).forward)      # keeps the signature: generate checks its kwargs against it
+    @functools.wraps(type(target).forward)  # keeps the signature: generate checks its kwargs against it
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         if not fused_lm_head:
             given = dict(labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
             return previous(*args, **kwargs, **{k: v for k, v in given.items() if v is not None})
         if kwargs.get("output_router_logits") or getattr(config, "output_router_logits", False):
-            raise ValueError("use_fused_logprobs does not compute the MoE load-balancing loss; turn "
-                             "output_router_logits off")
+            raise ValueError(
+                "use_fused_logprobs does not compute the MoE load-balancing loss; turn output_router_logits off"
+            )
         if labels is None and shift_labels is None:
             raise ValueError("fused_lm_head=True needs labels (or shift_labels): the tokens to score")
         kwargs["use_cache"] = False
@@ -128,8 +140,10 @@ def use_fused_logprobs(model: torch.nn.Module, *, temperature: float = 1.0, outp
         head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
         if _is_dtensor(weight):
-            raise ValueError("use_fused_logprobs needs lm_head's whole weight; it is a DTensor here (FSDP2 or tensor "
-                             "parallel with lm_head sharded on its own): keep lm_head in the root unit")
+            raise ValueError(
+                "use_fused_logprobs needs lm_head's whole weight; it is a DTensor here (FSDP2 or tensor "
+                "parallel with lm_head sharded on its own): keep lm_head in the root unit"
+            )
         hidden, labels = hidden.to(weight.device), labels.to(weight.device)
         if scale != 1.0:
             hidden = hidden * scale
@@ -140,16 +154,28 @@ def use_fused_logprobs(model: torch.nn.Module, *, temperature: float = 1.0, outp
             bias = bias.float() if bias is not None else None
             precision = torch.autocast(hidden.device.type, enabled=False)
         with precision:
-            out = linear_cross_entropy(hidden, weight, labels, bias=bias, softcap=softcap, temperature=temperature,
-                                       reduction="none", return_entropy="entropy" in outputs,
-                                       return_predicted_tokens="is_top1" in outputs)
+            out = linear_cross_entropy(
+                hidden,
+                weight,
+                labels,
+                bias=bias,
+                softcap=softcap,
+                temperature=temperature,
+                reduction="none",
+                return_entropy="entropy" in outputs,
+                return_predicted_tokens="is_top1" in outputs,
+            )
         out = out if isinstance(out, LCEOutput) else LCEOutput(out)
         mask = labels != -100
         log_probs = -out.loss
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(
-            loss=-log_probs.sum() / count, log_probs=log_probs, entropy=out.entropy, label_mask=mask,
-            is_top1=(out.predicted_tokens == labels) & mask if "is_top1" in outputs else None)
+            loss=-log_probs.sum() / count,
+            log_probs=log_probs,
+            entropy=out.entropy,
+            label_mask=mask,
+            is_top1=(out.predicted_tokens == labels) & mask if "is_top1" in outputs else None,
+        )
 
     target.forward = types.MethodType(forward, target)
     return model
@@ -169,14 +195,19 @@ class HardFocusGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if getattr(self.args, "use_liger_kernel", False):
-            raise ValueError("HardFocusGRPOTrainer computes the log-probabilities with its own fused head; "
-                             "use_liger_kernel=True would replace it: leave it off")
+            raise ValueError(
+                "HardFocusGRPOTrainer computes the log-probabilities with its own fused head; "
+                "use_liger_kernel=True would replace it: leave it off"
+            )
         policy = self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
         fp32 = getattr(self.args, "cast_lm_head_to_fp32", False)
-        use_fused_logprobs(policy, temperature=self.temperature, outputs=("log_probs", "entropy"),
-                           cast_lm_head_to_fp32=fp32)
+        use_fused_logprobs(
+            policy, temperature=self.temperature, outputs=("log_probs", "entropy"), cast_lm_head_to_fp32=fp32
+        )
         if self.ref_model is not None:
             use_fused_logprobs(self.ref_model, temperature=self.temperature, cast_lm_head_to_fp32=fp32)
         if getattr(policy.config.get_text_config(), "output_router_logits", False):
-            raise ValueError("HardFocusGRPOTrainer does not compute the MoE load-balancing loss; set the model's "
-                             "output_router_logits=False")
+            raise ValueError(
+                "HardFocusGRPOTrainer does not compute the MoE load-balancing loss; set the model's "
+                "output_router_logits=False"
+            )

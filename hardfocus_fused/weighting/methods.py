@@ -80,11 +80,13 @@ def sequence_weights(
     if not isinstance(seq_loss, torch.Tensor) or not isinstance(n_tokens, torch.Tensor):
         raise TypeError("seq_loss and n_tokens must be torch.Tensors")
     if seq_loss.dim() != 1 or seq_loss.shape != n_tokens.shape:
-        raise ValueError(f"seq_loss and n_tokens must be 1-D of the same length, got shapes {tuple(seq_loss.shape)} "
-                         f"and {tuple(n_tokens.shape)}")
+        raise ValueError(
+            f"seq_loss and n_tokens must be 1-D of the same length, got shapes {tuple(seq_loss.shape)} "
+            f"and {tuple(n_tokens.shape)}"
+        )
     seq_loss = seq_loss.detach()
     live = n_tokens > 0
-    if not live.numel():            # a batch of no sequences
+    if not live.numel():  # a batch of no sequences
         return seq_loss.new_zeros(0, dtype=torch.float32)
     if method == "irdro":
         return irdro_weights(seq_loss, live, r)
@@ -92,7 +94,7 @@ def sequence_weights(
         return ranking_weights(seq_loss, live, method, n1, n2)
     if method == "uniform":
         return live.float() / live.sum().clamp_min(1)
-    if method == "mean":   # n_tokens may be fractional token masses (class or token weights)
+    if method == "mean":  # n_tokens may be fractional token masses (class or token weights)
         total = n_tokens.sum()
         per_seq = n_tokens if seq_reduction == "mean" else live
         return per_seq.float() / torch.where(total > 0, total, 1).float()

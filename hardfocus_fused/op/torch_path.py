@@ -1,5 +1,5 @@
 """Pure-PyTorch fallback: the same per-token NLL, computed in token chunks (the forward and
-backward that ``fused_op`` registers for ``impl="torch"``).
+backward that ``registration`` registers for ``impl="torch"``).
 
 Each chunk materialises at most ``chunk_budget_bytes`` of logits (and as much again for
 their softmax in the backward), so memory stays bounded whatever the token count.  The
@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from .ce_terms import LossTerms
+from .loss_terms import PLAIN, LossTerms
 
 DEFAULT_CHUNK_BUDGET_BYTES = 16 * 2**20
 
@@ -47,9 +47,17 @@ def without_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-            ignore_index: int, softcap: float | None, terms: LossTerms = LossTerms(), argmax: bool = False,
-            entropy: bool = False):
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    ignore_index: int,
+    softcap: float | None,
+    terms: LossTerms = PLAIN,
+    argmax: bool = False,
+    entropy: bool = False,
+):
     """Per-token ``(loss, lse, argmax, entropy, residual)``: the loss of ``terms`` and the
     log-sum-exp (fp32, fp64 for fp64 inputs; 0 where not scored), the int64 argmax (-1
     where not scored; empty unless ``argmax``), the softmax's entropy (0 where not scored;
@@ -71,13 +79,13 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                 smooth[idx] = z.sum(dim=1) if c is None else z @ c
             row_max, top = z.max(dim=1)
             if argmax:
-                best[idx] = z.argmax(dim=1)      # the first maximum
+                best[idx] = z.argmax(dim=1)  # the first maximum
             terms_ = torch.exp(z - row_max[:, None])
-            terms_.scatter_(1, top[:, None], 0.0)      # the max's own 1, left out of the sum
+            terms_.scatter_(1, top[:, None], 0.0)  # the max's own 1, left out of the sum
             rest = terms_.sum(dim=1)
             log_total = torch.log1p(rest)
             lse[idx] = row_max + log_total
-            if entropy:   # sum p (m - z) + log T, every term >= 0: see kernels/forward.merge_entropy
+            if entropy:  # sum p (m - z) + log T, every term >= 0: see kernels/forward.merge_entropy
                 gap = (terms_ * (row_max[:, None] - z)).sum(dim=1)
                 ent[idx] = gap / (1.0 + rest) + log_total
             # (max - z_target) + log1p(rest), not lse - z_target: keeps a small NLL (a
@@ -87,10 +95,21 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         return loss, lse, best, ent, torch.stack([lse, nll], dim=1)
 
 
-def backward(grad_loss: torch.Tensor | None, grad_lse: torch.Tensor | None, hidden: torch.Tensor,
-             weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, residual: torch.Tensor,
-             ignore_index: int, softcap: float | None, terms: LossTerms, needs: tuple[bool, bool, bool],
-             grad_entropy: torch.Tensor | None = None, entropy: torch.Tensor | None = None):
+def backward(
+    grad_loss: torch.Tensor | None,
+    grad_lse: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    residual: torch.Tensor,
+    ignore_index: int,
+    softcap: float | None,
+    terms: LossTerms,
+    needs: tuple[bool, bool, bool],
+    grad_entropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+):
     """Gradients ``(hidden, weight, bias)`` (None where not in ``needs``) for per-token
     upstream gradients of the loss, of the log-sum-exp and of the entropy (None: zero;
     ``entropy``: the forward's, needed with ``grad_entropy``)."""
@@ -102,9 +121,16 @@ def backward(grad_loss: torch.Tensor | None, grad_lse: torch.Tensor | None, hidd
         w, b = _head_in(acc, weight, bias)
         if grad_loss is None:
             grad_loss = torch.zeros_like(lse)
-        coef = terms.coefficients(grad_loss.to(acc), grad_lse.to(acc) if grad_lse is not None else None, lse,
-                                  targets, valid, weight.shape[0],
-                                  grad_entropy.to(acc) if grad_entropy is not None else None, entropy)
+        coef = terms.coefficients(
+            grad_loss.to(acc),
+            grad_lse.to(acc) if grad_lse is not None else None,
+            lse,
+            targets,
+            valid,
+            weight.shape[0],
+            grad_entropy.to(acc) if grad_entropy is not None else None,
+            entropy,
+        )
         rich = coef.dim() == 2
         c = terms.class_weight.to(acc) if terms.class_weight is not None else None
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
@@ -119,7 +145,7 @@ def backward(grad_loss: torch.Tensor | None, grad_lse: torch.Tensor | None, hidd
             dz = prob.clone()
             # p_t - 1 without cancelling against 1 (see kernels/tiles.py, dlogit_tile).
             dz[torch.arange(idx.numel(), device=idx.device), targets[idx]] = torch.expm1(-nll[idx])
-            if rich:   # a (p - onehot) + e p - u c [+ k p (z - mu)], see ce_terms
+            if rich:  # a (p - onehot) + e p - u c [+ k p (z - mu)], see loss_terms
                 a, e, u = coef[idx, :3].unbind(1)
                 dz = dz * a[:, None] + prob * e[:, None] - u[:, None] * (c[None, :] if c is not None else 1.0)
                 if coef.shape[1] == 5:
@@ -135,5 +161,8 @@ def backward(grad_loss: torch.Tensor | None, grad_lse: torch.Tensor | None, hidd
                 grad_w.addmm_(dz.T, h)
             if need_b:
                 grad_b += dz.sum(0)
-        return (grad_h.to(hidden.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None)
+        return (
+            grad_h.to(hidden.dtype) if need_h else None,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if need_b else None,
+        )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .weighting import with_sample_weights
+from .methods import with_sample_weights
 
 
 def _all_gather_varlen(values: torch.Tensor, group) -> list[torch.Tensor]:
@@ -28,8 +28,9 @@ def _all_gather_varlen(values: torch.Tensor, group) -> list[torch.Tensor]:
     return [piece[: int(n.item())] for piece, n in zip(pieces, lengths)]
 
 
-def global_weights(seq_loss: torch.Tensor, counts: torch.Tensor, group, weigh,
-                   sample_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def global_weights(
+    seq_loss: torch.Tensor, counts: torch.Tensor, group, weigh, sample_weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """``(this rank's weights, world size)``: ``weigh(all_losses, all_counts)`` over the
     group's concatenated batch (rank order), times the gathered ``sample_weight`` and
     renormalised when given, sliced to this rank's sequences.  ``counts`` are token counts
@@ -41,4 +42,4 @@ def global_weights(seq_loss: torch.Tensor, counts: torch.Tensor, group, weigh,
     weights = weigh(torch.cat(losses), torch.cat(gathered))
     if sample_weight is not None:
         weights = with_sample_weights(weights, torch.cat(_all_gather_varlen(sample_weight.float(), group)))
-    return weights[start: start + seq_loss.numel()], dist.get_world_size(group)
+    return weights[start : start + seq_loss.numel()], dist.get_world_size(group)

@@ -48,8 +48,15 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-from .kernels.config import (L2_HIDDEN_SHARE, MATMUL_CHUNK_BYTES, HeadConfigs, KernelConfig, default_configs, split_plan,
-                             wave_footprint)
+from .config import (
+    L2_HIDDEN_SHARE,
+    MATMUL_CHUNK_BYTES,
+    HeadConfigs,
+    KernelConfig,
+    default_configs,
+    split_plan,
+    wave_footprint,
+)
 
 # The share of L2 a wave's re-read operands may use before they miss (see the module doc).
 L2_USABLE = L2_HIDDEN_SHARE
@@ -66,9 +73,9 @@ class GPU:
     name: str
     capability: int
     sm_count: int
-    half_tflops: float          # bf16/fp16 tensor cores, dense
+    half_tflops: float  # bf16/fp16 tensor cores, dense
     tf32_tflops: float
-    fp32_tflops: float          # FMA units
+    fp32_tflops: float  # FMA units
     hbm_tbps: float
     l2_mib: float
     l2_tbps: float
@@ -145,8 +152,11 @@ class Launch:
         if self.programs:
             waves = math.ceil(self.programs / gpu.sm_count)
             mma *= waves * gpu.sm_count / self.programs
-        return {"mma": mma, "hbm": self.hbm_bytes / (gpu.hbm_tbps * 1e12),
-                "l2": self.l2_bytes / (gpu.l2_tbps * 1e12) + self.atomic_bytes / (gpu.atomic_tbps * 1e12)}
+        return {
+            "mma": mma,
+            "hbm": self.hbm_bytes / (gpu.hbm_tbps * 1e12),
+            "l2": self.l2_bytes / (gpu.l2_tbps * 1e12) + self.atomic_bytes / (gpu.atomic_tbps * 1e12),
+        }
 
     def seconds(self, gpu: GPU) -> float:
         return max(self.pipes(gpu).values())
@@ -163,7 +173,7 @@ class Estimate:
 
     launches: list[Launch] = field(default_factory=list)
 
-    def __add__(self, other: "Estimate") -> "Estimate":
+    def __add__(self, other: Estimate) -> Estimate:
         return Estimate(self.launches + other.launches)
 
     def seconds(self, gpu: GPU) -> float:
@@ -174,8 +184,17 @@ class Estimate:
         return sum(getattr(launch, name) for launch in self.launches)
 
 
-def gemm(name: str, m: int, n: int, k: int, a_bytes: int, b_bytes: int, out_bytes: int,
-         accumulate: bool = False, dtype_bytes: int = 2) -> Launch:
+def gemm(
+    name: str,
+    m: int,
+    n: int,
+    k: int,
+    a_bytes: int,
+    b_bytes: int,
+    out_bytes: int,
+    accumulate: bool = False,
+    dtype_bytes: int = 2,
+) -> Launch:
     """A library matmul ``(m x k) @ (k x n)``: each operand read once, the output written
     once (and read once when ``accumulate``)."""
     traffic = m * k * a_bytes + k * n * b_bytes + m * n * out_bytes * (2 if accumulate else 1)
@@ -217,15 +236,25 @@ def forward(shape: HeadShape, gpu: GPU, config: KernelConfig | None = None) -> E
     waves = programs / min(programs, gpu.sm_count)
     miss = _miss(rows * hidden_block + cols * config.num_stages * weight_tile, gpu)
     hbm = waves * (rows * hidden_block * (1 + (per_split - 1) * miss) + cols * per_split * weight_tile)
-    hbm += shape.n_tokens * splits * 4 * 4                       # the per-split partial statistics
-    return Estimate([Launch(
-        "forward", flops=2.0 * n_blocks * config.block_n * n_tiles * config.block_v * h, hbm_bytes=hbm,
-        l2_bytes=n_blocks * n_tiles * (hidden_block + weight_tile), programs=programs,
-        dtype_bytes=e, tf32=config.fp32_precision != "ieee")])
+    hbm += shape.n_tokens * splits * 4 * 4  # the per-split partial statistics
+    return Estimate(
+        [
+            Launch(
+                "forward",
+                flops=2.0 * n_blocks * config.block_n * n_tiles * config.block_v * h,
+                hbm_bytes=hbm,
+                l2_bytes=n_blocks * n_tiles * (hidden_block + weight_tile),
+                programs=programs,
+                dtype_bytes=e,
+                tf32=config.fp32_precision != "ieee",
+            )
+        ]
+    )
 
 
-def backward_fused(shape: HeadShape, gpu: GPU, config: KernelConfig | None = None, need_weight: bool = True,
-                   need_hidden: bool = True) -> Estimate:
+def backward_fused(
+    shape: HeadShape, gpu: GPU, config: KernelConfig | None = None, need_weight: bool = True, need_hidden: bool = True
+) -> Estimate:
     """The atomic backward kernel (``kernels.backward``), one launch per weight-gradient chunk.
 
     Each program recomputes its logit tile (loading its hidden block and weight tile),
@@ -233,7 +262,7 @@ def backward_fused(shape: HeadShape, gpu: GPU, config: KernelConfig | None = Non
     again) and adds ``(block_n + block_v) x H`` fp32 partial gradients with reductions."""
     config = config or configs_for(shape, gpu).backward
     e, h, n = shape.dtype_bytes, shape.n_hidden, shape.backward_tokens
-    n_blocks, n_tiles = cdiv(n, config.block_n), cdiv(shape.n_vocab, config.block_v)
+    n_blocks = cdiv(n, config.block_n)
     hidden_block, weight_tile = config.block_n * h * e, config.block_v * h * e
     products = 1 + need_hidden + need_weight
     if e == 4 or not need_weight:
@@ -256,16 +285,30 @@ def backward_fused(shape: HeadShape, gpu: GPU, config: KernelConfig | None = Non
         hbm += need_hidden * 2 * n * h * 4 + need_weight * weight_revisits * 2 * chunk_weight * 4
         loads = programs * (hidden_block + weight_tile) * (1 + (need_hidden or need_weight))
         atomics = programs * h * 4 * (need_hidden * config.block_n + need_weight * config.block_v)
-        launches.append(Launch(f"backward[{v0}:]", flops=2.0 * products * programs * config.block_n
-                               * config.block_v * h, hbm_bytes=hbm, l2_bytes=loads, atomic_bytes=atomics,
-                               programs=programs, dtype_bytes=e, tf32=config.fp32_precision != "ieee"))
+        launches.append(
+            Launch(
+                f"backward[{v0}:]",
+                flops=2.0 * products * programs * config.block_n * config.block_v * h,
+                hbm_bytes=hbm,
+                l2_bytes=loads,
+                atomic_bytes=atomics,
+                programs=programs,
+                dtype_bytes=e,
+                tf32=config.fp32_precision != "ieee",
+            )
+        )
         if need_weight and e == 2:
             launches.append(elementwise("cast weight-gradient chunk", chunk_weight * (4 + e)))
     return Estimate(launches)
 
 
-def backward_matmul(shape: HeadShape, gpu: GPU, chunk_bytes: int = MATMUL_CHUNK_BYTES,
-                    need_weight: bool = True, need_hidden: bool = True) -> Estimate:
+def backward_matmul(
+    shape: HeadShape,
+    gpu: GPU,
+    chunk_bytes: int = MATMUL_CHUNK_BYTES,
+    need_weight: bool = True,
+    need_hidden: bool = True,
+) -> Estimate:
     """The ``"matmul"`` strategy (``kernels.backward_matmul``): per vocabulary chunk, the
     recompute (fp32 logits written), the elementwise ``dlogits`` kernel (fp32 read, the
     compute dtype written), the weight gradient's rows and the hidden gradient's fp32
@@ -288,9 +331,14 @@ def backward_matmul(shape: HeadShape, gpu: GPU, chunk_bytes: int = MATMUL_CHUNK_
     return Estimate(launches)
 
 
-def forward_gradients(shape: HeadShape, gpu: GPU, chunk_bytes: int = MATMUL_CHUNK_BYTES,
-                      need_weight: bool = True, need_hidden: bool = True) -> Estimate:
-    """The three-product path (``triton_forward_grad``), forward and backward together:
+def forward_gradients(
+    shape: HeadShape,
+    gpu: GPU,
+    chunk_bytes: int = MATMUL_CHUNK_BYTES,
+    need_weight: bool = True,
+    need_hidden: bool = True,
+) -> Estimate:
+    """The three-product path (``op.forward_gradients``), forward and backward together:
     per chunk of scored tokens, the logits as one library matmul (fp32 written), the
     forward kernel's statistics read from them, the ``dlogits`` kernel, and the two
     gradient products (the weight gradient accumulated in fp32 across chunks, read and
@@ -316,8 +364,9 @@ def forward_gradients(shape: HeadShape, gpu: GPU, chunk_bytes: int = MATMUL_CHUN
     return Estimate(launches)
 
 
-def forward_gradient_extra_bytes(shape: HeadShape, need_weight: bool = True,
-                                 chunk_bytes: int = MATMUL_CHUNK_BYTES) -> int:
+def forward_gradient_extra_bytes(
+    shape: HeadShape, need_weight: bool = True, chunk_bytes: int = MATMUL_CHUNK_BYTES
+) -> int:
     """Memory the three-product path holds beyond the four-product one's: the logits chunk
     and its ``dlogits``, and for a trainable half-precision head its fp32 weight-gradient
     sum (the four-product backward sums 256 MiB of it at a time)."""
@@ -325,8 +374,9 @@ def forward_gradient_extra_bytes(shape: HeadShape, need_weight: bool = True,
     return matmul_extra_bytes(chunk_bytes, shape.dtype_bytes) + accumulator
 
 
-def backward_deterministic(shape: HeadShape, gpu: GPU, config: KernelConfig | None = None,
-                           need_weight: bool = True, need_hidden: bool = True) -> Estimate:
+def backward_deterministic(
+    shape: HeadShape, gpu: GPU, config: KernelConfig | None = None, need_weight: bool = True, need_hidden: bool = True
+) -> Estimate:
     """The deterministic kernels (``kernels.backward_deterministic``): one program per token
     block walks every vocabulary tile (hidden gradient), one per vocabulary tile walks
     every token block (weight gradient); each recomputes its logits."""
@@ -336,28 +386,43 @@ def backward_deterministic(shape: HeadShape, gpu: GPU, config: KernelConfig | No
     hidden_block, weight_tile = config.block_n * h * e, config.block_v * h * e
     tile_flops = 2.0 * config.block_n * config.block_v * h
     launches = []
-    if need_hidden:   # each program re-reads its hidden block per tile; the weight streams past
+    if need_hidden:  # each program re-reads its hidden block per tile; the weight streams past
         rows = min(n_blocks, gpu.sm_count)
         miss = _miss(rows * hidden_block, gpu)
         waves = n_blocks / rows
         hbm = waves * (rows * hidden_block * (1 + (n_tiles - 1) * miss) + n_tiles * weight_tile) + n * h * 4
-        launches.append(Launch("grad hidden", flops=2 * tile_flops * n_blocks * n_tiles, hbm_bytes=hbm,
-                               l2_bytes=2 * n_blocks * n_tiles * (hidden_block + weight_tile), programs=n_blocks,
-                               dtype_bytes=e))
-    if need_weight:   # each program re-reads its weight tile per token block; the hidden states stream past
+        launches.append(
+            Launch(
+                "grad hidden",
+                flops=2 * tile_flops * n_blocks * n_tiles,
+                hbm_bytes=hbm,
+                l2_bytes=2 * n_blocks * n_tiles * (hidden_block + weight_tile),
+                programs=n_blocks,
+                dtype_bytes=e,
+            )
+        )
+    if need_weight:  # each program re-reads its weight tile per token block; the hidden states stream past
         cols = min(n_tiles, gpu.sm_count)
         miss = _miss(cols * weight_tile, gpu)
         waves = n_tiles / cols
         hbm = waves * (cols * weight_tile * (1 + (n_blocks - 1) * miss) + n_blocks * hidden_block)
         hbm += shape.n_vocab * h * 4
-        launches.append(Launch("grad weight", flops=2 * tile_flops * n_blocks * n_tiles, hbm_bytes=hbm,
-                               l2_bytes=2 * n_blocks * n_tiles * (hidden_block + weight_tile), programs=n_tiles,
-                               dtype_bytes=e))
+        launches.append(
+            Launch(
+                "grad weight",
+                flops=2 * tile_flops * n_blocks * n_tiles,
+                hbm_bytes=hbm,
+                l2_bytes=2 * n_blocks * n_tiles * (hidden_block + weight_tile),
+                programs=n_tiles,
+                dtype_bytes=e,
+            )
+        )
     return Estimate(launches)
 
 
-def backward(shape: HeadShape, gpu: GPU, strategy: str, need_weight: bool = True,
-             deterministic: bool = False) -> Estimate:
+def backward(
+    shape: HeadShape, gpu: GPU, strategy: str, need_weight: bool = True, deterministic: bool = False
+) -> Estimate:
     """The backward of one ``strategy`` (``"fused"``, ``"matmul"``)."""
     if strategy == "matmul":
         return backward_matmul(shape, gpu, need_weight=need_weight)
@@ -383,9 +448,16 @@ def matmul_extra_bytes(chunk_bytes: int = MATMUL_CHUNK_BYTES, dtype_bytes: int =
 
 
 @functools.lru_cache(maxsize=1024)
-def choose_backward(n_tokens: int, n_hidden: int, n_vocab: int, dtype_bytes: int, capability: int | None,
-                    sm_count: int | None = None, need_weight: bool = True,
-                    memory_bytes: int | None = None) -> str:
+def choose_backward(
+    n_tokens: int,
+    n_hidden: int,
+    n_vocab: int,
+    dtype_bytes: int,
+    capability: int | None,
+    sm_count: int | None = None,
+    need_weight: bool = True,
+    memory_bytes: int | None = None,
+) -> str:
     """The backward strategy the model predicts faster on a device (``backward_impl="auto"``).
 
     ``"fused"`` without a device (CPU, the interpreter); where the model predicts the two
@@ -408,8 +480,9 @@ def choose_backward(n_tokens: int, n_hidden: int, n_vocab: int, dtype_bytes: int
 FORWARD_GRADIENT_FALLBACK_BYTES = 256 * 2**20
 
 
-def forward_gradients_fit(n_tokens: int, n_hidden: int, n_vocab: int, dtype_bytes: int, need_weight: bool,
-                          memory_bytes: int | None) -> bool:
+def forward_gradients_fit(
+    n_tokens: int, n_hidden: int, n_vocab: int, dtype_bytes: int, need_weight: bool, memory_bytes: int | None
+) -> bool:
     """Whether the three-product path's extra memory (:func:`forward_gradient_extra_bytes`)
     stays within ``MATMUL_MEMORY_SHARE`` of the device's memory (256 MiB when unknown)."""
     extra = forward_gradient_extra_bytes(HeadShape(n_tokens, n_hidden, n_vocab, dtype_bytes), need_weight)
@@ -418,19 +491,28 @@ def forward_gradients_fit(n_tokens: int, n_hidden: int, n_vocab: int, dtype_byte
 
 
 @functools.lru_cache(maxsize=1024)
-def choose_forward_gradients(n_tokens: int, n_hidden: int, n_vocab: int, dtype_bytes: int, capability: int | None,
-                             sm_count: int | None = None, need_weight: bool = True,
-                             memory_bytes: int | None = None) -> bool:
+def choose_forward_gradients(
+    n_tokens: int,
+    n_hidden: int,
+    n_vocab: int,
+    dtype_bytes: int,
+    capability: int | None,
+    sm_count: int | None = None,
+    need_weight: bool = True,
+    memory_bytes: int | None = None,
+) -> bool:
     """Whether ``backward_impl="auto"`` forms the gradients in the forward (three
     products) for a loss whose per-token weights are known up front: on a GPU, when the
     extra memory fits (:func:`forward_gradients_fit`) and the model predicts it faster than
     the forward plus the backward ``choose_backward`` would take."""
-    if capability is None or not forward_gradients_fit(n_tokens, n_hidden, n_vocab, dtype_bytes, need_weight,
-                                                       memory_bytes):
+    if capability is None or not forward_gradients_fit(
+        n_tokens, n_hidden, n_vocab, dtype_bytes, need_weight, memory_bytes
+    ):
         return False
     gpu = gpu_for(capability, sm_count)
     shape = HeadShape(n_tokens, n_hidden, n_vocab, dtype_bytes)
-    strategy = choose_backward(n_tokens, n_hidden, n_vocab, dtype_bytes, capability, sm_count, need_weight,
-                               memory_bytes)
+    strategy = choose_backward(
+        n_tokens, n_hidden, n_vocab, dtype_bytes, capability, sm_count, need_weight, memory_bytes
+    )
     four = (forward(shape, gpu) + backward(shape, gpu, strategy, need_weight=need_weight)).seconds(gpu)
     return forward_gradients(shape, gpu, need_weight=need_weight).seconds(gpu) < four

@@ -13,7 +13,7 @@ constants for autograd, usually summing to 1), optionally with a token-level met
 called first with the detached per-token losses (0 where not scored, position t holding
 the loss of predicting ``labels[:, t + 1]``) and the mask of scored positions; its weights
 multiply each token's loss (and the data's ``token_weight``), and a sequence's mean
-divides by their sum, so 0 drops a token.  ``hardfocus_fused.accumulate`` has rules that
+divides by their sum, so 0 drops a token.  ``hardfocus_fused.weighting.accumulate`` has rules that
 weigh a whole gradient-accumulation step; this module has :class:`Rule`, a base class,
 and two token-level rules: :class:`ExcessLoss` (Rho-1's selection) and :class:`DFT`
 (dynamic fine-tuning).
@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .weighting import sequence_weights
+from .methods import sequence_weights
 
 
 class Rule:
@@ -65,8 +65,10 @@ class ExcessLoss(Rule):
 
     def token_weights(self, token_loss: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
         if self.reference is None or self.reference.shape != token_loss.shape:
-            raise ValueError(f"ExcessLoss: set rule.reference to the reference model's per-token loss, shaped like "
-                             f"the batch's token losses {tuple(token_loss.shape)}, before each loss call")
+            raise ValueError(
+                f"ExcessLoss: set rule.reference to the reference model's per-token loss, shaped like "
+                f"the batch's token losses {tuple(token_loss.shape)}, before each loss call"
+            )
         excess = torch.where(scored, token_loss - self.reference.to(token_loss), float("-inf")).flatten()
         n_keep = math.ceil(self.keep * int(scored.sum()))
         chosen = torch.zeros_like(excess)
@@ -90,13 +92,15 @@ class DFT(Rule):
 
     def token_weights(self, token_loss: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
         weights = torch.where(scored, torch.exp(-token_loss), 0.0)
-        self._mass = weights.sum(dim=1)          # each sequence's sum of the token weights
+        self._mass = weights.sum(dim=1)  # each sequence's sum of the token weights
         return weights
 
     def __call__(self, seq_loss: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
         if self._mass is None or self._mass.shape != seq_loss.shape:
-            raise ValueError("DFT's sequence weights follow its token weights in the same loss call; call it through "
-                             "hardfocus_loss(..., method=DFT())")
+            raise ValueError(
+                "DFT's sequence weights follow its token weights in the same loss call; call it through "
+                "hardfocus_loss(..., method=DFT())"
+            )
         mass, self._mass = self._mass, None
         # seq_loss_i = sum_t p_t nll_t / mass_i, so mass_i / (scored tokens) gives the token mean.
         return mass.to(seq_loss.dtype) / n_tokens.sum().clamp_min(1).to(seq_loss.dtype)

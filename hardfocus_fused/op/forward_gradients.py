@@ -2,7 +2,7 @@
 weights are known before it.
 
 A weighted loss ``sum_t g_t loss_t`` needs ``dloss/dz = g_t (softmax(z_t) - onehot)``
-(with the extra terms of ``ce_terms``), and the softmax needs each token's whole row of
+(with the extra terms of ``op.loss_terms``), and the softmax needs each token's whole row of
 logits.  When ``g`` depends on the losses (IR-DRO, the rankings) it is known only after
 the forward, so the backward recomputes the logits: four ``N x H x V`` products.  When it
 does not (``reduction="mean"``/``"sum"``, the paper's uniform baseline, data weights
@@ -31,10 +31,9 @@ import dataclasses
 
 import torch
 
-from ._tokens import compute_dtype, partition_active
-from .ce_terms import LossTerms
-from .kernels.config import KernelConfig, interpreter_active
-
+from ..kernels.config import KernelConfig, interpreter_active
+from ..tokens import compute_dtype, partition_active
+from .loss_terms import LossTerms
 
 # The forward kernel's tile for reading stored logits: a memory-bound pass, so a small
 # tile; 32 x 128 at 4 warps compiles without spills on every architecture with every term
@@ -49,26 +48,35 @@ def _stats_config(configs) -> KernelConfig:
     return dataclasses.replace(STATS_CONFIG, fp32_precision=configs.forward.fp32_precision)
 
 
-def forward_with_gradients(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                           targets: torch.Tensor, token_weight: torch.Tensor, ignore_index: int,
-                           softcap: float | None, terms: LossTerms, needs: tuple[bool, bool, bool], config=None,
-                           autocast: torch.dtype | None = None):
+def forward_with_gradients(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    token_weight: torch.Tensor,
+    ignore_index: int,
+    softcap: float | None,
+    terms: LossTerms,
+    needs: tuple[bool, bool, bool],
+    config=None,
+    autocast: torch.dtype | None = None,
+):
     """``(loss, token_loss, grad_hidden, grad_weight, grad_bias)``: the fp32 scalar
     ``sum_t token_weight[t] * loss_t`` over the scored tokens, the fp32 per-token loss (0
     where not scored) and the gradients of that scalar (None where not in ``needs``), in
     the inputs' dtypes."""
-    from .kernels.forward import lse_forward
-    from .kernels.types import HeadProblem
-    from .kernels.backward_matmul import _mm, dlogits
-    from .triton_op import _configs
+    from ..kernels.backward_matmul import _mm, dlogits
+    from ..kernels.forward import lse_forward
+    from ..kernels.problem import HeadProblem
+    from .triton_path import _configs
 
     dtype = compute_dtype(hidden, weight, autocast)
     configs = _configs(hidden, weight, config, dtype)
     need_h, need_w, need_b = needs
     need_b = need_b and bias is not None
-    device, n_vocab, n_hidden = hidden.device, weight.shape[0], hidden.shape[1]
+    device, n_vocab, _n_hidden = hidden.device, weight.shape[0], hidden.shape[1]
     valid = targets != ignore_index
-    index = valid.nonzero().squeeze(1)                  # the scored tokens: one host synchronisation
+    index = valid.nonzero().squeeze(1)  # the scored tokens: one host synchronisation
     n = index.numel()
     token_loss = torch.zeros(hidden.shape[0], dtype=torch.float32, device=device)
     grad_hidden = torch.zeros_like(hidden) if need_h else None
@@ -87,31 +95,58 @@ def forward_with_gradients(hidden: torch.Tensor, weight: torch.Tensor, bias: tor
         stats_config = _stats_config(configs)
         for t0 in range(0, n, rows):
             c = min(rows, n - t0)
-            h_c, t_c, g_c, z_c, dz_c = h[t0:t0 + c], t[t0:t0 + c], g[t0:t0 + c], z[:c], dz[:c]
+            h_c, t_c, g_c, z_c, dz_c = h[t0 : t0 + c], t[t0 : t0 + c], g[t0 : t0 + c], z[:c], dz[:c]
             _mm(h_c, w.T, out=z_c)
-            order, n_active = partition_active(torch.ones(c, dtype=torch.bool, device=device))   # all, in order
-            problem = HeadProblem(h_c, w, bias, t_c, order, n_active, softcap, dtype, stats_config,
-                                  class_weight=terms.class_weight, smooth=terms.smooth)
+            order, n_active = partition_active(torch.ones(c, dtype=torch.bool, device=device))  # all, in order
+            problem = HeadProblem(
+                h_c,
+                w,
+                bias,
+                t_c,
+                order,
+                n_active,
+                softcap,
+                dtype,
+                stats_config,
+                class_weight=terms.class_weight,
+                smooth=terms.smooth,
+            )
             stats = lse_forward(problem, logits=z_c)
             scored = torch.ones(c, dtype=torch.bool, device=device)
             lse, nll = stats.stats[:, 0], stats.stats[:, 1]
-            token_loss[index[t0:t0 + c]] = terms.token_loss(lse, nll, stats.smooth, t_c, scored, n_vocab)
+            token_loss[index[t0 : t0 + c]] = terms.token_loss(lse, nll, stats.smooth, t_c, scored, n_vocab)
             if not (need_h or need_w or need_b):
                 continue
             coef = terms.coefficients(g_c, None, lse, t_c, scored, n_vocab).contiguous()
-            problem = HeadProblem(h_c, w, bias, t_c, order, n_active, softcap, dtype, configs.backward,
-                                  class_weight=terms.class_weight, rich_coef=coef.dim() == 2)
+            problem = HeadProblem(
+                h_c,
+                w,
+                bias,
+                t_c,
+                order,
+                n_active,
+                softcap,
+                dtype,
+                configs.backward,
+                class_weight=terms.class_weight,
+                rich_coef=coef.dim() == 2,
+            )
             dlogits(problem, z_c, dz_c, stats.stats, coef, 0, bias_part)
             if need_b:
                 grad_bias += bias_part
             if need_h:
                 rows_h = _mm(dz_c, w).to(hidden.dtype)
                 if everything:
-                    grad_hidden[t0:t0 + c] = rows_h
+                    grad_hidden[t0 : t0 + c] = rows_h
                 else:
-                    grad_hidden[index[t0:t0 + c]] = rows_h
+                    grad_hidden[index[t0 : t0 + c]] = rows_h
             if need_w:
                 _mm(dz_c.T, h_c, out=grad_weight, accumulate=True)
     loss = (token_loss * torch.where(valid, token_weight.float(), 0.0)).sum()
-    return (loss, token_loss, grad_hidden, grad_weight.to(weight.dtype) if need_w else None,
-            grad_bias.to(bias.dtype) if need_b else None)
+    return (
+        loss,
+        token_loss,
+        grad_hidden,
+        grad_weight.to(weight.dtype) if need_w else None,
+        grad_bias.to(bias.dtype) if need_b else None,
+    )

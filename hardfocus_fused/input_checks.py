@@ -4,7 +4,6 @@ The options are checked when their objects are built (``hardfocus_fused.options`
 
 from __future__ import annotations
 
-
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -29,8 +28,10 @@ def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     check_tensor("weight", weight, 2)
     check_float("weight", weight)
     if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight has hidden size {weight.shape[1]} but hidden has {hidden.shape[-1]} "
-                         f"(weight must be (V, H), hidden (..., H))")
+        raise ValueError(
+            f"weight has hidden size {weight.shape[1]} but hidden has {hidden.shape[-1]} "
+            f"(weight must be (V, H), hidden (..., H))"
+        )
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one row (vocabulary size V >= 1)")
     if weight.device != hidden.device:
@@ -44,8 +45,15 @@ def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
 
 
-def check_labels(name: str, labels, expected_shape: tuple[int, ...], n_vocab: int, ignore_index: int,
-                 device: torch.device, check_values: bool = True) -> None:
+def check_labels(
+    name: str,
+    labels,
+    expected_shape: tuple[int, ...],
+    n_vocab: int,
+    ignore_index: int,
+    device: torch.device,
+    check_values: bool = True,
+) -> None:
     """Integer labels of the expected shape whose values are in ``[0, V)`` or ``ignore_index``.
 
     The value check reads one flag back from the device (a host synchronisation on GPU);
@@ -73,14 +81,15 @@ def check_label_values(name: str, labels: torch.Tensor, n_vocab: int, ignore_ind
 
 
 def deferred_label_check(name: str, check_values: bool) -> str:
-    """The name the fused op checks the values of its targets under (``fused_op``), when
+    """The name the fused op checks the values of its targets under (``op.registration``), when
     ``check_labels`` left that check to it: under ``torch.compile``, where a host
     synchronisation outside the op would break the graph; else ``""``."""
     return name if check_values and torch.compiler.is_compiling() else ""
 
 
-def check_data_weight(name: str, value, shape: tuple[int, ...], device: torch.device,
-                      check_values: bool) -> torch.Tensor:
+def check_data_weight(
+    name: str, value, shape: tuple[int, ...], device: torch.device, check_values: bool
+) -> torch.Tensor:
     """Non-negative finite float weights of ``shape`` on ``device``; returns the tensor to use.
 
     The value check reads one flag back from the device; ``check_values=False`` skips it.
@@ -121,7 +130,11 @@ def _(value, name):
 def check_position_ids(name: str, value, labels: torch.Tensor) -> None:
     """Integer (or, for a mask, bool) ``value`` shaped and placed like ``labels``."""
     check_tensor(name, value, 2)
-    if value.dtype.is_floating_point or value.dtype.is_complex or (value.dtype == torch.bool and name == "position_ids"):
+    if (
+        value.dtype.is_floating_point
+        or value.dtype.is_complex
+        or (value.dtype == torch.bool and name == "position_ids")
+    ):
         raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
     if value.shape != labels.shape:
         raise ValueError(f"{name} has shape {tuple(value.shape)} but labels has {tuple(labels.shape)}")

@@ -26,21 +26,48 @@ import triton
 import triton.language as tl
 
 from .backward_deterministic import deterministic_backward
+from .problem import HeadProblem
 from .tiles import dlogit_tile, grouped_tile, logit_tile, mma, to_compute, token_block, vocab_block
-from .types import HeadProblem
 
 
 @triton.jit
 def _lce_backward_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, class_weight_ptr, targets_ptr, order_ptr, n_active_ptr, stats_ptr, coef_ptr,
-    grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
-    n_tokens, v_start, v_stop, n_hidden,
-    stride_hn, stride_hh, stride_wv, stride_wh, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, RICH_COEF: tl.constexpr, CLASS_WEIGHT: tl.constexpr,
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    class_weight_ptr,
+    targets_ptr,
+    order_ptr,
+    n_active_ptr,
+    stats_ptr,
+    coef_ptr,
+    grad_hidden_ptr,
+    grad_weight_ptr,
+    grad_bias_ptr,
+    n_tokens,
+    v_start,
+    v_stop,
+    n_hidden,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    RICH_COEF: tl.constexpr,
+    CLASS_WEIGHT: tl.constexpr,
     ENTROPY: tl.constexpr,
-    GRAD_HIDDEN: tl.constexpr, GRAD_WEIGHT: tl.constexpr, GRAD_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+    GRAD_HIDDEN: tl.constexpr,
+    GRAD_WEIGHT: tl.constexpr,
+    GRAD_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
     # One launch covers the vocabulary columns [v_start, v_stop); grad_weight_ptr points at
     # the fp32 accumulator of exactly those rows.  A 1-D grid (no 65535 cap on the
@@ -56,12 +83,44 @@ def _lce_backward_kernel(
     cols, col_mask = vocab_block(v_start + pid_v * BLOCK_V, v_stop, BLOCK_V)
 
     z = logit_tile(
-        hidden_ptr, weight_ptr, bias_ptr, tok, cols, row_mask, col_mask,
-        n_hidden, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
-        HAS_BIAS, HAS_SOFTCAP, COMPUTE_DTYPE, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+        hidden_ptr,
+        weight_ptr,
+        bias_ptr,
+        tok,
+        cols,
+        row_mask,
+        col_mask,
+        n_hidden,
+        stride_hn,
+        stride_hh,
+        stride_wv,
+        stride_wh,
+        softcap,
+        HAS_BIAS,
+        HAS_SOFTCAP,
+        COMPUTE_DTYPE,
+        DOT_PRECISION,
+        DOT_UPCAST,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_H,
     )
-    dz = dlogit_tile(z, tok, cols, row_mask, col_mask, targets_ptr, stats_ptr, coef_ptr, class_weight_ptr, softcap,
-                         HAS_SOFTCAP, RICH_COEF, CLASS_WEIGHT, ENTROPY)
+    dz = dlogit_tile(
+        z,
+        tok,
+        cols,
+        row_mask,
+        col_mask,
+        targets_ptr,
+        stats_ptr,
+        coef_ptr,
+        class_weight_ptr,
+        softcap,
+        HAS_SOFTCAP,
+        RICH_COEF,
+        CLASS_WEIGHT,
+        ENTROPY,
+    )
 
     if GRAD_BIAS:
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
@@ -148,7 +207,7 @@ def _chunked_weight_backward(problem, stats, coef, grad_hidden, grad_bias) -> to
     n_vocab, n_hidden = problem.n_vocab, problem.n_hidden
     rows = weight_chunk_rows(problem)
     accum = _fp32_zeros(problem, rows, n_hidden)
-    if problem.weight.dtype == torch.float32:   # one chunk, and the fp32 sum is the gradient
+    if problem.weight.dtype == torch.float32:  # one chunk, and the fp32 sum is the gradient
         _launch(problem, stats, coef, grad_hidden, accum, grad_bias, 0, n_vocab)
         return accum
     grad_weight = torch.empty((n_vocab, n_hidden), dtype=problem.weight.dtype, device=problem.hidden.device)
@@ -167,11 +226,21 @@ def _launch(problem, stats, coef, grad_hidden, grad_weight, grad_bias, v_start: 
     placeholder = coef  # any fp32 tensor; never dereferenced when its flag is off
     grid = (triton.cdiv(problem.n_tokens, config.block_n) * triton.cdiv(v_stop - v_start, config.block_v),)
     _lce_backward_kernel[grid](
-        *problem.inputs(), stats, coef,
+        *problem.inputs(),
+        stats,
+        coef,
         *(grad if grad is not None else placeholder for grad in (grad_hidden, grad_weight, grad_bias)),
-        problem.n_tokens, v_start, v_stop, problem.n_hidden, *problem.layout(),
-        **problem.constants(GRAD_HIDDEN=grad_hidden is not None, GRAD_WEIGHT=grad_weight is not None,
-                            GRAD_BIAS=grad_bias is not None, GROUP_N=config.group_n, **problem.backward_terms()),
+        problem.n_tokens,
+        v_start,
+        v_stop,
+        problem.n_hidden,
+        *problem.layout(),
+        **problem.constants(
+            GRAD_HIDDEN=grad_hidden is not None,
+            GRAD_WEIGHT=grad_weight is not None,
+            GRAD_BIAS=grad_bias is not None,
+            GROUP_N=config.group_n,
+            **problem.backward_terms(),
+        ),
         **problem.launch_options(),
     )
-

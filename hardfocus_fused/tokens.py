@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def shift_targets(labels: torch.Tensor, ignore_index: int, starts: torch.Tensor | None = None,
-                  shift: int = 1) -> torch.Tensor:
+def shift_targets(
+    labels: torch.Tensor, ignore_index: int, starts: torch.Tensor | None = None, shift: int = 1
+) -> torch.Tensor:
     """Targets for next-token prediction: position t is scored against ``labels[..., t + shift]``.
 
     The last ``shift`` positions of each sequence get ``ignore_index``, and so does every

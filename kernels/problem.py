@@ -37,11 +37,17 @@ def dot_options(dtype: torch.dtype, config: KernelConfig) -> dict:
 
 def tile_constants(has_bias: bool, has_softcap: bool, compute_dtype, config: KernelConfig) -> dict:
     """Compile-time constants every kernel built on ``tiles.logit_tile`` is specialised on."""
-    return dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, **dot_options(compute_dtype, config),
-                BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h)
+    return dict(
+        HAS_BIAS=has_bias,
+        HAS_SOFTCAP=has_softcap,
+        **dot_options(compute_dtype, config),
+        BLOCK_N=config.block_n,
+        BLOCK_V=config.block_v,
+        BLOCK_H=config.block_h,
+    )
 
 
-@dataclasses.dataclass(frozen=True, eq=False)   # fields are tensors: compare by identity
+@dataclasses.dataclass(frozen=True, eq=False)  # fields are tensors: compare by identity
 class HeadProblem:
     """One head and its tokens, as every launcher takes them.
 
@@ -60,7 +66,7 @@ class HeadProblem:
     softcap: float | None
     compute_dtype: torch.dtype
     config: KernelConfig
-    # The extra loss terms (``hardfocus_fused.ce_terms``): class weights (V,) fp32 or None;
+    # The extra loss terms (``hardfocus_fused.op.loss_terms``): class weights (V,) fp32 or None;
     # the forward sums ``class_weight . z`` (or ``sum z``) per token for label smoothing
     # (``smooth``), finds each token's argmax (``argmax``) and its softmax's entropy
     # (``entropy``); the backward's coefficients are (N, 3) ``(a, e, u)`` (``rich_coef``),
@@ -100,18 +106,23 @@ class HeadProblem:
 
     def constants(self, **flags: bool) -> dict:
         """The compile-time constants of ``tile_constants``, plus ``flags``."""
-        return dict(tile_constants(self.bias is not None, self.softcap is not None, self.compute_dtype,
-                                   self.config), **flags)
+        return dict(
+            tile_constants(self.bias is not None, self.softcap is not None, self.compute_dtype, self.config), **flags
+        )
 
     def forward_terms(self) -> dict:
         """The forward kernel's constants for the extra loss terms."""
-        return dict(SMOOTH=self.smooth, ARGMAX=self.argmax, CLASS_WEIGHT=self.class_weight is not None,
-                    ENTROPY=self.entropy)
+        return dict(
+            SMOOTH=self.smooth, ARGMAX=self.argmax, CLASS_WEIGHT=self.class_weight is not None, ENTROPY=self.entropy
+        )
 
     def backward_terms(self) -> dict:
         """The backward kernels' constants for the extra loss terms (``tiles.dlogit_tile``)."""
-        return dict(RICH_COEF=self.rich_coef, CLASS_WEIGHT=self.class_weight is not None,
-                    ENTROPY=self.rich_coef and self.entropy)
+        return dict(
+            RICH_COEF=self.rich_coef,
+            CLASS_WEIGHT=self.class_weight is not None,
+            ENTROPY=self.rich_coef and self.entropy,
+        )
 
     def launch_options(self) -> dict:
         return self.config.launch_options()

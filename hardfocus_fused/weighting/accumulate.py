@@ -31,7 +31,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .weighting import sequence_weights
+from .methods import sequence_weights
 
 
 class AccumulatedIRDRO:
@@ -62,8 +62,8 @@ class AccumulatedIRDRO:
             new_max = batch_max
         else:
             new_max = torch.maximum(self.max, batch_max)
-        new_max = torch.where(torch.isfinite(new_max), new_max, 0.0)   # no live sequence yet
-        terms = torch.exp(z - new_max)                                  # 0 for sequences without targets
+        new_max = torch.where(torch.isfinite(new_max), new_max, 0.0)  # no live sequence yet
+        terms = torch.exp(z - new_max)  # 0 for sequences without targets
         total = terms.sum()
         if self.total is not None:
             carried = self.total * torch.exp(self.max - new_max)
@@ -118,8 +118,10 @@ class TwoPassRanking:
             weights = sequence_weights(losses, counts, method=self.method, n1=self.n1, n2=self.n2)
             self._weights = list(weights.split([loss.numel() for loss, _ in self._observed]))
         if self._next >= len(self._weights):
-            raise RuntimeError(f"TwoPassRanking: more micro-batches in the second pass than the "
-                               f"{len(self._weights)} observed in the first")
+            raise RuntimeError(
+                f"TwoPassRanking: more micro-batches in the second pass than the "
+                f"{len(self._weights)} observed in the first"
+            )
         weights = self._weights[self._next]
         if weights.numel() != seq_loss.numel():
             raise RuntimeError("TwoPassRanking: the second pass must repeat the first pass's micro-batches in order")

@@ -40,7 +40,7 @@ class LossTerms:
     """The options that change the per-token loss (all off: plain cross-entropy)."""
 
     label_smoothing: float = 0.0
-    class_weight: torch.Tensor | None = None     # (V,) fp32
+    class_weight: torch.Tensor | None = None  # (V,) fp32
     lse_square_scale: float = 0.0
 
     @property
@@ -72,8 +72,15 @@ class LossTerms:
             return None
         return torch.where(valid, self.class_weight[targets.clamp(0, self.class_weight.numel() - 1)], 0.0)
 
-    def token_loss(self, lse: torch.Tensor, nll: torch.Tensor, smooth: torch.Tensor | None,
-                   targets: torch.Tensor, valid: torch.Tensor, n_vocab: int) -> torch.Tensor:
+    def token_loss(
+        self,
+        lse: torch.Tensor,
+        nll: torch.Tensor,
+        smooth: torch.Tensor | None,
+        targets: torch.Tensor,
+        valid: torch.Tensor,
+        n_vocab: int,
+    ) -> torch.Tensor:
         """The per-token loss (0 where not scored)."""
         if self.plain:
             return torch.where(valid, nll, 0.0)
@@ -91,9 +98,17 @@ class LossTerms:
         differentiable when ``lse`` is."""
         return torch.where(valid, self.lse_square_scale * lse * lse, 0.0)
 
-    def coefficients(self, grad_loss: torch.Tensor, grad_lse: torch.Tensor | None, lse: torch.Tensor,
-                     targets: torch.Tensor, valid: torch.Tensor, n_vocab: int,
-                     grad_entropy: torch.Tensor | None = None, entropy: torch.Tensor | None = None) -> torch.Tensor:
+    def coefficients(
+        self,
+        grad_loss: torch.Tensor,
+        grad_lse: torch.Tensor | None,
+        lse: torch.Tensor,
+        targets: torch.Tensor,
+        valid: torch.Tensor,
+        n_vocab: int,
+        grad_entropy: torch.Tensor | None = None,
+        entropy: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The kernels' per-token coefficients, in the gradients' dtype: (N,) ``a`` for plain
         cross-entropy with no log-sum-exp or entropy gradient; (N, 3) ``(a, e, u)`` with a
         log-sum-exp gradient or extra terms; (N, 5) ``(a, e, u, k, mu)`` with an entropy
@@ -101,8 +116,9 @@ class LossTerms:
         ``-p (z - mu)``).  0 where not scored."""
         g = torch.where(valid, grad_loss, 0.0)
         if grad_entropy is not None:
-            rich = self.coefficients(grad_loss, grad_lse if grad_lse is not None else torch.zeros_like(g), lse,
-                                     targets, valid, n_vocab)
+            rich = self.coefficients(
+                grad_loss, grad_lse if grad_lse is not None else torch.zeros_like(g), lse, targets, valid, n_vocab
+            )
             k = torch.where(valid, -grad_entropy.to(g.dtype), 0.0)
             mu = torch.where(valid, lse - entropy, 0.0).to(g.dtype)
             return torch.cat([rich, k[:, None], mu[:, None]], dim=1)
@@ -123,8 +139,9 @@ class LossTerms:
         mass = valid.sum() if weight is None else weight.sum()
         return valid.float() / torch.where(mass > 0, mass, 1)
 
-    def mean(self, loss: torch.Tensor, z_loss: torch.Tensor | None, targets: torch.Tensor,
-             valid: torch.Tensor) -> torch.Tensor:
+    def mean(
+        self, loss: torch.Tensor, z_loss: torch.Tensor | None, targets: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
         """``reduction="mean"`` of per-token values: ``loss`` (the kernels' loss) divided by
         the scored targets' class weights (PyTorch's weighted mean) or their count, plus
         ``z_loss`` (the separate z-loss, or None) divided by the count (Liger's)."""
@@ -135,3 +152,7 @@ class LossTerms:
         if z_loss is not None:
             out = out + z_loss.sum() / count.clamp_min(1)
         return out
+
+
+# Plain cross-entropy: every option off (the default of the functions that take terms).
+PLAIN = LossTerms()
