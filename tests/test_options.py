@@ -251,3 +251,12 @@ def test_linear_cross_entropy_defaults_to_the_mean_like_the_peers():
     want = torch.nn.functional.cross_entropy(logits, labels.reshape(-1))
     torch.testing.assert_close(linear_cross_entropy(h, w, labels, impl="torch"), want)
     linear_cross_entropy(h, w, labels, impl="torch").backward()  # a scalar, as a drop-in loss must be
+
+
+@pytest.mark.parametrize(
+    "keyword, value",
+    [("softcap", 30.0), ("temperature", 0.7), ("shift", False), ("ignore_index", 0), ("return_stats", True)],
+)
+def test_apply_hardfocus_refuses_what_the_model_defines(keyword, value):
+    with pytest.raises(ValueError, match=f"apply_hardfocus does not take {keyword}: "):
+        apply_hardfocus(tiny_model("llama"), **{keyword: value})

@@ -155,6 +155,7 @@ def apply_hardfocus(
             f"causal LM that computes its loss through self.loss_function"
         )
     options.cross_entropy.check_head(head.out_features, None)
+    refuse_logit_loss_terms(target)
     patch = HardFocusPatch(target, head, backbone_of(target), options, eval_logits=eval_logits)
     patch.install()
     if verify:
@@ -177,6 +178,31 @@ MODEL_DEFINED = {
     "shift": "the model shifts its labels itself",
     "return_stats": "the output carries hardfocus_stats",
 }
+
+
+# Loss terms a model's forward adds from the logits themselves, by the attribute that turns
+# them on (transformers 5.25: Bamba's z-loss; no other causal LM adds one).  The patch never
+# forms the logits, so such a model is refused by name.  Bamba's term averages over every
+# position, padding and unlabelled ones included, which lse_square_scale (over the scored
+# tokens, a sequence's mean in IR-DRO's per-sequence losses) does not reproduce.
+LOGIT_LOSS_TERMS = {
+    "z_loss_coefficient": "z_loss_coefficient * logsumexp(logits)^2 averaged over every position (padding included)",
+}
+
+
+def refuse_logit_loss_terms(model: nn.Module) -> None:
+    """A one-line ``ValueError`` naming the setting, when ``model`` adds a loss term of
+    ``LOGIT_LOSS_TERMS`` (read where its forward reads it: the model, else its config)."""
+    config = getattr(model, "config", None)
+    for field, term in LOGIT_LOSS_TERMS.items():
+        value = getattr(model, field, getattr(config, field, None))
+        if isinstance(value, (int, float)) and value:
+            raise ValueError(
+                f"cannot patch {type(model).__name__}: its forward adds {term} to the loss ({field}={value:g}), "
+                f"from logits the fused loss never forms; set model.{field} = 0 (and model.config.{field} = 0 to "
+                f"save it so) to train on the fused loss, and pass lse_square_scale={value:g} to apply_hardfocus "
+                f"for a z-loss over the scored tokens instead"
+            )
 
 
 def model_options(options: HardFocusOptions) -> HardFocusOptions:

@@ -132,6 +132,11 @@ def _measure(patch, runner) -> None:
     patch.mode = "off"
     reference = runner(input_ids=ids, labels=ids).loss
     patch.mode = "loss"
+    if not torch.isfinite(reference).all():
+        raise ProbeRefusal(
+            f"cannot patch {name}: its own loss on the probe's random tokens is not finite, so the "
+            f"patched loss cannot be checked against it"
+        )
     # The model's own loss is plain cross-entropy: compared with the plain fused loss.
     with patch.options_for(
         method="mean", seq_reduction="mean", group=None, label_smoothing=0.0, class_weight=None, lse_square_scale=0.0
@@ -141,6 +146,14 @@ def _measure(patch, runner) -> None:
             ours = runner(input_ids=ids, labels=ids).loss.detach()
         evaluated = runner(input_ids=ids, labels=ids).loss
     for what, loss in (("patched", ours), ("patched evaluation", evaluated)):
+        if not torch.isfinite(loss).all():
+            # The model computed more of its loss from the logits than loss_function: from
+            # the patch's empty stand-in such a term is not finite.
+            raise ProbeRefusal(
+                f"cannot patch {name}: its forward adds a term computed from the logits to the loss beyond "
+                f"self.loss_function (the {what} forward gave no finite loss without the logits); hardfocus "
+                f"cannot reproduce it: turn that term off in the model, or train {name} without the patch"
+            )
         err = _relative_error(loss.double().reshape(1), reference.double().reshape(1))
         if err > tolerance:
             raise ProbeRefusal(
