@@ -504,16 +504,11 @@ def train(args: argparse.Namespace, save: bool = True) -> dict:
     (``save=False``: nothing is written, for ``hardfocus-compare``)."""
     from tqdm.auto import tqdm
 
-    from ..hf import apply_hardfocus, hardfocus_patch
-    from .plots import plot_run
+    from ..hf import apply_hardfocus
 
     say = (lambda *a: None) if args.quiet else print
-    if args.quiet:  # transformers' and the hub's own progress bars too
-        from huggingface_hub.utils import disable_progress_bars
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        disable_progress_bars()
+    if args.quiet:
+        _hide_hub_bars()
     run_dir = Path(args.output_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state = None
@@ -540,22 +535,7 @@ def train(args: argparse.Namespace, save: bool = True) -> dict:
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
-
-    if state is None:
-        torch.manual_seed(args.seed)
-        random.seed(args.seed)
-        log = {
-            "args": _saved_args(args),
-            "precision": precision,
-            "heldout_before": heldout_losses(model, heldout, device),
-            "steps": [],
-        }
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        log = state["log"]
-        log["args"]["num_batches"] = args.num_batches
+    log = _start_log(args, state, model, optimizer, heldout, device, precision)
     if args.eval_tasks and "downstream_before" not in log:
         log["downstream_before"] = downstream(model, tokenizer, args)
     done = len(log["steps"])
@@ -565,33 +545,7 @@ def train(args: argparse.Namespace, save: bool = True) -> dict:
     model.train()
     bar = tqdm(stream, total=args.num_batches, initial=done, disable=args.quiet, desc=f"{args.method}")
     for step, batch in enumerate(bar, start=done + 1):
-        start = time.perf_counter()
-        with autocast:
-            out = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                labels=batch["labels"].to(device),
-            )
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        stats = out.hardfocus_stats
-        values = {k.split("/")[1]: v for k, v in hardfocus_patch(model).pop_log_values().items()}
-        weights = stats.weights.tolist()
-        record = {
-            "step": step,
-            "loss": out.loss.item(),
-            **values,
-            "tokens_per_s": int(stats.n_tokens.sum()) / seconds,
-            "peak_memory_mb": peak_memory_mb(device),
-            "weights": weights,
-            "seq_loss": stats.seq_loss.tolist(),
-            "kinds": batch["kinds"],
-            "weight_share": weight_shares(weights, batch["kinds"]),
-        }
+        record = _train_step(model, optimizer, autocast, batch, device, step)
         log["steps"].append(record)
         bar.set_postfix(
             loss=f"{record['loss']:.3f}",
@@ -609,20 +563,90 @@ def train(args: argparse.Namespace, save: bool = True) -> dict:
         log["downstream_after"] = downstream(model, tokenizer, args)
         say(downstream_table(log))
     if save:
-        save_checkpoint(run_dir, model, tokenizer, optimizer, args, log)
-        final = run_dir / "model"
-        from ..hf import remove_hardfocus
-
-        remove_hardfocus(model)
-        with _no_save_bars():
-            model.save_pretrained(final)
-            tokenizer.save_pretrained(final)
-        (run_dir / "log.json").write_text(json.dumps(log, indent=1))
-        if args.eval_tasks:
-            (run_dir / "downstream.md").write_text(downstream_table(log))
-        plot_run(log, run_dir / "training.png")
-        say(f"saved the model to {final}, the log to {run_dir / 'log.json'}, the plot to {run_dir / 'training.png'}")
+        _save_run(run_dir, model, tokenizer, optimizer, args, log, say)
     return log
+
+
+def _hide_hub_bars() -> None:
+    """transformers' and the hub's own progress bars off (``--quiet``)."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
+def _start_log(args, state, model, optimizer, heldout, device, precision: str) -> dict:
+    """A new run's log (seeded, with the held-out losses before training), or a resumed
+    run's, with the optimizer and random states of its checkpoint restored."""
+    if state is None:
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        return {
+            "args": _saved_args(args),
+            "precision": precision,
+            "heldout_before": heldout_losses(model, heldout, device),
+            "steps": [],
+        }
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    log = state["log"]
+    log["args"]["num_batches"] = args.num_batches
+    return log
+
+
+def _train_step(model, optimizer, autocast, batch: dict, device: torch.device, step: int) -> dict:
+    """One optimizer step on ``batch`` (its forward under ``autocast``); its record for the
+    log (the loss, the weighting's statistics, the weights and losses per document,
+    throughput and memory)."""
+    from ..hf import hardfocus_patch
+
+    start = time.perf_counter()
+    with autocast:
+        out = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            labels=batch["labels"].to(device),
+        )
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    stats = out.hardfocus_stats
+    values = {k.split("/")[1]: v for k, v in hardfocus_patch(model).pop_log_values().items()}
+    weights = stats.weights.tolist()
+    return {
+        "step": step,
+        "loss": out.loss.item(),
+        **values,
+        "tokens_per_s": int(stats.n_tokens.sum()) / seconds,
+        "peak_memory_mb": peak_memory_mb(device),
+        "weights": weights,
+        "seq_loss": stats.seq_loss.tolist(),
+        "kinds": batch["kinds"],
+        "weight_share": weight_shares(weights, batch["kinds"]),
+    }
+
+
+def _save_run(run_dir: Path, model, tokenizer, optimizer, args, log: dict, say) -> None:
+    """The final checkpoint, the unpatched model, the log, the downstream table and the plot."""
+    from ..hf import remove_hardfocus
+    from .plots import plot_run
+
+    save_checkpoint(run_dir, model, tokenizer, optimizer, args, log)
+    final = run_dir / "model"
+    remove_hardfocus(model)
+    with _no_save_bars():
+        model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+    (run_dir / "log.json").write_text(json.dumps(log, indent=1))
+    if args.eval_tasks:
+        (run_dir / "downstream.md").write_text(downstream_table(log))
+    plot_run(log, run_dir / "training.png")
+    say(f"saved the model to {final}, the log to {run_dir / 'log.json'}, the plot to {run_dir / 'training.png'}")
 
 
 def downstream(model, tokenizer, args: argparse.Namespace) -> dict:
