@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .cross_entropy import linear_cross_entropy
+from .options import LCEOptions
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 
@@ -34,40 +35,28 @@ def token_logprobs(
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    shift: bool | int = True,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
-    impl: str = "auto",
-    deterministic: bool | None = None,
-    backward_impl: str = "auto",
+    options: LCEOptions | None = None,
+    **keywords,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(log_probs, entropy)`` (B, T) fp32 of each position's target under
     ``softmax(softcap(hidden @ weight.T + bias) / temperature)``, both differentiable, 0
-    where not scored (``entropy`` None unless asked for).
+    where not scored (``entropy`` None unless asked for with ``return_entropy=True``).
 
-    With ``shift=True`` (default) position t is scored on ``labels[:, t + 1]`` (the Hugging
-    Face convention; mask prompts and padding with ``ignore_index``), as in ``hardfocus_loss``.
-    The ``[tokens x vocab]`` logits are never materialised; the entropy's gradient is
-    applied inside the fused backward.
+    ``options`` and ``keywords`` are :func:`~hardfocus_fused.linear_cross_entropy`'s
+    (``temperature``, ``softcap``, ``ignore_index``, ``return_entropy``, ``impl``,
+    ``deterministic``, ``backward_impl``, ...), with two defaults of their own:
+    ``shift=True``, so position t is scored on ``labels[:, t + 1]`` (the Hugging Face
+    convention, as in ``hardfocus_loss``; mask prompts and padding with ``ignore_index``),
+    and ``reduction="none"``, the only reduction it takes.  The ``[tokens x vocab]`` logits
+    are never materialised; the entropy's gradient is applied inside the fused backward.
     """
-    out = linear_cross_entropy(
-        hidden,
-        weight,
-        labels,
-        bias=bias,
-        softcap=softcap,
-        shift=shift,
-        ignore_index=ignore_index,
-        reduction="none",
-        return_entropy=return_entropy,
-        temperature=temperature,
-        impl=impl,
-        deterministic=deterministic,
-        backward_impl=backward_impl,
-    )
-    if return_entropy:
+    options = LCEOptions.build(options if options is not None else LCEOptions(shift=True, reduction="none"), **keywords)
+    if options.reduction != "none":
+        raise ValueError(
+            f"token_logprobs gives per-token log-probabilities: reduction must be 'none', got {options.reduction!r}"
+        )
+    out = linear_cross_entropy(hidden, weight, labels, bias=bias, options=options)
+    if options.returns.entropy:
         return -out.loss, out.entropy
     return -out, None
 
