@@ -6,7 +6,7 @@
 #   device run, carry [".whl"], timeout_s 540:   bash benchmarks/gpu_session.sh all
 #
 # `all` runs, each stage under its own time limit so that the next one always starts:
-#   smoke    tests/test_gpu.py on the compiled kernels (-x)                    <= 120 s
+#   smoke    tests/kernels/test_gpu.py on the compiled kernels (-x)                    <= 120 s
 #   sweep    configs x backward strategies, Llama-3-8B head then Gemma-2-2B    <= 100 s
 #   targets  every target's cases (peers included), measured with the sweep's
 #            fastest configs (benchmarks.tuned), Llama-3-8B head first          <= 200 s
@@ -80,7 +80,7 @@ case $stage in
         run_stage targets 200
         run_stage profile 45 ;;
     smoke)
-        python3 -m pytest -q -p no:cacheprovider -x --durations=15 -rfEs tests/test_gpu.py ;;
+        python3 -m pytest -q -p no:cacheprovider -x --durations=15 -rfEs tests/kernels/test_gpu.py ;;
     sweep)
         python3 -m benchmarks.sweep --out "$results" --budget-s 75 ${SWEEP_ARGS:-} "${@:2}" ;;
     targets)

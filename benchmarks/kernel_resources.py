@@ -11,7 +11,7 @@ barriers and the global reductions/atomics.
 
     python -m benchmarks.kernel_resources --out benchmarks/results
 
-writes ``kernel-resources-sm90-DATE.md`` / ``.json``.  ``tests/test_compile.py`` runs the
+writes ``kernel-resources-sm90-DATE.md`` / ``.json``.  ``tests/kernels/test_compile.py`` runs the
 same compilation and asserts: no spills, shared memory within a Hopper SM's 227 KiB, and
 no ``MEMBAR`` in the atomic backward kernel.  Run it without ``TRITON_INTERPRET``.
 """
@@ -38,7 +38,7 @@ from triton.runtime.jit import create_function_from_signature
 
 from hardfocus_fused.kernels import backward_deterministic, backward_fused, backward_matmul, forward
 from hardfocus_fused.kernels.config import ARCHITECTURES, default_configs
-from hardfocus_fused.kernels.problem import HeadProblem
+from hardfocus_fused.kernels.problem import HeadProblem, launch_flags
 from hardfocus_fused.tokens import partition_active
 
 from .report import table
@@ -292,7 +292,8 @@ def variants(heads=tuple(HEADS), dtypes=tuple(DTYPES), capability: int = 90) -> 
                 if compiled.hash in seen:
                     continue
                 seen.add(compiled.hash)
-                flags = " ".join(f for f in _FLAGS if kwargs.get(f)) or "-"
+                launched = launch_flags(args, kwargs)
+                flags = " ".join(f for f in _FLAGS if launched.get(f)) or "-"
                 blocks = "x".join(str(kwargs[b]) for b in ("BLOCK_N", "BLOCK_V", "BLOCK_H") if b in kwargs)
                 out.append(
                     Variant(

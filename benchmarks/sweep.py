@@ -42,7 +42,7 @@ from .shapes import SHAPES, make_inputs
 
 K = KernelConfig
 # Candidates (bf16), the default first; each compiles for sm_90 without spills at the
-# Llama-3-8B head (tests/test_compile.py; 64 x 128 x 64 at 4 warps and 4 stages did not).
+# Llama-3-8B head (tests/kernels/test_compile.py; 64 x 128 x 64 at 4 warps and 4 stages did not).
 FORWARD = (
     None,
     K(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=4),

@@ -12,7 +12,7 @@
   ``hardfocus_loss``, ``HardFocusLoss``, ``apply_hardfocus``, the Trainer and TRL
   integration and the CLI) combine them and refuse, when built, every combination that
   cannot run: an accepted object never raises later in a forward or backward for its
-  options (``tests/test_options.py`` walks the grid).
+  options (``tests/loss/test_options.py`` walks the grid).
 
 Every entry point also takes the fields as keyword arguments, the convenient form:
 ``hardfocus_loss(h, w, y, method="midranking", label_smoothing=0.1)`` builds

@@ -22,28 +22,15 @@ recomputes its logit tiles).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .problem import HeadProblem
+from .problem import Grads, HeadProblem, Upstream
 from .tiles import dlogit_tile, logit_tile, mma, to_compute, token_block, vocab_block
 
 
 @triton.jit
-def add_product(
-    out_rows,
-    out_mask,
-    a,
-    b_rows,
-    stride_bh,
-    b_mask,
-    n_hidden,
-    COMPUTE_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
+def add_product(out_rows, out_mask, a, b_rows, stride_bh, b_mask, n_hidden, DOT: tl.constexpr, BLOCK_H: tl.constexpr):
     """``out[rows, :H] += a @ b[rows, :H]``, ``BLOCK_H`` features at a time, read-modify-write.
 
     ``out_rows`` are row pointers into a contiguous fp32 (rows, H) buffer owned by this
@@ -56,237 +43,85 @@ def add_product(
         b = tl.load(b_rows + ks[None, :] * stride_bh, mask=b_mask[:, None] & k_mask[None, :], other=0.0)
         out_tile = out_mask[:, None] & k_mask[None, :]
         acc = tl.load(out_rows + ks[None, :], mask=out_tile, other=0.0)
-        acc = mma(a, to_compute(b, COMPUTE_DTYPE, DOT_UPCAST), acc, DOT_PRECISION, DOT_UPCAST)
+        acc = mma(a, to_compute(b, DOT), acc, DOT)
         tl.store(out_rows + ks[None, :], acc, mask=out_tile)
 
 
 @triton.jit
 def _grad_hidden_kernel(
-    hidden_ptr,
-    weight_ptr,
-    bias_ptr,
-    class_weight_ptr,
-    targets_ptr,
-    order_ptr,
-    n_active_ptr,
-    stats_ptr,
-    coef_ptr,
-    grad_hidden_ptr,
-    n_vocab,
-    n_hidden,
-    stride_hn,
-    stride_hh,
-    stride_wv,
-    stride_wh,
-    softcap,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
-    RICH_COEF: tl.constexpr,
-    CLASS_WEIGHT: tl.constexpr,
-    ENTROPY: tl.constexpr,
+    head,  # problem.Head: the logits' inputs
+    labels,  # problem.Labels: targets, class weights, the active tokens
+    upstream,  # problem.Upstream: the forward's (lse, nll) and the per-token coefficients
+    grad_hidden_ptr,  # out: contiguous fp32 (N, H), zeroed
+    DOT: tl.constexpr,  # problem.Dot: how the matmuls run
+    COEF_WIDTH: tl.constexpr,  # coefficients per token (tiles.dlogit_tile)
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    n_active = tl.load(n_active_ptr)
+    n_active = tl.load(labels.n_active)
     if pid_n * BLOCK_N >= n_active:  # a block past the active tokens has nothing to do
         return
-    tok, row_mask = token_block(order_ptr, n_active, pid_n, BLOCK_N)
-    gh_rows = grad_hidden_ptr + tok[:, None] * n_hidden  # contiguous fp32 (N, H)
-    for v0 in range(0, n_vocab, BLOCK_V):
-        cols, col_mask = vocab_block(v0, n_vocab, BLOCK_V)
-        z = logit_tile(
-            hidden_ptr,
-            weight_ptr,
-            bias_ptr,
-            tok,
-            cols,
-            row_mask,
-            col_mask,
-            n_hidden,
-            stride_hn,
-            stride_hh,
-            stride_wv,
-            stride_wh,
-            softcap,
-            HAS_BIAS,
-            HAS_SOFTCAP,
-            COMPUTE_DTYPE,
-            DOT_PRECISION,
-            DOT_UPCAST,
-            BLOCK_N,
-            BLOCK_V,
-            BLOCK_H,
-        )
-        dz = dlogit_tile(
-            z,
-            tok,
-            cols,
-            row_mask,
-            col_mask,
-            targets_ptr,
-            stats_ptr,
-            coef_ptr,
-            class_weight_ptr,
-            softcap,
-            HAS_SOFTCAP,
-            RICH_COEF,
-            CLASS_WEIGHT,
-            ENTROPY,
-        )
-        dz = to_compute(dz, COMPUTE_DTYPE, DOT_UPCAST)
-        add_product(
-            gh_rows,
-            row_mask,
-            dz,
-            weight_ptr + cols[:, None] * stride_wv,
-            stride_wh,
-            col_mask,
-            n_hidden,
-            COMPUTE_DTYPE,
-            DOT_PRECISION,
-            DOT_UPCAST,
-            BLOCK_H,
-        )
+    tok, row_mask = token_block(labels.order, n_active, pid_n, BLOCK_N)
+    gh_rows = grad_hidden_ptr + tok[:, None] * head.n_hidden
+    for v0 in range(0, head.n_vocab, BLOCK_V):
+        cols, col_mask = vocab_block(v0, head.n_vocab, BLOCK_V)
+        z = logit_tile(head, tok, cols, row_mask, col_mask, DOT, BLOCK_H)
+        dz = dlogit_tile(z, tok, cols, row_mask, col_mask, head, labels, upstream, COEF_WIDTH)
+        dz = to_compute(dz, DOT)
+        w_rows = head.weight + cols[:, None] * head.stride_wv
+        add_product(gh_rows, row_mask, dz, w_rows, head.stride_wh, col_mask, head.n_hidden, DOT, BLOCK_H)
         tl.debug_barrier()  # this pass's stores land before the next pass reloads the rows
 
 
 @triton.jit
 def _grad_weight_kernel(
-    hidden_ptr,
-    weight_ptr,
-    bias_ptr,
-    class_weight_ptr,
-    targets_ptr,
-    order_ptr,
-    n_active_ptr,
-    stats_ptr,
-    coef_ptr,
-    grad_weight_ptr,
-    grad_bias_ptr,
-    n_vocab,
-    n_hidden,
-    stride_hn,
-    stride_hh,
-    stride_wv,
-    stride_wh,
-    softcap,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
-    RICH_COEF: tl.constexpr,
-    CLASS_WEIGHT: tl.constexpr,
-    ENTROPY: tl.constexpr,
-    GRAD_WEIGHT: tl.constexpr,
-    GRAD_BIAS: tl.constexpr,
+    head,  # problem.Head: the logits' inputs
+    labels,  # problem.Labels: targets, class weights, the active tokens
+    upstream,  # problem.Upstream: the forward's (lse, nll) and the per-token coefficients
+    grads,  # problem.Grads: contiguous fp32 weight (V, H, zeroed) and bias (V,) buffers, or None
+    DOT: tl.constexpr,  # problem.Dot: how the matmuls run
+    COEF_WIDTH: tl.constexpr,  # coefficients per token (tiles.dlogit_tile)
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
-    n_active = tl.load(n_active_ptr)
-    cols, col_mask = vocab_block(pid_v * BLOCK_V, n_vocab, BLOCK_V)
-    gw_rows = grad_weight_ptr + cols[:, None] * n_hidden  # contiguous fp32 (V, H)
+    n_active = tl.load(labels.n_active)
+    cols, col_mask = vocab_block(pid_v * BLOCK_V, head.n_vocab, BLOCK_V)
+    if grads.weight is not None:
+        gw_rows = grads.weight + cols[:, None] * head.n_hidden
     grad_bias = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for n0 in range(0, n_active, BLOCK_N):
-        tok, row_mask = token_block(order_ptr, n_active, n0 // BLOCK_N, BLOCK_N)
-        z = logit_tile(
-            hidden_ptr,
-            weight_ptr,
-            bias_ptr,
-            tok,
-            cols,
-            row_mask,
-            col_mask,
-            n_hidden,
-            stride_hn,
-            stride_hh,
-            stride_wv,
-            stride_wh,
-            softcap,
-            HAS_BIAS,
-            HAS_SOFTCAP,
-            COMPUTE_DTYPE,
-            DOT_PRECISION,
-            DOT_UPCAST,
-            BLOCK_N,
-            BLOCK_V,
-            BLOCK_H,
-        )
-        dz = dlogit_tile(
-            z,
-            tok,
-            cols,
-            row_mask,
-            col_mask,
-            targets_ptr,
-            stats_ptr,
-            coef_ptr,
-            class_weight_ptr,
-            softcap,
-            HAS_SOFTCAP,
-            RICH_COEF,
-            CLASS_WEIGHT,
-            ENTROPY,
-        )
-        if GRAD_BIAS:
+        tok, row_mask = token_block(labels.order, n_active, n0 // BLOCK_N, BLOCK_N)
+        z = logit_tile(head, tok, cols, row_mask, col_mask, DOT, BLOCK_H)
+        dz = dlogit_tile(z, tok, cols, row_mask, col_mask, head, labels, upstream, COEF_WIDTH)
+        if grads.bias is not None:
             grad_bias += tl.sum(dz, axis=0)
-        if GRAD_WEIGHT:
-            add_product(
-                gw_rows,
-                col_mask,
-                tl.trans(to_compute(dz, COMPUTE_DTYPE, DOT_UPCAST)),
-                hidden_ptr + tok[:, None] * stride_hn,
-                stride_hh,
-                row_mask,
-                n_hidden,
-                COMPUTE_DTYPE,
-                DOT_PRECISION,
-                DOT_UPCAST,
-                BLOCK_H,
-            )
+        if grads.weight is not None:
+            dz_t = tl.trans(to_compute(dz, DOT))
+            h_rows = head.hidden + tok[:, None] * head.stride_hn
+            add_product(gw_rows, col_mask, dz_t, h_rows, head.stride_hh, row_mask, head.n_hidden, DOT, BLOCK_H)
             tl.debug_barrier()  # as in _grad_hidden_kernel
-    if GRAD_BIAS:
-        tl.store(grad_bias_ptr + cols, grad_bias, mask=col_mask)
+    if grads.bias is not None:
+        tl.store(grads.bias + cols, grad_bias, mask=col_mask)
 
 
-def deterministic_backward(
-    problem: HeadProblem,
-    stats: torch.Tensor,
-    coef: torch.Tensor,
-    grad_hidden: torch.Tensor | None,
-    grad_weight: torch.Tensor | None,
-    grad_bias: torch.Tensor | None,
-) -> None:
-    """Fill the zeroed fp32 buffers that are not None; same contract as ``lce_backward``."""
-    sizes = (problem.n_vocab, problem.n_hidden, *problem.layout())
-    if grad_hidden is not None:
+def deterministic_backward(problem: HeadProblem, upstream: Upstream, grads: Grads) -> None:
+    """Fill the zeroed fp32 buffers of ``grads`` that are not None; same contract as
+    ``backward_fused.lce_backward``."""
+    constants = dict(DOT=problem.dot(), COEF_WIDTH=problem.coef_width, **problem.blocks())
+    if grads.hidden is not None:
         _grad_hidden_kernel[(triton.cdiv(problem.n_tokens, problem.config.block_n),)](
-            *problem.inputs(),
-            stats,
-            coef,
-            grad_hidden,
-            *sizes,
-            **problem.constants(**problem.backward_terms()),
-            **problem.launch_options(),
+            problem.head(), problem.labels(), upstream, grads.hidden, **constants, **problem.launch_options()
         )
-    if grad_weight is not None or grad_bias is not None:
-        placeholder = coef  # any fp32 tensor; never dereferenced when its flag is off
+    if grads.weight is not None or grads.bias is not None:
         _grad_weight_kernel[(triton.cdiv(problem.n_vocab, problem.config.block_v),)](
-            *problem.inputs(),
-            stats,
-            coef,
-            grad_weight if grad_weight is not None else placeholder,
-            grad_bias if grad_bias is not None else placeholder,
-            *sizes,
-            **problem.constants(
-                GRAD_WEIGHT=grad_weight is not None, GRAD_BIAS=grad_bias is not None, **problem.backward_terms()
-            ),
+            problem.head(),
+            problem.labels(),
+            upstream,
+            grads._replace(hidden=None),
+            **constants,
             **problem.launch_options(),
         )

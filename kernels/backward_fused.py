@@ -26,120 +26,62 @@ import triton
 import triton.language as tl
 
 from .backward_deterministic import deterministic_backward
-from .problem import HeadProblem
+from .problem import Grads, HeadProblem, Upstream
 from .tiles import dlogit_tile, grouped_tile, logit_tile, mma, to_compute, token_block, vocab_block
 
 
 @triton.jit
 def _lce_backward_kernel(
-    hidden_ptr,
-    weight_ptr,
-    bias_ptr,
-    class_weight_ptr,
-    targets_ptr,
-    order_ptr,
-    n_active_ptr,
-    stats_ptr,
-    coef_ptr,
-    grad_hidden_ptr,
-    grad_weight_ptr,
-    grad_bias_ptr,
-    n_tokens,
+    head,  # problem.Head: the logits' inputs
+    labels,  # problem.Labels: targets, class weights, the active tokens
+    upstream,  # problem.Upstream: the forward's (lse, nll) and the per-token coefficients
+    grads,  # problem.Grads: fp32 buffers to add into; None where a gradient is not needed
     v_start,
     v_stop,
-    n_hidden,
-    stride_hn,
-    stride_hh,
-    stride_wv,
-    stride_wh,
-    softcap,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
-    RICH_COEF: tl.constexpr,
-    CLASS_WEIGHT: tl.constexpr,
-    ENTROPY: tl.constexpr,
-    GRAD_HIDDEN: tl.constexpr,
-    GRAD_WEIGHT: tl.constexpr,
-    GRAD_BIAS: tl.constexpr,
+    DOT: tl.constexpr,  # problem.Dot: how the matmuls run
+    COEF_WIDTH: tl.constexpr,  # coefficients per token (tiles.dlogit_tile)
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):
-    # One launch covers the vocabulary columns [v_start, v_stop); grad_weight_ptr points at
+    # One launch covers the vocabulary columns [v_start, v_stop); grads.weight points at
     # the fp32 accumulator of exactly those rows.  A 1-D grid (no 65535 cap on the
     # vocabulary tiles) in grouped order (tiles.grouped_tile): a wave of programs covers
     # GROUP_N token blocks x a few vocabulary tiles, so GROUP_N programs at a time add into
     # one grad_weight tile and the grad_hidden rows being added to stay few, in L2.
     n_tiles = tl.cdiv(v_stop - v_start, BLOCK_V)
-    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(n_tokens, BLOCK_N), n_tiles, GROUP_N)
-    n_active = tl.load(n_active_ptr)
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(head.n_tokens, BLOCK_N), n_tiles, GROUP_N)
+    n_active = tl.load(labels.n_active)
     if pid_n * BLOCK_N >= n_active:  # a block past the active tokens has nothing to do
         return
-    tok, row_mask = token_block(order_ptr, n_active, pid_n, BLOCK_N)
+    tok, row_mask = token_block(labels.order, n_active, pid_n, BLOCK_N)
     cols, col_mask = vocab_block(v_start + pid_v * BLOCK_V, v_stop, BLOCK_V)
 
-    z = logit_tile(
-        hidden_ptr,
-        weight_ptr,
-        bias_ptr,
-        tok,
-        cols,
-        row_mask,
-        col_mask,
-        n_hidden,
-        stride_hn,
-        stride_hh,
-        stride_wv,
-        stride_wh,
-        softcap,
-        HAS_BIAS,
-        HAS_SOFTCAP,
-        COMPUTE_DTYPE,
-        DOT_PRECISION,
-        DOT_UPCAST,
-        BLOCK_N,
-        BLOCK_V,
-        BLOCK_H,
-    )
-    dz = dlogit_tile(
-        z,
-        tok,
-        cols,
-        row_mask,
-        col_mask,
-        targets_ptr,
-        stats_ptr,
-        coef_ptr,
-        class_weight_ptr,
-        softcap,
-        HAS_SOFTCAP,
-        RICH_COEF,
-        CLASS_WEIGHT,
-        ENTROPY,
-    )
+    z = logit_tile(head, tok, cols, row_mask, col_mask, DOT, BLOCK_H)
+    dz = dlogit_tile(z, tok, cols, row_mask, col_mask, head, labels, upstream, COEF_WIDTH)
 
-    if GRAD_BIAS:
-        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
-    dz_c = to_compute(dz, COMPUTE_DTYPE, DOT_UPCAST)
+    if grads.bias is not None:
+        tl.atomic_add(grads.bias + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
+    dz_c = to_compute(dz, DOT)
     # Gradient buffers are contiguous fp32: (N, H) and (v_stop - v_start, H).
-    gh_rows = grad_hidden_ptr + tok[:, None] * n_hidden
-    gw_rows = grad_weight_ptr + (cols - v_start)[:, None] * n_hidden
-    h_rows = hidden_ptr + tok[:, None] * stride_hn
-    w_rows = weight_ptr + cols[:, None] * stride_wv
+    n_hidden = head.n_hidden
+    if grads.hidden is not None:
+        gh_rows = grads.hidden + tok[:, None] * n_hidden
+    if grads.weight is not None:
+        gw_rows = grads.weight + (cols - v_start)[:, None] * n_hidden
+    h_rows = head.hidden + tok[:, None] * head.stride_hn
+    w_rows = head.weight + cols[:, None] * head.stride_wv
     for k0 in range(0, n_hidden, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
         k_mask = ks < n_hidden
-        if GRAD_HIDDEN:
-            w = tl.load(w_rows + ks[None, :] * stride_wh, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            gh = mma(dz_c, to_compute(w, COMPUTE_DTYPE, DOT_UPCAST), None, DOT_PRECISION, DOT_UPCAST)
+        if grads.hidden is not None:
+            w = tl.load(w_rows + ks[None, :] * head.stride_wh, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            gh = mma(dz_c, to_compute(w, DOT), None, DOT)
             tl.atomic_add(gh_rows + ks[None, :], gh, mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
-        if GRAD_WEIGHT:
-            h = tl.load(h_rows + ks[None, :] * stride_hh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            gw = mma(tl.trans(dz_c), to_compute(h, COMPUTE_DTYPE, DOT_UPCAST), None, DOT_PRECISION, DOT_UPCAST)
+        if grads.weight is not None:
+            h = tl.load(h_rows + ks[None, :] * head.stride_hh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            gw = mma(tl.trans(dz_c), to_compute(h, DOT), None, DOT)
             tl.atomic_add(gw_rows + ks[None, :], gw, mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
 
 
@@ -179,18 +121,19 @@ def lce_backward(
     both gradients are needed, and a whole-vocabulary fp32 weight accumulator).
     """
     need_bias = need_bias and problem.bias is not None
+    upstream = Upstream(stats, coef)
     grad_hidden = _fp32_zeros(problem, problem.n_tokens, problem.n_hidden) if need_hidden else None
     grad_bias = _fp32_zeros(problem, problem.n_vocab) if need_bias else None
     if deterministic:
         grad_weight = _fp32_zeros(problem, problem.n_vocab, problem.n_hidden) if need_weight else None
         if need_hidden or need_weight or need_bias:
-            deterministic_backward(problem, stats, coef, grad_hidden, grad_weight, grad_bias)
+            deterministic_backward(problem, upstream, Grads(grad_hidden, grad_weight, grad_bias))
     elif need_weight:
-        grad_weight = _chunked_weight_backward(problem, stats, coef, grad_hidden, grad_bias)
+        grad_weight = _chunked_weight_backward(problem, upstream, grad_hidden, grad_bias)
     else:
         grad_weight = None
         if need_hidden or need_bias:
-            _launch(problem, stats, coef, grad_hidden, None, grad_bias, 0, problem.n_vocab)
+            _launch(problem, upstream, Grads(grad_hidden, None, grad_bias), 0, problem.n_vocab)
     return _cast(grad_hidden, problem.hidden), _cast(grad_weight, problem.weight), _cast(grad_bias, problem.bias)
 
 
@@ -202,45 +145,38 @@ def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor 
     return grad.to(like.dtype) if grad is not None else None
 
 
-def _chunked_weight_backward(problem, stats, coef, grad_hidden, grad_bias) -> torch.Tensor:
+def _chunked_weight_backward(problem, upstream, grad_hidden, grad_bias) -> torch.Tensor:
     """Run the atomic kernel chunk by chunk (see ``weight_chunk_rows``); the weight gradient."""
     n_vocab, n_hidden = problem.n_vocab, problem.n_hidden
     rows = weight_chunk_rows(problem)
     accum = _fp32_zeros(problem, rows, n_hidden)
     if problem.weight.dtype == torch.float32:  # one chunk, and the fp32 sum is the gradient
-        _launch(problem, stats, coef, grad_hidden, accum, grad_bias, 0, n_vocab)
+        _launch(problem, upstream, Grads(grad_hidden, accum, grad_bias), 0, n_vocab)
         return accum
     grad_weight = torch.empty((n_vocab, n_hidden), dtype=problem.weight.dtype, device=problem.hidden.device)
     for v_start in range(0, n_vocab, rows):
         v_stop = min(v_start + rows, n_vocab)
         if v_start:
             accum.zero_()
-        _launch(problem, stats, coef, grad_hidden, accum, grad_bias, v_start, v_stop)
+        _launch(problem, upstream, Grads(grad_hidden, accum, grad_bias), v_start, v_stop)
         grad_weight[v_start:v_stop].copy_(accum[: v_stop - v_start])
     return grad_weight
 
 
-def _launch(problem, stats, coef, grad_hidden, grad_weight, grad_bias, v_start: int, v_stop: int) -> None:
+def _launch(problem, upstream: Upstream, grads: Grads, v_start: int, v_stop: int) -> None:
     """One launch of ``_lce_backward_kernel`` over the vocabulary columns [v_start, v_stop)."""
     config = problem.config
-    placeholder = coef  # any fp32 tensor; never dereferenced when its flag is off
     grid = (triton.cdiv(problem.n_tokens, config.block_n) * triton.cdiv(v_stop - v_start, config.block_v),)
     _lce_backward_kernel[grid](
-        *problem.inputs(),
-        stats,
-        coef,
-        *(grad if grad is not None else placeholder for grad in (grad_hidden, grad_weight, grad_bias)),
-        problem.n_tokens,
+        problem.head(),
+        problem.labels(),
+        upstream,
+        grads,
         v_start,
         v_stop,
-        problem.n_hidden,
-        *problem.layout(),
-        **problem.constants(
-            GRAD_HIDDEN=grad_hidden is not None,
-            GRAD_WEIGHT=grad_weight is not None,
-            GRAD_BIAS=grad_bias is not None,
-            GROUP_N=config.group_n,
-            **problem.backward_terms(),
-        ),
+        DOT=problem.dot(),
+        COEF_WIDTH=problem.coef_width,
+        GROUP_N=config.group_n,
+        **problem.blocks(),
         **problem.launch_options(),
     )

@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .problem import HeadProblem, dot_options
-from .tiles import dlogit_tile, tanh, to_compute
+from .problem import Grads, HeadProblem, Upstream
+from .tiles import dlogit_tile, finish_logits, to_compute
 
 # The elementwise kernel's tile: 64 rows x 32 columns per step over 4 warps; a program owns
 # 32 columns, so a chunk of 8192 columns (16384 tokens at 512 MiB) has 256 programs.
@@ -40,29 +40,19 @@ DLOGITS_BLOCK_N, DLOGITS_BLOCK_V = 64, 32
 
 @triton.jit
 def _dlogits_kernel(
-    z_ptr,
-    dz_ptr,
-    grad_bias_ptr,
-    bias_ptr,
-    class_weight_ptr,
-    targets_ptr,
-    order_ptr,
-    stats_ptr,
-    coef_ptr,
+    head,  # problem.Head: its bias and soft-cap (the products are already in z)
+    labels,  # problem.Labels: targets, class weights, the active tokens
+    upstream,  # problem.Upstream: the forward's (lse, nll) and the per-token coefficients
+    z_ptr,  # fp32 (n_rows, n_cols) hidden @ weight.T of the chunk, rows stride_z apart
+    dz_ptr,  # out: (n_rows, n_cols) dloss/dlogits in the compute dtype, rows stride_dz apart
+    grads,  # problem.Grads: only its bias is written, fp32 (V,) column sums of dz (None: not needed)
     n_rows,
     n_cols,
     v_start,
     stride_z,
     stride_dz,
-    softcap,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    GRAD_BIAS: tl.constexpr,
-    RICH_COEF: tl.constexpr,
-    CLASS_WEIGHT: tl.constexpr,
-    ENTROPY: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
+    DOT: tl.constexpr,  # problem.Dot: the compute dtype dz is stored in
+    COEF_WIDTH: tl.constexpr,  # coefficients per token (tiles.dlogit_tile)
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -72,43 +62,21 @@ def _dlogits_kernel(
     local = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = local < n_cols
     cols = (v_start + local).to(tl.int64)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     grad_bias = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for r0 in range(0, n_rows, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         row_mask = rows < n_rows
-        tok = tl.load(order_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        tok = tl.load(labels.order + rows, mask=row_mask, other=0).to(tl.int64)
         rows = rows.to(tl.int64)
         mask = row_mask[:, None] & col_mask[None, :]
         z = tl.load(z_ptr + rows[:, None] * stride_z + local[None, :], mask=mask, other=0.0)
-        if HAS_BIAS:
-            z += bias[None, :]
-        if HAS_SOFTCAP:
-            z = softcap * tanh(z / softcap)
-        dz = dlogit_tile(
-            z,
-            tok,
-            cols,
-            row_mask,
-            col_mask,
-            targets_ptr,
-            stats_ptr,
-            coef_ptr,
-            class_weight_ptr,
-            softcap,
-            HAS_SOFTCAP,
-            RICH_COEF,
-            CLASS_WEIGHT,
-            ENTROPY,
-        )
-        if GRAD_BIAS:
+        z = finish_logits(z, head, cols, col_mask)
+        dz = dlogit_tile(z, tok, cols, row_mask, col_mask, head, labels, upstream, COEF_WIDTH)
+        if grads.bias is not None:
             grad_bias += tl.sum(dz, axis=0)
-        tl.store(
-            dz_ptr + rows[:, None] * stride_dz + local[None, :], to_compute(dz, COMPUTE_DTYPE, DOT_UPCAST), mask=mask
-        )
-    if GRAD_BIAS:
-        tl.store(grad_bias_ptr + cols, grad_bias, mask=col_mask)
+        tl.store(dz_ptr + rows[:, None] * stride_dz + local[None, :], to_compute(dz, DOT), mask=mask)
+    if grads.bias is not None:
+        tl.store(grads.bias + cols, grad_bias, mask=col_mask)
 
 
 def matmul_backward(
@@ -173,31 +141,20 @@ def dlogits(
     (without bias or soft-cap) over the columns ``v_start ..`` of ``z``'s width: row ``r``
     is token ``problem.order[r]``.  With ``grad_bias`` (fp32, (V,)) the columns' sums of
     ``dz`` are stored into it (not added)."""
-    constants = dot_options(problem.compute_dtype, problem.config)
-    placeholder = coef  # any fp32 tensor; never dereferenced when its flag is off
-    bias, class_weight = problem.bias, problem.class_weight
     _dlogits_kernel[(triton.cdiv(z.shape[1], DLOGITS_BLOCK_V),)](
+        problem.head(),
+        problem.labels(),
+        Upstream(stats, coef),
         z,
         dz,
-        grad_bias if grad_bias is not None else placeholder,
-        bias if bias is not None else placeholder,
-        class_weight if class_weight is not None else placeholder,
-        problem.targets,
-        problem.order,
-        stats,
-        coef,
+        Grads(None, None, grad_bias),
         z.shape[0],
         z.shape[1],
         v_start,
         z.stride(0),
         dz.stride(0),
-        float(problem.softcap) if problem.softcap is not None else 1.0,
-        HAS_BIAS=bias is not None,
-        HAS_SOFTCAP=problem.softcap is not None,
-        GRAD_BIAS=grad_bias is not None,
-        **problem.backward_terms(),
-        COMPUTE_DTYPE=constants["COMPUTE_DTYPE"],
-        DOT_UPCAST=constants["DOT_UPCAST"],
+        DOT=problem.dot(),
+        COEF_WIDTH=problem.coef_width,
         BLOCK_N=DLOGITS_BLOCK_N,
         BLOCK_V=DLOGITS_BLOCK_V,
         num_warps=4,

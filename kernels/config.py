@@ -108,7 +108,7 @@ class HeadConfigs:
 
 # The compiled defaults, per compute dtype: each compiles for sm_90 with the launch-time
 # specialisation without register spills and within the shared memory of a Hopper SM
-# (tests/test_compile.py; the table is benchmarks/results/kernel-resources-sm90-*.md).
+# (tests/kernels/test_compile.py; the table is benchmarks/results/kernel-resources-sm90-*.md).
 # The forward's 128 x 256 tiles (wgmma 64x256x16, 255 registers, 144 KiB) load half as
 # many weight bytes per FLOP from L2 as 128 x 128 (85 FLOP per byte against 64), which
 # the cost model says is what bounds a 128 x 128 forward on an H100
@@ -234,7 +234,7 @@ def default_configs(
     nothing spills, on tensor cores (tf32) when torch's fp32 matmuls may use them
     (:func:`fp32_on_tensor_cores`).  The tiles are those of the ``capability``'s
     :func:`architecture` (sm_90's when None), each compiling there without spills and
-    within the shared memory a block may have (``tests/test_compile.py``).  ``interpreted``
+    within the shared memory a block may have (``tests/kernels/test_compile.py``).  ``interpreted``
     (None: whether the interpreter is on now) picks the interpreter's config instead.
     Measured defaults (:func:`use_measured_configs`) adjust the result.
     """

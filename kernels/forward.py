@@ -25,61 +25,38 @@ import triton
 import triton.language as tl
 
 from .config import device_l2_bytes, device_sm_count, split_plan
-from .problem import HeadProblem
+from .problem import HeadProblem, Stored
 from .tiles import grouped_tile, logit_tile, stored_logit_tile, token_block, vocab_block
 
 
 @triton.jit
 def _lse_forward_kernel(
-    hidden_ptr,
-    weight_ptr,
-    bias_ptr,
-    class_weight_ptr,
-    targets_ptr,
-    order_ptr,
-    n_active_ptr,
-    part_ptr,
-    target_logit_ptr,
-    logits_ptr,
-    n_tokens,
-    n_vocab,
-    n_hidden,
+    head,  # problem.Head: the logits' inputs
+    labels,  # problem.Labels: targets, class weights, the active tokens
+    stored,  # problem.Stored fp32 products to read instead of multiplying, or None
+    part_ptr,  # out: (n_tokens, n_splits, PART) fp32 per-split partial sums, see the end
+    target_logit_ptr,  # out: (n_tokens,) fp32, the target's logit
     tiles_per_split,
     n_splits,
-    stride_hn,
-    stride_hh,
-    stride_wv,
-    stride_wh,
-    softcap,
-    stride_zn,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
+    DOT: tl.constexpr,  # problem.Dot: how the matmuls run
+    SMOOTH: tl.constexpr,  # also sum c_v * z_v per token (label smoothing)
+    ARGMAX: tl.constexpr,  # also find each token's first largest logit
+    ENTROPY: tl.constexpr,  # also sum the entropy's gap terms
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr,
-    SMOOTH: tl.constexpr,
-    ARGMAX: tl.constexpr,
-    CLASS_WEIGHT: tl.constexpr,
-    ENTROPY: tl.constexpr,
-    STORED_LOGITS: tl.constexpr,
 ):
-    # STORED_LOGITS: the fp32 products hidden @ weight.T are already in memory (row = token,
-    # ``stride_zn`` apart), as the three-product path computes them; the tiles are read
-    # instead of multiplied.
     # A 1-D grid of (token block, split) pairs in grouped order (see tiles.grouped_tile).
-    pid_n, split = grouped_tile(tl.program_id(0), tl.cdiv(n_tokens, BLOCK_N), n_splits, GROUP_N)
-    n_active = tl.load(n_active_ptr)
+    pid_n, split = grouped_tile(tl.program_id(0), tl.cdiv(head.n_tokens, BLOCK_N), n_splits, GROUP_N)
+    n_active = tl.load(labels.n_active)
     if pid_n * BLOCK_N >= n_active:  # a block past the active tokens has nothing to do
         return
-    tok, row_mask = token_block(order_ptr, n_active, pid_n, BLOCK_N)
-    target = tl.load(targets_ptr + tok, mask=row_mask, other=-1)
+    tok, row_mask = token_block(labels.order, n_active, pid_n, BLOCK_N)
+    target = tl.load(labels.targets + tok, mask=row_mask, other=-1)
 
     v_begin = split * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, n_vocab)
+    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, head.n_vocab)
     # run_rest: sum of exp(z - run_max) over the columns seen, leaving out one column at
     # the max (its term is exactly 1): for a confident prediction the rest is small, and
     # adding the 1 would round it to the precision of 1.
@@ -94,37 +71,13 @@ def _lse_forward_kernel(
     run_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols, col_mask = vocab_block(v0, v_end, BLOCK_V)
-        if STORED_LOGITS:
-            z = stored_logit_tile(
-                logits_ptr, stride_zn, tok, cols, row_mask, col_mask, bias_ptr, softcap, HAS_BIAS, HAS_SOFTCAP
-            )
+        if stored is None:
+            z = logit_tile(head, tok, cols, row_mask, col_mask, DOT, BLOCK_H)
         else:
-            z = logit_tile(
-                hidden_ptr,
-                weight_ptr,
-                bias_ptr,
-                tok,
-                cols,
-                row_mask,
-                col_mask,
-                n_hidden,
-                stride_hn,
-                stride_hh,
-                stride_wv,
-                stride_wh,
-                softcap,
-                HAS_BIAS,
-                HAS_SOFTCAP,
-                COMPUTE_DTYPE,
-                DOT_PRECISION,
-                DOT_UPCAST,
-                BLOCK_N,
-                BLOCK_V,
-                BLOCK_H,
-            )
+            z = stored_logit_tile(stored, head, tok, cols, row_mask, col_mask)
         if SMOOTH:
-            if CLASS_WEIGHT:
-                c = tl.load(class_weight_ptr + cols, mask=col_mask, other=0.0)  # 0 past the vocabulary
+            if labels.class_weight is not None:
+                c = tl.load(labels.class_weight + cols, mask=col_mask, other=0.0)  # 0 past the vocabulary
                 run_smooth += tl.sum(z * c[None, :], axis=1)
             else:
                 run_smooth += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
@@ -214,18 +167,19 @@ def lse_forward(problem: HeadProblem, logits: torch.Tensor | None = None) -> For
     ):
         raise ValueError(f"logits must be ({problem.n_tokens}, {problem.n_vocab}) fp32 with unit column stride")
     _lse_forward_kernel[(n_row_blocks * n_splits,)](
-        *problem.inputs(),
+        problem.head(),
+        problem.labels(),
+        Stored(logits, logits.stride(0)) if logits is not None else None,
         part,
         target_logit,
-        logits if logits is not None else part,
-        problem.n_tokens,
-        problem.n_vocab,
-        problem.n_hidden,
         tiles_per_split,
         n_splits,
-        *problem.layout(),
-        logits.stride(0) if logits is not None else 0,
-        **problem.constants(GROUP_N=config.group_n, STORED_LOGITS=logits is not None, **problem.forward_terms()),
+        DOT=problem.dot(),
+        SMOOTH=problem.smooth,
+        ARGMAX=problem.argmax,
+        ENTROPY=problem.entropy,
+        GROUP_N=config.group_n,
+        **problem.blocks(),
         **problem.launch_options(),
     )
     out = ForwardStats(merge_splits(part[..., 0], part[..., 1], target_logit))

@@ -5,6 +5,11 @@ columns x ``BLOCK_H`` hidden features.  ``row_mask`` is False for token slots pa
 last active token, ``col_mask`` for columns past the vocabulary, ``k_mask`` for features
 past the hidden size.  Masked loads read 0, so masked rows and columns contribute
 nothing to a dot product; callers then exclude them from reductions and stores.
+
+The kernels' inputs arrive as the named tuples of ``kernels.problem`` (``head``,
+``labels``, ``upstream``, ``grads``, the ``DOT`` constant); an optional input (a bias, a
+soft-cap, class weights, a gradient not asked for) is None there, and ``if x is not None``
+is decided when the kernel is compiled, so each variant holds only the code it uses.
 """
 
 import triton
@@ -67,108 +72,74 @@ def vocab_block(v0, v_end, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def to_compute(x, COMPUTE_DTYPE: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """``x`` as a matmul operand in ``COMPUTE_DTYPE``, rounded to nearest even as the GPU
+def to_compute(x, DOT: tl.constexpr):
+    """``x`` as a matmul operand in ``DOT.dtype``, rounded to nearest even as the GPU
     rounds.  Triton's CPU interpreter truncates fp32 to bfloat16 instead (a bias of half a
-    bf16 ulp on average); under it (``DOT_UPCAST``) the fp32 bits are rounded first, so the
+    bf16 ulp on average); under it (``DOT.upcast``) the fp32 bits are rounded first, so the
     truncating cast is exact.  Compiled kernels get the plain cast."""
-    if DOT_UPCAST:
+    if DOT.upcast:
         if x.dtype == tl.float32:
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
             x = bits.to(tl.float32, bitcast=True)
-    return x.to(COMPUTE_DTYPE)
+    return x.to(DOT.dtype)
 
 
 @triton.jit
-def mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """``acc + a @ b`` with fp32 accumulation.
+def mma(a, b, acc, DOT: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation (``acc`` None: ``a @ b``).
 
-    ``DOT_UPCAST`` is set only under Triton's CPU interpreter, which multiplies bfloat16
+    ``DOT.upcast`` is set only under Triton's CPU interpreter, which multiplies bfloat16
     operands as their raw uint16 bits: upcasting to fp32 first is exact and yields the
     same products the tensor cores form.
     """
-    if DOT_UPCAST:
+    if DOT.upcast:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return tl.dot(a, b, acc, input_precision=DOT.precision)
 
 
 @triton.jit
-def logit_tile(
-    hidden_ptr,
-    weight_ptr,
-    bias_ptr,
-    tok,
-    cols,
-    row_mask,
-    col_mask,
-    n_hidden,
-    stride_hn,
-    stride_hh,
-    stride_wv,
-    stride_wh,
-    softcap,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    """fp32 tile ``softcap(hidden[tok] @ weight[cols].T + bias[cols])``.
+def logit_tile(head, tok, cols, row_mask, col_mask, DOT: tl.constexpr, BLOCK_H: tl.constexpr):
+    """fp32 tile ``softcap(hidden[tok] @ weight[cols].T + bias[cols])`` of the ``Head``
+    (``kernels.problem``), one row per entry of ``tok``, one column per entry of ``cols``,
+    the hidden dimension reduced ``BLOCK_H`` at a time.
 
     ``tok`` and ``cols`` are int64 index vectors, so ``index * stride`` cannot overflow
     when tokens x H or V x H exceed 2**31.
     """
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    h_rows = hidden_ptr + tok[:, None] * stride_hn
-    w_rows = weight_ptr + cols[:, None] * stride_wv
-    for k0 in range(0, n_hidden, BLOCK_H):
+    acc = tl.zeros((tok.shape[0], cols.shape[0]), dtype=tl.float32)
+    h_rows = head.hidden + tok[:, None] * head.stride_hn
+    w_rows = head.weight + cols[:, None] * head.stride_wv
+    for k0 in range(0, head.n_hidden, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
-        k_mask = ks < n_hidden
-        h = tl.load(h_rows + ks[None, :] * stride_hh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_rows + ks[None, :] * stride_wh, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = mma(
-            to_compute(h, COMPUTE_DTYPE, DOT_UPCAST),
-            tl.trans(to_compute(w, COMPUTE_DTYPE, DOT_UPCAST)),
-            acc,
-            DOT_PRECISION,
-            DOT_UPCAST,
-        )
-    return finish_logits(acc, bias_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
+        k_mask = ks < head.n_hidden
+        h = tl.load(h_rows + ks[None, :] * head.stride_hh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_rows + ks[None, :] * head.stride_wh, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = mma(to_compute(h, DOT), tl.trans(to_compute(w, DOT)), acc, DOT)
+    return finish_logits(acc, head, cols, col_mask)
 
 
 @triton.jit
-def finish_logits(acc, bias_ptr, cols, col_mask, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """``softcap(acc + bias[cols])`` for an fp32 tile of ``hidden @ weight.T``."""
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        acc = softcap * tanh(acc / softcap)
+def finish_logits(acc, head, cols, col_mask):
+    """``softcap(acc + bias[cols])`` for an fp32 tile of ``hidden @ weight.T``: the ``Head``'s
+    bias and soft-cap, each only where it has one."""
+    if head.bias is not None:
+        acc += tl.load(head.bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if head.softcap is not None:
+        acc = head.softcap * tanh(acc / head.softcap)
     return acc
 
 
 @triton.jit
-def stored_logit_tile(
-    logits_ptr,
-    stride_zn,
-    tok,
-    cols,
-    row_mask,
-    col_mask,
-    bias_ptr,
-    softcap,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-):
-    """The tile :func:`logit_tile` would compute, from fp32 ``hidden @ weight.T`` already in
-    memory (row ``tok``, column ``cols``; the bias and soft-cap are applied here)."""
+def stored_logit_tile(stored, head, tok, cols, row_mask, col_mask):
+    """The tile :func:`logit_tile` would compute, read from the ``Stored`` fp32 products
+    (row ``tok``, column ``cols``; the ``Head``'s bias and soft-cap are applied here)."""
     z = tl.load(
-        logits_ptr + tok[:, None] * stride_zn + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
+        stored.logits + tok[:, None] * stored.stride + cols[None, :],
+        mask=row_mask[:, None] & col_mask[None, :],
+        other=0.0,
     )
-    return finish_logits(z, bias_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
+    return finish_logits(z, head, cols, col_mask)
 
 
 @triton.jit
@@ -182,73 +153,58 @@ def expm1(x):
 
 
 @triton.jit
-def dlogit_tile(
-    z,
-    tok,
-    cols,
-    row_mask,
-    col_mask,
-    targets_ptr,
-    stats_ptr,
-    coef_ptr,
-    class_weight_ptr,
-    softcap,
-    HAS_SOFTCAP: tl.constexpr,
-    RICH_COEF: tl.constexpr,
-    CLASS_WEIGHT: tl.constexpr,
-    ENTROPY: tl.constexpr,
-):
-    """fp32 tile of ``dloss/dlogits``.
+def dlogit_tile(z, tok, cols, row_mask, col_mask, head, labels, upstream, COEF_WIDTH: tl.constexpr):
+    """fp32 tile of ``dloss/dlogits`` at the logit tile ``z`` (rows ``tok``, columns ``cols``).
 
-    Plain cross-entropy (``RICH_COEF`` off): ``coef * (softmax(z) - onehot(target))`` with
-    one coefficient per token.  With ``RICH_COEF`` each token has three, ``(a, e, u)``
-    (``coef`` is (N, 3)), for the terms label smoothing, z-loss and a differentiable
-    log-sum-exp add (see ``hardfocus_fused.op.loss_terms``):
+    ``COEF_WIDTH`` is the number of ``upstream.coef`` values per token.  1, plain
+    cross-entropy: ``coef * (softmax(z) - onehot(target))``.  3, ``(a, e, u)``, for the terms
+    label smoothing, z-loss and a differentiable log-sum-exp add (see
+    ``hardfocus_fused.op.loss_terms``):
 
         a * (p - onehot) + e * p - u * c        (c: the class weights, or 1 per column)
 
-    and with ``ENTROPY`` five, ``(a, e, u, k, mu)``, adding a differentiable entropy's
-    ``k * p * (z - mu)`` (``k = -dL/dH``, ``mu = lse - H`` the mean logit under p: the
-    entropy's gradient is ``-p (log p + H) = -p (z - mu)``).
+    5, ``(a, e, u, k, mu)``, adding a differentiable entropy's ``k * p * (z - mu)``
+    (``k = -dL/dH``, ``mu = lse - H`` the mean logit under p: the entropy's gradient is
+    ``-p (log p + H) = -p (z - mu)``).
 
-    ``stats`` holds ``(lse, nll)`` per token (see ``forward.lse_forward``).  The target
-    column's ``p_t - 1 = expm1(-nll)``: for a confident prediction (``p_t`` near 1),
+    ``upstream.stats`` holds ``(lse, nll)`` per token (see ``forward.lse_forward``).  The
+    target column's ``p_t - 1 = expm1(-nll)``: for a confident prediction (``p_t`` near 1),
     ``exp(z_t - lse) - 1`` would cancel and leave only the rounding of ``lse``, an
     absolute error of ``ulp(lse)`` on a value of size ``1 - p_t``.  ``z`` is the
-    (softcapped) logit tile from :func:`logit_tile`; with a softcap the derivative of
-    ``c * tanh(x / c)``, ``1 - (z / c)^2``, is applied.  Masked rows and columns are 0, so
-    the tile can go straight into the gradient matmuls.
+    (softcapped) logit tile from :func:`logit_tile`; with the ``Head``'s softcap ``c`` the
+    derivative of ``c * tanh(x / c)``, ``1 - (z / c)^2``, is applied.  Masked rows and
+    columns are 0, so the tile can go straight into the gradient matmuls.
     """
-    lse = tl.load(stats_ptr + 2 * tok, mask=row_mask, other=0.0)
-    nll = tl.load(stats_ptr + 2 * tok + 1, mask=row_mask, other=0.0)
-    target = tl.load(targets_ptr + tok, mask=row_mask, other=-1)
+    lse = tl.load(upstream.stats + 2 * tok, mask=row_mask, other=0.0)
+    nll = tl.load(upstream.stats + 2 * tok + 1, mask=row_mask, other=0.0)
+    target = tl.load(labels.targets + tok, mask=row_mask, other=-1)
     prob = tl.exp(z - lse[:, None])
     is_target = cols[None, :] == target[:, None]
-    if RICH_COEF:
-        WIDTH: tl.constexpr = 3 + 2 * ENTROPY
-        coef = tl.load(coef_ptr + WIDTH * tok, mask=row_mask, other=0.0)
-        extra = tl.load(coef_ptr + WIDTH * tok + 1, mask=row_mask, other=0.0)
-        uniform = tl.load(coef_ptr + WIDTH * tok + 2, mask=row_mask, other=0.0)
+    if COEF_WIDTH > 1:
+        coef_rows = upstream.coef + COEF_WIDTH * tok
+        coef = tl.load(coef_rows, mask=row_mask, other=0.0)
+        extra = tl.load(coef_rows + 1, mask=row_mask, other=0.0)
+        uniform = tl.load(coef_rows + 2, mask=row_mask, other=0.0)
         # The target column is a per-row value (p_t = exp(-nll)): one tile stays live.
         at_target = coef * expm1(-nll) + extra * tl.exp(-nll)
-        if ENTROPY:
-            k = tl.load(coef_ptr + WIDTH * tok + 3, mask=row_mask, other=0.0)
-            mu = tl.load(coef_ptr + WIDTH * tok + 4, mask=row_mask, other=0.0)
+        if COEF_WIDTH == 5:
+            k = tl.load(coef_rows + 3, mask=row_mask, other=0.0)
+            mu = tl.load(coef_rows + 4, mask=row_mask, other=0.0)
             # At the target column z - mu = (lse - nll) - mu: a per-row value too.
             at_target += k * tl.exp(-nll) * ((lse - mu) - nll)
             scale = (coef + extra)[:, None] + k[:, None] * (z - mu[:, None])
             dz = tl.where(is_target, at_target[:, None], prob * scale)
         else:
             dz = tl.where(is_target, at_target[:, None], prob * (coef + extra)[:, None])
-        if CLASS_WEIGHT:
-            c = tl.load(class_weight_ptr + cols, mask=col_mask, other=0.0)
+        if labels.class_weight is not None:
+            c = tl.load(labels.class_weight + cols, mask=col_mask, other=0.0)
             dz -= uniform[:, None] * c[None, :]
         else:
             dz -= uniform[:, None]
     else:
-        coef = tl.load(coef_ptr + tok, mask=row_mask, other=0.0)
+        coef = tl.load(upstream.coef + tok, mask=row_mask, other=0.0)
         dz = tl.where(is_target, expm1(-nll)[:, None], prob) * coef[:, None]
-    if HAS_SOFTCAP:
-        capped = z / softcap
+    if head.softcap is not None:
+        capped = z / head.softcap
         dz = dz * (1.0 - capped * capped)
     return tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)

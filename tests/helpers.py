@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hardfocus_fused import hardfocus_loss
 
@@ -136,8 +137,10 @@ def state_of(model) -> dict:
 
 def spy_on_launches(monkeypatch, flags: tuple[str, ...]) -> list[dict]:
     """Record, for every launch of the forward and of the atomic backward kernel, the
-    compile-time ``flags`` it was launched with (the launches still run)."""
+    compile-time ``flags`` it was launched with (``kernels.problem.launch_flags``; the
+    launches still run)."""
     from hardfocus_fused.kernels import backward_fused, forward
+    from hardfocus_fused.kernels.problem import launch_flags
 
     seen: list[dict] = []
 
@@ -147,7 +150,8 @@ def spy_on_launches(monkeypatch, flags: tuple[str, ...]) -> list[dict]:
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                seen.append({k: kwargs[k] for k in flags if k in kwargs})
+                launched = launch_flags(args, kwargs)
+                seen.append({k: launched[k] for k in flags if k in launched})
                 return self.kernel[grid](*args, **kwargs)
 
             return launch
@@ -155,3 +159,20 @@ def spy_on_launches(monkeypatch, flags: tuple[str, ...]) -> list[dict]:
     monkeypatch.setattr(forward, "_lse_forward_kernel", Spy(forward._lse_forward_kernel))
     monkeypatch.setattr(backward_fused, "_lce_backward_kernel", Spy(backward_fused._lce_backward_kernel))
     return seen
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (in bytes) any torch op produces while active.
+
+    Bytes, not elements: the interpreter moves kernel arguments as uint8 byte buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out

@@ -101,3 +101,69 @@ def left_padded_batch(batch=4, seq=12, seed=0):
         ids[row, :pad] = 0
     labels = ids.masked_fill(mask == 0, -100)
     return ids, mask, labels
+
+
+class Rows(torch.utils.data.Dataset):
+    """Fixed-length rows with a few padded (-100) label positions."""
+
+    def __init__(self, n=16, seq=12):
+        gen = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1, VOCAB, (n, seq), generator=gen)
+        self.labels = self.ids.clone()
+        self.labels[::3, :4] = -100
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def sgd_args(out, batch_size, accumulation, args_class=None, **overrides):
+    """Two logged steps of plain SGD with large steps and no clipping: the updates show any
+    error in the gradients' scale, which Adam's normalisation and clipping would hide (and
+    Adam would turn round-off in near-zero gradients into full steps).  ``args_class``: the
+    arguments' class (TRL's configs), ``transformers.TrainingArguments`` by default."""
+    options = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+    )
+    if args_class is None:
+        import transformers
+
+        args_class = transformers.TrainingArguments
+    return args_class(**dict(options, **overrides))
+
+
+def peaked_llama(tokenizer, seed=0):
+    """A tiny Llama for ``tokenizer``'s vocabulary whose head is scaled up 20 times: a
+    peaked policy, whose log-probs and entropies are far from uniform."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model

@@ -86,3 +86,20 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     diff = (actual.double() - expected.double()).abs().max().item()
     scale = expected.double().abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+def reference_logprobs(hidden, weight, labels, bias=None, temperature=1.0, softcap=None):
+    """fp64 ``(log-prob of each next token, entropy, lse)``, 0 where not scored."""
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    valid = targets != -100
+    logp = torch.log_softmax(z, dim=-1)
+    token_logp = torch.where(valid, logp.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1), 0.0)
+    entropy = torch.where(valid, -(logp.exp() * logp).sum(-1), 0.0)
+    lse = torch.where(valid, torch.logsumexp(z, dim=-1), 0.0)
+    return token_logp, entropy, lse

@@ -32,12 +32,12 @@ import dataclasses
 import torch
 
 from ..kernels.config import KernelConfig, interpreter_active
-from ..tokens import compute_dtype, partition_active
+from ..tokens import compute_dtype
 from .loss_terms import LossTerms
 
 # The forward kernel's tile for reading stored logits: a memory-bound pass, so a small
 # tile; 32 x 128 at 4 warps compiles without spills on every architecture with every term
-# (64 x 128 spilled at 4 warps, and on sm_90 at 8; tests/test_compile.py).
+# (64 x 128 spilled at 4 warps, and on sm_90 at 8; tests/kernels/test_compile.py).
 STATS_CONFIG = KernelConfig(block_n=32, block_v=128, block_h=16, num_warps=4, num_stages=1)
 
 
@@ -67,8 +67,7 @@ def forward_with_gradients(
     the inputs' dtypes."""
     from ..kernels.backward_matmul import _mm, dlogits
     from ..kernels.forward import lse_forward
-    from ..kernels.problem import HeadProblem
-    from .triton_path import _configs
+    from .triton_path import _configs, head_problem
 
     dtype = compute_dtype(hidden, weight, autocast)
     configs = _configs(hidden, weight, config, dtype)
@@ -97,40 +96,15 @@ def forward_with_gradients(
             c = min(rows, n - t0)
             h_c, t_c, g_c, z_c, dz_c = h[t0 : t0 + c], t[t0 : t0 + c], g[t0 : t0 + c], z[:c], dz[:c]
             _mm(h_c, w.T, out=z_c)
-            order, n_active = partition_active(torch.ones(c, dtype=torch.bool, device=device))  # all, in order
-            problem = HeadProblem(
-                h_c,
-                w,
-                bias,
-                t_c,
-                order,
-                n_active,
-                softcap,
-                dtype,
-                stats_config,
-                class_weight=terms.class_weight,
-                smooth=terms.smooth,
-            )
+            scored = torch.ones(c, dtype=torch.bool, device=device)  # every token of the chunk, in order
+            problem = head_problem(h_c, w, bias, t_c, scored, softcap, dtype, stats_config, terms, smooth=terms.smooth)
             stats = lse_forward(problem, logits=z_c)
-            scored = torch.ones(c, dtype=torch.bool, device=device)
             lse, nll = stats.stats[:, 0], stats.stats[:, 1]
             token_loss[index[t0 : t0 + c]] = terms.token_loss(lse, nll, stats.smooth, t_c, scored, n_vocab)
             if not (need_h or need_w or need_b):
                 continue
             coef = terms.coefficients(g_c, None, lse, t_c, scored, n_vocab).contiguous()
-            problem = HeadProblem(
-                h_c,
-                w,
-                bias,
-                t_c,
-                order,
-                n_active,
-                softcap,
-                dtype,
-                configs.backward,
-                class_weight=terms.class_weight,
-                rich_coef=coef.dim() == 2,
-            )
+            problem = dataclasses.replace(problem, config=configs.backward, smooth=False, rich_coef=coef.dim() == 2)
             dlogits(problem, z_c, dz_c, stats.stats, coef, 0, bias_part)
             if need_b:
                 grad_bias += bias_part

@@ -98,6 +98,25 @@ class LossTerms:
         differentiable when ``lse`` is."""
         return torch.where(valid, self.lse_square_scale * lse * lse, 0.0)
 
+    def upstream_coefficients(
+        self,
+        grad_loss: torch.Tensor | None,
+        grad_lse: torch.Tensor | None,
+        grad_entropy: torch.Tensor | None,
+        lse: torch.Tensor,
+        entropy: torch.Tensor | None,
+        targets: torch.Tensor,
+        valid: torch.Tensor,
+        n_vocab: int,
+    ) -> torch.Tensor:
+        """:meth:`coefficients` from the upstream gradients as autograd hands them over (None:
+        zero), each cast to ``lse``'s dtype first."""
+        dtype = lse.dtype
+        grad_loss = grad_loss.to(dtype) if grad_loss is not None else torch.zeros_like(lse)
+        grad_lse = grad_lse.to(dtype) if grad_lse is not None else None
+        grad_entropy = grad_entropy.to(dtype) if grad_entropy is not None else None
+        return self.coefficients(grad_loss, grad_lse, lse, targets, valid, n_vocab, grad_entropy, entropy)
+
     def coefficients(
         self,
         grad_loss: torch.Tensor,

@@ -133,42 +133,20 @@ def token_terms_backward(
     """Gradients of ``hidden``, ``weight`` and ``bias`` (an empty tensor where not needed)."""
     terms = _terms(label_smoothing, class_weight, lse_square_scale)
     needs = (need_hidden, need_weight, need_bias)
+    # The arguments both paths take, in their order.
+    common = (grad_loss, grad_lse, hidden, weight, bias, targets, residual, ignore_index, softcap, terms, needs)
     if impl == "triton":
         grads = triton_path.backward(
-            grad_loss,
-            grad_lse,
-            hidden,
-            weight,
-            bias,
-            targets,
-            residual,
-            ignore_index,
-            softcap,
-            terms,
-            needs,
-            deterministic,
-            backward_impl,
-            _CONFIGS[config],
-            autocast,
-            grad_entropy,
-            entropy,
+            *common,
+            deterministic=deterministic,
+            strategy=backward_impl,
+            config=_CONFIGS[config],
+            autocast=autocast,
+            grad_entropy=grad_entropy,
+            entropy=entropy,
         )
     else:
-        grads = torch_path.backward(
-            grad_loss,
-            grad_lse,
-            hidden,
-            weight,
-            bias,
-            targets,
-            residual,
-            ignore_index,
-            softcap,
-            terms,
-            needs,
-            grad_entropy,
-            entropy,
-        )
+        grads = torch_path.backward(*common, grad_entropy=grad_entropy, entropy=entropy)
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 

@@ -119,17 +119,8 @@ def backward(
         acc = lse.dtype
         valid = targets != ignore_index
         w, b = _head_in(acc, weight, bias)
-        if grad_loss is None:
-            grad_loss = torch.zeros_like(lse)
-        coef = terms.coefficients(
-            grad_loss.to(acc),
-            grad_lse.to(acc) if grad_lse is not None else None,
-            lse,
-            targets,
-            valid,
-            weight.shape[0],
-            grad_entropy.to(acc) if grad_entropy is not None else None,
-            entropy,
+        coef = terms.upstream_coefficients(
+            grad_loss, grad_lse, grad_entropy, lse, entropy, targets, valid, weight.shape[0]
         )
         rich = coef.dim() == 2
         c = terms.class_weight.to(acc) if terms.class_weight is not None else None

@@ -19,6 +19,18 @@ def _configs(hidden: torch.Tensor, weight: torch.Tensor, config, dtype: torch.dt
     return settings.HeadConfigs.of(config)
 
 
+def head_problem(hidden, weight, bias, targets, selected, softcap, dtype, config, terms: LossTerms, **flags):
+    """The kernels' ``HeadProblem`` over the tokens where ``selected`` is True (the active
+    ones, first in its order), with the class weights of ``terms`` and ``flags``
+    (``smooth``, ``argmax``, ``rich_coef``, ``entropy``)."""
+    from ..kernels.problem import HeadProblem
+
+    order, n_active = partition_active(selected)
+    return HeadProblem(
+        hidden, weight, bias, targets, order, n_active, softcap, dtype, config, class_weight=terms.class_weight, **flags
+    )
+
+
 def forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -41,21 +53,20 @@ def forward(
     the defaults; the matmuls run in ``compute_dtype(hidden, weight, autocast)``.
     """
     from ..kernels import forward as kernel_forward
-    from ..kernels.problem import HeadProblem
 
     dtype = compute_dtype(hidden, weight, autocast)
     configs = _configs(hidden, weight, config, dtype)
     valid = targets != ignore_index
-    problem = HeadProblem(
+    problem = head_problem(
         hidden,
         weight,
         bias,
         targets,
-        *partition_active(valid),
+        valid,
         softcap,
         dtype,
         configs.forward_for(entropy),
-        class_weight=terms.class_weight,
+        terms,
         smooth=terms.smooth,
         argmax=argmax,
         entropy=entropy,
@@ -93,38 +104,28 @@ def backward(
     ``strategy``: ``"fused"`` (the atomic Triton kernel, or the deterministic kernels),
     ``"matmul"`` (``kernels.backward_matmul``) or ``"auto"`` (:func:`_auto_strategy`)."""
     from ..kernels import backward_fused, backward_matmul
-    from ..kernels.problem import HeadProblem
 
     dtype = compute_dtype(hidden, weight, autocast)
     configs = _configs(hidden, weight, config, dtype)
     valid = targets != ignore_index
-    if grad_loss is None:
-        grad_loss = torch.zeros_like(stats[:, 0])
-    coef = terms.coefficients(
-        grad_loss.float(),
-        grad_lse.float() if grad_lse is not None else None,
-        stats[:, 0],
-        targets,
-        valid,
-        weight.shape[0],
-        grad_entropy.float() if grad_entropy is not None else None,
-        entropy,
+    coef = terms.upstream_coefficients(
+        grad_loss, grad_lse, grad_entropy, stats[:, 0], entropy, targets, valid, weight.shape[0]
     )
     if strategy == "auto":
         strategy = _auto_strategy(hidden, weight, dtype, needs[1], deterministic)
     kernel_config = configs.deterministic if deterministic and strategy == "fused" else configs.backward
     # Only tokens with a non-zero coefficient enter the backward.
     active = coef != 0 if coef.dim() == 1 else (coef != 0).any(dim=1)
-    problem = HeadProblem(
+    problem = head_problem(
         hidden,
         weight,
         bias,
         targets,
-        *partition_active(active),
+        active,
         softcap,
         dtype,
         kernel_config,
-        class_weight=terms.class_weight,
+        terms,
         rich_coef=coef.dim() == 2,
         entropy=grad_entropy is not None,
     )

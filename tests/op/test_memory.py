@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import hardfocus_fused.kernels.backward_fused as kernel_backward
 import hardfocus_fused.op.torch_path as torch_path
@@ -10,24 +9,7 @@ from hardfocus_fused import hardfocus_loss
 from hardfocus_fused.kernels.config import KernelConfig
 from hardfocus_fused.op.dispatch import token_nll
 
-from helpers import make_batch
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor (in bytes) any torch op produces while active.
-
-    Bytes, not elements: the interpreter moves kernel arguments as uint8 byte buffers."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
+from helpers import LargestTensor, make_batch
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])

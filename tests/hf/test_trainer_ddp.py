@@ -12,14 +12,12 @@ import torch.multiprocessing as mp
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from test_trainer import Rows, sgd_args  # noqa: E402
-
 from hardfocus_fused import apply_hardfocus  # noqa: E402
 from hardfocus_fused.hf.trainer import AccumulationCallback  # noqa: E402
 from hardfocus_fused.weighting.accumulate import AccumulatedIRDRO  # noqa: E402
 
 from helpers import assert_same_updates, state_of  # noqa: E402
-from hf_models import tiny_model  # noqa: E402
+from hf_models import Rows, sgd_args, tiny_model  # noqa: E402
 from ranks import finish_group  # noqa: E402
 
 WORLD = 2

@@ -10,27 +10,10 @@ from hardfocus_fused import linear_cross_entropy
 from hardfocus_fused.op import registration
 
 from helpers import TOLERANCES, device_for, grads_of, make_batch, spy_on_launches
-from reference import rel_err
+from reference import reference_logprobs, rel_err
 
 # (impl, backward_impl, deterministic)
 PATHS = [("torch", "auto", None), ("triton", "fused", False), ("triton", "fused", True), ("triton", "matmul", False)]
-
-
-def reference(hidden, weight, labels, bias=None, temperature=1.0, softcap=None):
-    """fp64 ``(log-prob of each next token, entropy, lse)``, 0 where not scored."""
-    z = hidden.double() @ weight.double().T
-    if bias is not None:
-        z = z + bias.double()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
-    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-    valid = targets != -100
-    logp = torch.log_softmax(z, dim=-1)
-    token_logp = torch.where(valid, logp.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1), 0.0)
-    entropy = torch.where(valid, -(logp.exp() * logp).sum(-1), 0.0)
-    lse = torch.where(valid, torch.logsumexp(z, dim=-1), 0.0)
-    return token_logp, entropy, lse
 
 
 @pytest.mark.parametrize("impl,backward_impl,deterministic", PATHS)
@@ -55,7 +38,7 @@ def test_logprobs_entropy_and_lse_with_signed_upstream_gradients(
         backward_impl=backward_impl,
         deterministic=deterministic,
     )
-    logp, entropy, lse = reference(h, w, labels, b, temperature, softcap)
+    logp, entropy, lse = reference_logprobs(h, w, labels, b, temperature, softcap)
     assert rel_err(-out.loss, logp) <= 1e-5 and rel_err(out.entropy, entropy) <= 1e-5
     assert rel_err(out.lse, lse) <= 1e-5
     gen = torch.Generator().manual_seed(12)
@@ -74,7 +57,7 @@ def test_entropy_alone_backpropagates(impl, triton_device):
     device = device_for(impl, triton_device)
     h, w, b, labels = make_batch(2, 8, 16, 40, device=device, seed=13)
     out = linear_cross_entropy(h, w, labels, reduction="none", bias=b, shift=True, return_entropy=True, impl=impl)
-    _, entropy, _ = reference(h, w, labels, b)
+    _, entropy, _ = reference_logprobs(h, w, labels, b)
     for g, r in zip(grads_of(out.entropy.sum(), (h, w, b)), grads_of(entropy.sum(), (h, w, b))):
         assert rel_err(g, r) <= 1e-4
 
@@ -101,7 +84,7 @@ def test_a_confident_entropy_keeps_its_relative_precision(impl, triton_device):
     with torch.no_grad():
         h.mul_(6.0)
     out = linear_cross_entropy(h, w, labels, reduction="none", shift=True, return_entropy=True, impl=impl)
-    _, entropy, _ = reference(h, w, labels)
+    _, entropy, _ = reference_logprobs(h, w, labels)
     valid = entropy != 0
     assert entropy[valid].min() < 1e-4  # the case this is about
     relative = ((out.entropy.double() - entropy).abs() / entropy.abs())[valid]
@@ -114,7 +97,7 @@ def test_half_precision(dtype, triton_device):
     out = linear_cross_entropy(
         h, w, labels, reduction="none", bias=b, shift=True, return_entropy=True, temperature=0.8, impl="triton"
     )
-    logp, entropy, _ = reference(h, w, labels, b, 0.8)
+    logp, entropy, _ = reference_logprobs(h, w, labels, b, 0.8)
     tol_loss, tol_grad = TOLERANCES[dtype]
     assert rel_err(-out.loss, logp) <= tol_loss and rel_err(out.entropy, entropy) <= tol_loss
     for g, r in zip(grads_of((out.entropy - out.loss).sum(), (h, w, b)), grads_of((entropy + logp).sum(), (h, w, b))):

@@ -8,13 +8,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from test_trainer import Rows, sgd_args  # noqa: E402
-
 from hardfocus_fused import HardFocusCallback, apply_hardfocus, hardfocus_loss, hardfocus_patch  # noqa: E402
 from hardfocus_fused.hf.trainer import WeightColumns  # noqa: E402
 
 from helpers import assert_same_updates, state_of  # noqa: E402
-from hf_models import VOCAB, left_padded_batch, tiny_model  # noqa: E402
+from hf_models import VOCAB, Rows, left_padded_batch, sgd_args, tiny_model  # noqa: E402
 from reference import rel_err  # noqa: E402
 
 

@@ -3,14 +3,13 @@ the same formula on materialised fp64 logits: loss and gradients."""
 
 import pytest
 import torch
-from test_logprobs import reference as reference_logprobs
 
 from hardfocus_fused import hardfocus_loss
 from hardfocus_fused.rl import aggregate, grpo_loss, token_logprobs
 from hardfocus_fused.weighting.rules import DFT
 
 from helpers import device_for, grads_of, make_batch
-from reference import rel_err
+from reference import reference_logprobs, rel_err
 
 B, T, H, V = 4, 9, 16, 60
 
@@ -116,7 +115,7 @@ def test_the_docs_example_runs():
     import re
     from pathlib import Path
 
-    page = Path(__file__).resolve().parents[1] / "docs" / "rl.md"
+    page = Path(__file__).resolve().parents[2] / "docs" / "rl.md"
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
     assert blocks
     for block in blocks:

@@ -9,9 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from test_trainer import Rows, sgd_args  # noqa: E402
-
-from hardfocus_fused import (  # noqa: E402  # noqa: E402
+from hardfocus_fused import (  # noqa: E402
     HardFocusCallback,
     apply_hardfocus,
     hardfocus_loss,
@@ -21,7 +19,7 @@ from hardfocus_fused import (  # noqa: E402  # noqa: E402
 )
 
 from helpers import TOLERANCES, device_for, grads_of, make_batch, state_of  # noqa: E402
-from hf_models import VOCAB, left_padded_batch, tiny_model  # noqa: E402
+from hf_models import VOCAB, Rows, left_padded_batch, peaked_llama, sgd_args, tiny_model  # noqa: E402
 from reference import reference_loss, rel_err  # noqa: E402
 
 # -- autocast --------------------------------------------------------------------------------
@@ -160,20 +158,7 @@ def _sft_setup(tmp_path):
     from hardfocus_fused.experiment.corpus import train_builtin_tokenizer
 
     tokenizer = train_builtin_tokenizer(vocab_size=256)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
+    model = peaked_llama(tokenizer)
     import datasets
 
     # One batch of four: whatever order the sampler draws, the (order-independent) weighted
@@ -185,21 +170,8 @@ def _sft_setup(tmp_path):
         "rain fell on the quiet town",
     ]
     dataset = datasets.Dataset.from_dict({"text": texts})
-    args = trl.SFTConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        optim="sgd",
-        learning_rate=0.5,
-        max_grad_norm=0.0,
-        max_length=16,
-        gradient_checkpointing=False,
+    args = sgd_args(
+        tmp_path, 4, 1, args_class=trl.SFTConfig, learning_rate=0.5, max_length=16, gradient_checkpointing=False
     )
     return trl, model, tokenizer, dataset, args
 

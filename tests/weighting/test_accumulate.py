@@ -91,10 +91,10 @@ def test_two_pass_ranking_equals_one_big_batch(method):
 def test_trainer_with_accumulated_irdro_equals_one_batch(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from test_trainer import Rows, sgd_args
-
     from hardfocus_fused import apply_hardfocus
     from hardfocus_fused.hf.trainer import AccumulationCallback
+
+    from hf_models import Rows, sgd_args
 
     def run(model, batch_size, accumulation, callbacks):
         args = sgd_args(tmp_path / f"ga{accumulation}", batch_size, accumulation)

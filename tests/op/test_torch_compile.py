@@ -230,7 +230,7 @@ def test_deep_copy_and_accelerate_unwrap_compile_too():
 def test_trainer_with_torch_compile(tmp_path):
     """``TrainingArguments(torch_compile=True)`` for two SGD steps (inductor, on the CPU):
     the same losses and weights as the eager Trainer, up to inductor's rounding."""
-    from test_trainer import Rows, sgd_args
+    from hf_models import Rows, sgd_args
 
     results = {}
     for compiled in (False, True):

@@ -7,11 +7,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_memory import LargestTensor  # noqa: E402
-
 import hardfocus_fused.op.torch_path as torch_path  # noqa: E402
 from hardfocus_fused import apply_hardfocus, remove_hardfocus  # noqa: E402
 
+from helpers import LargestTensor  # noqa: E402
 from hf_models import ARCHITECTURES, VOCAB, left_padded_batch, tiny_model  # noqa: E402
 from reference import reference_weights, rel_err  # noqa: E402
 

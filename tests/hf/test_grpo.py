@@ -12,6 +12,7 @@ datasets = pytest.importorskip("datasets")
 from hardfocus_fused import apply_hardfocus  # noqa: E402
 from hardfocus_fused.hf.trl import HardFocusGRPOTrainer, use_fused_logprobs  # noqa: E402
 
+from hf_models import peaked_llama  # noqa: E402
 from reference import rel_err  # noqa: E402
 
 
@@ -21,21 +22,7 @@ def saved_model(tmp_path_factory):
     from hardfocus_fused.experiment.corpus import train_builtin_tokenizer
 
     tokenizer = train_builtin_tokenizer(vocab_size=256)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)  # a peaked policy: log-probs and entropies far from uniform
+    model = peaked_llama(tokenizer)  # log-probs and entropies far from uniform
     path = tmp_path_factory.mktemp("grpo-model")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

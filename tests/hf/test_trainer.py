@@ -11,45 +11,7 @@ pytest.importorskip("accelerate")
 from hardfocus_fused import HardFocusCallback, apply_hardfocus  # noqa: E402
 
 from helpers import assert_same_updates, state_of  # noqa: E402
-from hf_models import VOCAB, tiny_model  # noqa: E402
-
-
-class Rows(torch.utils.data.Dataset):
-    """Fixed-length rows with a few padded (-100) label positions."""
-
-    def __init__(self, n=16, seq=12):
-        gen = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(1, VOCAB, (n, seq), generator=gen)
-        self.labels = self.ids.clone()
-        self.labels[::3, :4] = -100
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
-
-
-def sgd_args(out, batch_size, accumulation, **overrides):
-    """Two logged steps of plain SGD with large steps and no clipping: the updates show any
-    error in the gradients' scale, which Adam's normalisation and clipping would hide (and
-    Adam would turn round-off in near-zero gradients into full steps)."""
-    options = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation,
-        max_steps=2,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        optim="sgd",
-        learning_rate=1.0,
-        max_grad_norm=0.0,
-    )
-    return transformers.TrainingArguments(**dict(options, **overrides))
+from hf_models import Rows, sgd_args, tiny_model  # noqa: E402
 
 
 def train(model, tmp_path, attach=False):
