@@ -128,24 +128,10 @@ def liger_pass(shape: HeadShape, gpu: GPU, gradients: bool) -> Estimate:
 def implementations(shape: HeadShape, gpu: GPU) -> dict[str, tuple[Estimate, Estimate]]:
     """``name -> (forward, backward)`` estimates of every modelled implementation."""
     forward = cm.forward(shape, gpu)
-    auto = cm.choose_backward(
-        shape.n_tokens,
-        shape.n_hidden,
-        shape.n_vocab,
-        shape.dtype_bytes,
-        gpu.capability,
-        gpu.sm_count,
-        memory_bytes=MEMORY[gpu.name],
-    )
-    three = cm.choose_forward_gradients(
-        shape.n_tokens,
-        shape.n_hidden,
-        shape.n_vocab,
-        shape.dtype_bytes,
-        gpu.capability,
-        gpu.sm_count,
-        memory_bytes=MEMORY[gpu.name],
-    )
+    # (tokens, hidden, vocabulary, dtype bytes, capability, SMs): what both choices are made from.
+    problem = (shape.n_tokens, shape.n_hidden, shape.n_vocab, shape.dtype_bytes, gpu.capability, gpu.sm_count)
+    auto = cm.choose_backward(*problem, memory_bytes=MEMORY[gpu.name])
+    three = cm.choose_forward_gradients(*problem, memory_bytes=MEMORY[gpu.name])
     return {
         f"ours, auto: {auto} backward": (forward, cm.backward(shape, gpu, auto)),
         "ours, fused": (forward, cm.backward_fused(shape, gpu)),
