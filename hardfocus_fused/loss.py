@@ -34,6 +34,32 @@ class HardFocusStats:
     n_tokens: torch.Tensor
 
 
+@dataclass(frozen=True)
+class SequenceSums:
+    """Per-sequence sums of one batch: the cross-entropy ``ce``, its mass (token count, or
+    class and token weights), the separate z-loss ``z`` and its token ``count`` (None
+    without one), and the scored-token counts ``n_tokens``."""
+
+    ce: torch.Tensor
+    mass: torch.Tensor
+    z: torch.Tensor | None
+    count: torch.Tensor | None
+    n_tokens: torch.Tensor
+
+    def summed_over(self, group) -> SequenceSums:
+        """The whole sequences' sums when the ranks of ``group`` each hold a part of every
+        sequence: one all-reduce of the detached sums (5 numbers per sequence at most)."""
+        import torch.distributed as dist
+
+        parts = [self.ce, self.mass, self.z, self.count]
+        present = [part.detach().float() for part in parts if part is not None]
+        stacked = torch.stack([*present, self.n_tokens.float()])
+        dist.all_reduce(stacked, group=group)
+        sums = iter(stacked.unbind(0))
+        ce, mass, z, count = (next(sums) if part is not None else None for part in parts)
+        return SequenceSums(ce, mass, z, count, next(sums).round().to(self.n_tokens.dtype))
+
+
 def hardfocus_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -84,7 +110,7 @@ def hardfocus_loss(
               mean over the batch, the standard causal-LM loss; or a weighting rule, a
               callable ``(seq_loss, n_tokens) -> weights``), ``r`` (10.0, as in the paper),
               ``n1``, ``n2`` (0.25), ``seq_reduction`` (``L_i`` is the ``"mean"`` or
-              ``"sum"`` of its tokens' losses), ``group`` (below);
+              ``"sum"`` of its tokens' losses), ``group`` and ``sequence_group`` (below);
             - the per-token loss (:class:`~hardfocus_fused.options.CrossEntropy`), as for
               :func:`~hardfocus_fused.linear_cross_entropy`: ``ignore_index``,
               ``label_smoothing``, ``class_weight``, ``lse_square_scale``, ``softcap``,
@@ -97,8 +123,8 @@ def hardfocus_loss(
             - ``return_stats``: also return a :class:`HardFocusStats`;
             - how it runs (:class:`~hardfocus_fused.options.Execution`): ``impl``,
               ``backward_impl`` (``"forward"``: three products, for ``method="mean"`` and
-              ``"uniform"`` without ``group``, whose weights are known before the
-              forward), ``deterministic``, ``validate``.
+              ``"uniform"`` without ``group`` or ``sequence_group``, whose weights are
+              known before the forward), ``deterministic``, ``validate``.
 
             ``group``, a ``torch.distributed`` process group (data parallel): ``None``
             (default, as in the paper's code) weighs the local batch only.  With a group,
@@ -109,6 +135,15 @@ def hardfocus_loss(
             The value on one rank is therefore not the global loss; the mean of the
             returned values over the ranks is.  Stats hold this rank's sequences with
             their global weights.
+
+            ``sequence_group``, a process group whose ranks each hold a part of every
+            sequence along the time axis (context parallelism; labels shifted before the
+            split, ``shift=False``): each sequence's loss sums and token counts are summed
+            over the group (an all-reduce of a few floats per sequence) before weighting,
+            so every rank has the unsplit batch's ``L_i`` and weights, and returns
+            ``world * sum_i w_i L_i^part`` (this rank's part of each ``L_i``; ``world`` the
+            product of both groups' sizes), which gradient averaging over all ranks turns
+            into the unsplit batch's gradient.  Stats hold the whole sequences' values.
 
     Returns:
         The 0-dim fp32 loss ``sum_i w_i L_i`` (weights are constants for autograd), and the
@@ -137,6 +172,8 @@ def hardfocus_loss(
                 "sample_weight is not supported with a weighting rule (callable method): fold the "
                 "sample weights into the rule"
             )
+    if weighting.sequence_group is not None:
+        check_sequence_split(weighting.sequence_group, labels, options.shift, position_ids)
     starts = None
     if position_ids is not None:
         check.check_position_ids("position_ids", position_ids, labels)
@@ -212,11 +249,21 @@ def hardfocus_loss(
     seq_ce, seq_mass = per_seq(token_loss), per_seq(mass)
     seq_z = per_seq(z_loss) if z_loss is not None else None
     seq_count = per_seq(count) if z_loss is not None else None
+    # Split sequences: this rank's parts of the sums (differentiable) and the whole
+    # sequences' sums (detached, summed over the sequence group); else the same tensors.
+    whole = SequenceSums(seq_ce, seq_mass, seq_z, seq_count, n_tokens)
+    if weighting.sequence_group is not None:
+        whole = whole.summed_over(weighting.sequence_group)
+        seq_mass, seq_count, n_tokens = whole.mass, whole.count, whole.n_tokens
     if weighting.seq_reduction == "mean":
-        seq_ce = seq_ce / torch.where(seq_mass > 0, seq_mass, 1.0)
+        seq_ce, whole_ce = (ce / torch.where(seq_mass > 0, seq_mass, 1.0) for ce in (seq_ce, whole.ce))
         if seq_z is not None:
-            seq_z = seq_z / torch.where(seq_count > 0, seq_count, 1.0)
-    seq_loss = seq_ce if seq_z is None else seq_ce + seq_z
+            seq_z, whole_z = (z / torch.where(seq_count > 0, seq_count, 1.0) for z in (seq_z, whole.z))
+    else:
+        whole_ce, whole_z = whole.ce, whole.z
+    # L_i of the whole sequence (what the weights and stats are of), and this rank's part of it.
+    seq_loss = whole_ce if seq_z is None else whole_ce + whole_z
+    seq_part = seq_ce if seq_z is None else seq_ce + seq_z
     weigh = (
         method
         if callable(method)
@@ -235,15 +282,41 @@ def hardfocus_loss(
     weights, scale = _weights(
         weigh, seq_loss, seq_mass if method == "mean" else n_tokens, weighting.group, sample_weight
     )
+    if weighting.sequence_group is not None:
+        scale *= torch.distributed.get_world_size(weighting.sequence_group)
     if seq_z is not None and method == "mean":
         # The token mean's separate z-loss is a mean over tokens, not over class-weight mass.
         z_weights, _ = _weights(weigh, seq_loss, seq_count, weighting.group, sample_weight)
         loss = ((weights * seq_ce).sum() + (z_weights * seq_z).sum()) * scale
     else:
-        loss = (weights * seq_loss).sum() * scale
+        loss = (weights * seq_part).sum() * scale
     if not options.return_stats:
         return loss
     return loss, HardFocusStats(seq_loss=seq_loss.detach(), weights=weights, n_tokens=n_tokens)
+
+
+def check_sequence_split(group, labels: torch.Tensor, shift: int, position_ids: torch.Tensor | None) -> None:
+    """One-line errors for what a ``sequence_group`` cannot take: labels shifted inside each
+    rank's part (the last position of a part predicts the next rank's first label), packed
+    documents (a document's identity across the parts), and ranks holding different
+    batches (one all-gather of the batch size)."""
+    import torch.distributed as dist
+
+    if shift:
+        raise ValueError(
+            "sequence_group needs labels shifted before the sequences were split (shift=False): with "
+            f"shift={shift} the last positions of each rank's part would be scored on nothing"
+        )
+    if position_ids is not None:
+        raise ValueError("sequence_group does not take position_ids: packed documents cannot be split across ranks")
+    mine = torch.tensor([labels.shape[0]], dtype=torch.int64, device=labels.device)
+    sizes = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, mine, group=group)
+    if len({int(size) for size in sizes}) > 1:
+        raise ValueError(
+            "sequence_group: the ranks hold parts of different batches (batch sizes "
+            f"{[int(size) for size in sizes]}); each rank must hold a part of every sequence"
+        )
 
 
 def _sequences(valid: torch.Tensor, starts: torch.Tensor | None, shape: tuple[int, int]):

@@ -40,9 +40,9 @@ REDUCTIONS = ("none", "sum", "mean")
 FORWARD_ONLY_WHEN_KNOWN = (
     "backward_impl='forward' forms the gradients in the forward pass, which needs every token's weight in the "
     "loss before it: linear_cross_entropy with reduction='mean' or 'sum' (and no return_* option), or "
-    "hardfocus_loss with method='mean' or 'uniform' and no group; not with class_weight and lse_square_scale "
-    "together (their parts have different denominators); per-token losses, IR-DRO and the rankings need "
-    "backward_impl='auto', 'fused' or 'matmul'"
+    "hardfocus_loss with method='mean' or 'uniform' and no group or sequence_group; not with class_weight and "
+    "lse_square_scale together (their parts have different denominators); per-token losses, IR-DRO and the "
+    "rankings need backward_impl='auto', 'fused' or 'matmul'"
 )
 
 
@@ -202,6 +202,11 @@ class Weighting:
             tokens' losses.
         group: a ``torch.distributed`` process group: weights over the group's global
             batch (``hardfocus_loss``'s docstring); None: the local batch.
+        sequence_group: a ``torch.distributed`` process group whose ranks each hold a
+            part of every sequence (context or sequence parallelism: the same sequences,
+            split along time, labels shifted before the split): each sequence's loss and
+            token count are summed over the group before weighting; None: each rank holds
+            whole sequences.
     """
 
     method: str | Callable = "irdro"
@@ -210,6 +215,7 @@ class Weighting:
     n2: float = 0.25
     seq_reduction: str = "mean"
     group: Any = None
+    sequence_group: Any = None
 
     def __post_init__(self) -> None:
         if not callable(self.method):
@@ -226,8 +232,13 @@ class Weighting:
     @property
     def known_up_front(self) -> bool:
         """The weights depend on the sequences' sizes alone (the token mean, the uniform
-        baseline, on one rank): every token's weight is known before the forward."""
-        return isinstance(self.method, str) and self.method in ("mean", "uniform") and self.group is None
+        baseline, on one rank, whole sequences): every token's weight is known before the forward."""
+        return (
+            isinstance(self.method, str)
+            and self.method in ("mean", "uniform")
+            and self.group is None
+            and self.sequence_group is None
+        )
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,12 @@ def model_options(options: HardFocusOptions) -> HardFocusOptions:
     for name, why in MODEL_DEFINED.items():
         if given[name] != defaults[name]:
             raise ValueError(f"apply_hardfocus does not take {name}: {why}")
+    if options.weighting.sequence_group is not None:
+        raise ValueError(
+            "apply_hardfocus does not take sequence_group: the model shifts its labels within each rank's part "
+            "of a sequence; call hardfocus_loss(..., shift=False, sequence_group=...) on labels shifted before "
+            "the split"
+        )
     return options
 
 
