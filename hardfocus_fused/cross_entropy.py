@@ -10,7 +10,8 @@ import torch
 from . import input_checks as check
 from .op.dispatch import autocast_dtype, plain_backward, token_terms, wants_forward_gradients, weighted_sum
 from .op.loss_terms import LossTerms
-from .options import CrossEntropy, LCEOptions
+from .op.vocab_parallel import local_head
+from .options import CrossEntropy, LCEOptions, refuse_on_sharded_head
 from .tokens import shift_targets
 
 
@@ -90,13 +91,17 @@ def linear_cross_entropy(
     options = LCEOptions.build(options, **keywords)
     ce, returns, run = options.cross_entropy, options.returns, options.execution
     check.check_tensor("hidden", hidden, tuple(range(1, 9)))
+    weight, bias, shard = local_head(weight, bias, options.sharding)
+    if shard is not None:
+        refuse_on_sharded_head(ce, returns, run)
     check.check_head(hidden, weight, bias)
-    ce.check_head(weight.shape[0], weight.device)
+    n_vocab = shard.total if shard is not None else weight.shape[0]
+    ce.check_head(n_vocab, weight.device)
     check.check_labels(
         "targets",
         targets,
         hidden.shape[:-1],
-        weight.shape[0],
+        n_vocab,
         ce.ignore_index,
         hidden.device,
         check_values=run.validate,
@@ -110,7 +115,8 @@ def linear_cross_entropy(
     flat_targets = targets.reshape(-1)
     check_name = check.deferred_label_check("targets", run.validate)
     autocast = autocast_dtype(hidden.device.type)
-    needs = wants_forward_gradients(flat, weight, bias, run, autocast) if options.known_up_front else None
+    known = options.known_up_front and shard is None
+    needs = wants_forward_gradients(flat, weight, bias, run, autocast) if known else None
     if needs is not None:
         valid = flat_targets != ce.ignore_index
         # The per-token weights a sum or mean puts on the loss, known before the forward.
@@ -143,6 +149,7 @@ def linear_cross_entropy(
         argmax=returns.argmax,
         check_name=check_name,
         entropy=returns.entropy,
+        shard=shard,
     )
     valid = flat_targets != ce.ignore_index
     # With class weights and a z-loss together, the z-loss is added here from the

@@ -11,7 +11,8 @@ from torch import nn
 from . import input_checks as check
 from .cross_entropy import tempered
 from .op.dispatch import autocast_dtype, plain_backward, token_terms, wants_forward_gradients, weighted_sum
-from .options import HardFocusOptions, Weighting
+from .op.vocab_parallel import local_head
+from .options import HardFocusOptions, Returns, Weighting, refuse_on_sharded_head
 from .tokens import document_starts, segment_bounds, segment_sums, shift_targets
 from .weighting.methods import sequence_weights, with_sample_weights
 
@@ -153,10 +154,14 @@ def hardfocus_loss(
     ce, weighting, run = options.cross_entropy, options.weighting, options.execution
     method = weighting.method
     check.check_tensor("hidden", hidden, 3)
+    weight, bias, shard = local_head(weight, bias, options.sharding)
+    if shard is not None:
+        refuse_on_sharded_head(ce, Returns(), run)
     check.check_head(hidden, weight, bias)
-    ce.check_head(weight.shape[0], weight.device)
+    n_vocab = shard.total if shard is not None else weight.shape[0]
+    ce.check_head(n_vocab, weight.device)
     check.check_labels(
-        "labels", labels, hidden.shape[:2], weight.shape[0], ce.ignore_index, hidden.device, check_values=run.validate
+        "labels", labels, hidden.shape[:2], n_vocab, ce.ignore_index, hidden.device, check_values=run.validate
     )
     shift = options.shift
     terms = ce.terms()
@@ -194,7 +199,7 @@ def hardfocus_loss(
     # token's weight is known before the forward (the three-product path, if it pays).
     needs = (
         wants_forward_gradients(flat, weight, bias, run, autocast_dtype(hidden.device.type))
-        if options.known_up_front
+        if options.known_up_front and shard is None
         else None
     )
     if needs is not None:
@@ -227,6 +232,7 @@ def hardfocus_loss(
         backward_impl=plain_backward(run.backward_impl),
         terms=terms.kernel_terms(),
         check_name=check_name,
+        shard=shard,
     )
     valid = targets != ignore_index
     # With class weights and a z-loss, the z-loss is kept apart (from the differentiable lse):

@@ -269,6 +269,48 @@ class Execution:
         _flag("validate", self.validate)
 
 
+@dataclass(frozen=True)
+class HeadSharding:
+    """Where the head's rows live, for a head sharded over the vocabulary (tensor
+    parallelism).  A weight that is a ``DTensor`` sharded on dimension 0 (``ColwiseParallel``,
+    transformers' ``tp_plan``, torchtitan) needs none of this: its mesh and offsets say it.
+
+    Attributes:
+        vocab_group: the process group over which the vocabulary is sharded, each rank
+            holding a contiguous block of rows of the weight (and bias) as a plain tensor
+            (Megatron's convention); None: the weight is the whole head (or a ``DTensor``).
+        vocab_start: with ``vocab_group``, the vocabulary id of this rank's first row.
+    """
+
+    vocab_group: Any = None
+    vocab_start: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.vocab_group is None) != (self.vocab_start is None):
+            raise ValueError("vocab_group and vocab_start go together: the group and this rank's first vocabulary id")
+        if self.vocab_start is not None and (
+            isinstance(self.vocab_start, bool) or not isinstance(self.vocab_start, int) or self.vocab_start < 0
+        ):
+            raise ValueError(f"vocab_start must be an integer >= 0, got {self.vocab_start!r}")
+
+
+def refuse_on_sharded_head(ce: CrossEntropy, returns: Returns, execution: Execution) -> None:
+    """One-line errors for what the fused loss does not (yet) do on a head sharded over the
+    vocabulary: each would need more than the per-token log-sum-exp and target logit to
+    cross the ranks."""
+    refused = {
+        "label_smoothing": ce.label_smoothing != 0.0,
+        "class_weight": ce.class_weight is not None,
+        "return_entropy": returns.entropy,
+        "return_token_accuracy": returns.token_accuracy,
+        "return_predicted_tokens": returns.predicted_tokens,
+        "backward_impl='forward'": execution.backward_impl == "forward",
+    }
+    for name, given in refused.items():
+        if given:
+            raise ValueError(f"{name} is not supported on a head sharded over the vocabulary (vocab_group, DTensor)")
+
+
 class _Combined:
     """Building a combined option object from keyword arguments, each routed to the part
     that owns it (``PARTS``: attribute name -> option class; ``RETURN_PREFIX`` fields of a
@@ -358,15 +400,22 @@ class LCEOptions(_Combined):
             labels), an integer ``k >= 0`` against ``t + k``; False/0 (default) against ``t``.
         returns: the extra outputs.
         execution: how it runs.
+        sharding: a head sharded over the vocabulary (``HeadSharding``).
     """
 
-    PARTS: ClassVar[dict[str, type]] = {"cross_entropy": CrossEntropy, "returns": Returns, "execution": Execution}
+    PARTS: ClassVar[dict[str, type]] = {
+        "cross_entropy": CrossEntropy,
+        "returns": Returns,
+        "execution": Execution,
+        "sharding": HeadSharding,
+    }
 
     cross_entropy: CrossEntropy = None  # None: the defaults (filled in when built)
     reduction: str = "mean"
     shift: int = 0
     returns: Returns = None  # None: the defaults (filled in when built)
     execution: Execution = None  # None: the defaults (filled in when built)
+    sharding: HeadSharding = None  # None: the defaults (filled in when built)
 
     def __post_init__(self) -> None:
         self._fill_parts()
@@ -374,12 +423,19 @@ class LCEOptions(_Combined):
         _set(self, "shift", shift_positions(self.shift))
         if self.execution.backward_impl == "forward" and not self.known_up_front:
             raise ValueError(FORWARD_ONLY_WHEN_KNOWN)
+        if self.sharding.vocab_group is not None:
+            refuse_on_sharded_head(self.cross_entropy, self.returns, self.execution)
 
     @property
     def known_up_front(self) -> bool:
         """Every token's weight in the loss is known before the forward: a mean or a sum,
         nothing else returned, and no z-loss kept apart from the class-weighted rest."""
-        return self.reduction != "none" and not self.returns.any and not self.cross_entropy.separate_z_loss
+        return (
+            self.reduction != "none"
+            and not self.returns.any
+            and not self.cross_entropy.separate_z_loss
+            and self.sharding.vocab_group is None
+        )
 
 
 @dataclass(frozen=True)
@@ -391,16 +447,23 @@ class HardFocusOptions(_Combined):
         cross_entropy: the per-token loss.
         weighting: the sequence weighting.
         execution: how it runs.
+        sharding: a head sharded over the vocabulary (``HeadSharding``).
         shift: ``True``/1 (default) scores position t against ``labels[:, t + 1]``,
             ``k >= 0`` against ``t + k``, False/0 against ``t``.
         return_stats: also return a ``HardFocusStats``.
     """
 
-    PARTS: ClassVar[dict[str, type]] = {"cross_entropy": CrossEntropy, "weighting": Weighting, "execution": Execution}
+    PARTS: ClassVar[dict[str, type]] = {
+        "cross_entropy": CrossEntropy,
+        "weighting": Weighting,
+        "execution": Execution,
+        "sharding": HeadSharding,
+    }
 
     cross_entropy: CrossEntropy = None  # None: the defaults (filled in when built)
     weighting: Weighting = None  # None: the defaults (filled in when built)
     execution: Execution = None  # None: the defaults (filled in when built)
+    sharding: HeadSharding = None  # None: the defaults (filled in when built)
     shift: int = 1
     return_stats: bool = False
 
@@ -410,17 +473,23 @@ class HardFocusOptions(_Combined):
         _flag("return_stats", self.return_stats)
         if self.execution.backward_impl == "forward" and not self.known_up_front:
             raise ValueError(FORWARD_ONLY_WHEN_KNOWN)
+        if self.sharding.vocab_group is not None:
+            refuse_on_sharded_head(self.cross_entropy, Returns(), self.execution)
 
     @property
     def known_up_front(self) -> bool:
         """Every token's weight is known before the forward (see ``Weighting``), and no
         z-loss is kept apart from the class-weighted cross-entropy."""
-        return self.weighting.known_up_front and not self.cross_entropy.separate_z_loss
+        return (
+            self.weighting.known_up_front
+            and not self.cross_entropy.separate_z_loss
+            and self.sharding.vocab_group is None
+        )
 
 
 # Each option class's field names, read where torch.compile may be tracing (it cannot
 # call dataclasses.fields on a class).
 FIELD_NAMES: dict[type, tuple[str, ...]] = {
     kind: tuple(item.name for item in dataclasses.fields(kind))
-    for kind in (CrossEntropy, Returns, Weighting, Execution, LCEOptions, HardFocusOptions)
+    for kind in (CrossEntropy, Returns, Weighting, Execution, HeadSharding, LCEOptions, HardFocusOptions)
 }

@@ -156,6 +156,12 @@ def apply_hardfocus(
         )
     options.cross_entropy.check_head(head.out_features, None)
     refuse_logit_loss_terms(target)
+    if _tensor_parallel(target, head) or options.sharding.vocab_group is not None:
+        raise ValueError(
+            f"apply_hardfocus does not patch a head sharded over the vocabulary yet ({type(target).__name__}"
+            ".lm_head is tensor-parallel): call hardfocus_loss(hidden, lm_head.weight, labels, ...) on the "
+            "model's hidden states, which takes the DTensor (or vocab_group and vocab_start)"
+        )
     patch = HardFocusPatch(target, head, backbone_of(target), options, eval_logits=eval_logits)
     patch.install()
     if verify:
@@ -203,6 +209,19 @@ def refuse_logit_loss_terms(model: nn.Module) -> None:
                 f"save it so) to train on the fused loss, and pass lse_square_scale={value:g} to apply_hardfocus "
                 f"for a z-loss over the scored tokens instead"
             )
+
+
+def _tensor_parallel(model: nn.Module, head: nn.Module) -> bool:
+    """Whether ``head``'s weight is a ``DTensor`` of a tensor-parallel plan: one that FSDP2
+    does not manage (FSDP2 also holds its parameters as ``DTensor`` shards, and gathers them
+    before the head runs)."""
+    if type(head.weight).__name__ != "DTensor":
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return True
+    return not any(isinstance(module, FSDPModule) for module in model.modules())
 
 
 def model_options(options: HardFocusOptions) -> HardFocusOptions:

@@ -194,6 +194,7 @@ def token_terms(
     argmax: bool = False,
     check_name: str = "",
     entropy: bool = False,
+    shard=None,
 ) -> TokenTerms:
     """Per-token :class:`TokenTerms` ``(loss, lse, argmax, entropy)`` (N,) for 2-D ``hidden``
     and 1-D ``targets`` of already-checked inputs: the loss of ``terms`` (plain
@@ -207,6 +208,10 @@ def token_terms(
     multiplies in the autocast dtype when it is lower than the inputs' (as autocast's
     ``lm_head`` would, without a cast copy of the weight), the torch path in fp32 as
     always; the loss is fp32 and each gradient has its input's dtype either way.
+
+    ``shard`` (a ``vocab_parallel.VocabShard``): ``weight`` and ``bias`` are this rank's
+    block of a head sharded over the vocabulary, ``targets`` global ids; the loss and
+    log-sum-exp are over the whole vocabulary (``vocab_parallel.sharded_token_terms``).
     """
     if backward_impl == "forward":
         raise ValueError(FORWARD_ONLY_WHEN_KNOWN)
@@ -215,6 +220,24 @@ def token_terms(
         which = "torch"
     targets = targets.to(torch.int64).contiguous()
     autocast = autocast_dtype(hidden.device.type) if which == "triton" else None
+    if shard is not None:
+        from .vocab_parallel import sharded_token_terms
+
+        loss, lse = sharded_token_terms(
+            hidden,
+            weight,
+            targets,
+            bias,
+            ignore_index,
+            softcap,
+            shard,
+            which,
+            resolve_deterministic(deterministic),
+            resolve_backward(backward_impl),
+            autocast,
+            terms.lse_square_scale,
+        )
+        return TokenTerms(loss, lse)
     loss, lse, best, ent, _ = registration.token_terms(
         hidden,
         weight,
