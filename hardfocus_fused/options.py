@@ -301,9 +301,6 @@ def refuse_on_sharded_head(ce: CrossEntropy, returns: Returns, execution: Execut
     refused = {
         "label_smoothing": ce.label_smoothing != 0.0,
         "class_weight": ce.class_weight is not None,
-        "return_entropy": returns.entropy,
-        "return_token_accuracy": returns.token_accuracy,
-        "return_predicted_tokens": returns.predicted_tokens,
         "backward_impl='forward'": execution.backward_impl == "forward",
     }
     for name, given in refused.items():

@@ -223,21 +223,24 @@ def token_terms(
     if shard is not None:
         from .vocab_parallel import sharded_token_terms
 
-        loss, lse = sharded_token_terms(
-            hidden,
-            weight,
-            targets,
-            bias,
-            ignore_index,
-            softcap,
-            shard,
-            which,
-            resolve_deterministic(deterministic),
-            resolve_backward(backward_impl),
-            autocast,
-            terms.lse_square_scale,
+        return TokenTerms(
+            *sharded_token_terms(
+                hidden,
+                weight,
+                targets,
+                bias,
+                ignore_index,
+                softcap,
+                shard,
+                which,
+                resolve_deterministic(deterministic),
+                resolve_backward(backward_impl),
+                autocast,
+                terms.lse_square_scale,
+                argmax,
+                entropy,
+            )
         )
-        return TokenTerms(loss, lse)
     loss, lse, best, ent, _ = registration.token_terms(
         hidden,
         weight,

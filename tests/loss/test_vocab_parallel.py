@@ -32,18 +32,24 @@ def problem(dtype):
     return hidden, weight, bias, targets, upstream, upstream_lse
 
 
-def reference(hidden, weight, bias, targets, upstream, upstream_lse):
-    """fp64 per-token ``(loss, lse)`` from the whole logits, and the gradients of the
-    upstream-weighted sum."""
+def reference(hidden, weight, bias, targets, upstream, upstream_lse, upstream_entropy=None):
+    """fp64 per-token ``(loss, lse, entropy, argmax)`` from the whole logits, and the
+    gradients of the upstream-weighted sum of the first three."""
     h, w, b = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
     z = SOFTCAP * torch.tanh((h @ w.T + b) / SOFTCAP) / TEMPERATURE
     lse = torch.logsumexp(z, dim=1)
     valid = targets != -100
     nll = lse - z.gather(1, targets.clamp_min(0)[:, None]).squeeze(1)
     loss = torch.where(valid, nll + Z_SCALE * lse * lse, 0.0)
+    logp = torch.log_softmax(z, dim=1)
+    entropy = torch.where(valid, -(logp.exp() * logp).sum(dim=1), 0.0)
     lse = torch.where(valid, lse, 0.0)
-    (loss * upstream + lse * upstream_lse).sum().backward()
-    return loss.detach(), lse.detach(), h.grad, w.grad, b.grad
+    total = (loss * upstream + lse * upstream_lse).sum()
+    if upstream_entropy is not None:
+        total = total + (entropy * upstream_entropy).sum()
+    total.backward()
+    argmax = torch.where(valid, z.argmax(dim=1), -1)
+    return loss.detach(), lse.detach(), h.grad, w.grad, b.grad, entropy.detach(), argmax
 
 
 def _block(rank, world):
@@ -54,7 +60,10 @@ def _block(rank, world):
 
 def _megatron(rank, world, impl, dtype):
     hidden, weight, bias, targets, upstream, upstream_lse = problem(dtype)
-    want_loss, want_lse, want_h, want_w, want_b = reference(hidden, weight, bias, targets, upstream, upstream_lse)
+    upstream_entropy = upstream.flip(0)
+    want_loss, want_lse, want_h, want_w, want_b, want_entropy, want_argmax = reference(
+        hidden, weight, bias, targets, upstream, upstream_lse, upstream_entropy
+    )
     start, rows = _block(rank, world)
     h = hidden.clone().requires_grad_()
     w = weight[rows].clone().requires_grad_()
@@ -66,6 +75,9 @@ def _megatron(rank, world, impl, dtype):
         bias=b,
         reduction="none",
         return_lse=True,
+        return_entropy=True,
+        return_predicted_tokens=True,
+        return_token_accuracy=True,
         softcap=SOFTCAP,
         temperature=TEMPERATURE,
         lse_square_scale=Z_SCALE,
@@ -73,10 +85,15 @@ def _megatron(rank, world, impl, dtype):
         vocab_group=dist.group.WORLD,
         vocab_start=start,
     )
-    (out.loss * upstream.to(out.loss.dtype) + out.lse * upstream_lse.to(out.lse.dtype)).sum().backward()
+    dtype_of = out.loss.dtype
+    upstreams = (upstream.to(dtype_of), upstream_lse.to(dtype_of), upstream_entropy.to(dtype_of))
+    (out.loss * upstreams[0] + out.lse * upstreams[1] + out.entropy * upstreams[2]).sum().backward()
+    assert torch.equal(out.predicted_tokens, want_argmax)
+    assert torch.equal(out.token_accuracy.bool(), (want_argmax == targets) & (targets != -100))
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out.loss.double(), want_loss, **tol)
     torch.testing.assert_close(out.lse.double(), want_lse, **tol)
+    torch.testing.assert_close(out.entropy.double(), want_entropy, **tol)
     grad_tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else tol
     torch.testing.assert_close(h.grad.double(), want_h, **grad_tol)
     torch.testing.assert_close(w.grad.double(), want_w[rows], **grad_tol)
@@ -118,7 +135,7 @@ def _dtensor(rank, world, impl):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     hidden, weight, bias, targets, upstream, _ = problem(torch.float32)
-    _, want_lse, want_h, want_w, want_b = reference(hidden, weight, bias, targets, upstream, torch.zeros(N))
+    _, want_lse, want_h, want_w, want_b, *_ = reference(hidden, weight, bias, targets, upstream, torch.zeros(N))
     mesh = init_device_mesh("cpu", (world,))
     w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()  # even blocks of 23 rows
     b = distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_()
@@ -204,8 +221,8 @@ def _refusals(rank, world):
         linear_cross_entropy(hidden, weight[rows], torch.full((N,), V), vocab_start=start, **lce)
     with pytest.raises(ValueError, match="label_smoothing"):
         linear_cross_entropy(hidden, weight[rows], targets, vocab_start=start, label_smoothing=0.1, **lce)
-    with pytest.raises(ValueError, match="return_entropy"):
-        linear_cross_entropy(hidden, weight[rows], targets, vocab_start=start, return_entropy=True, **lce)
+    with pytest.raises(ValueError, match="class_weight"):
+        linear_cross_entropy(hidden, weight[rows], targets, vocab_start=start, class_weight=torch.ones(V), **lce)
     with pytest.raises(ValueError, match="vocab_group and vocab_start"):
         linear_cross_entropy(hidden, weight[rows], targets, impl="torch", vocab_group=group)
     mesh = init_device_mesh("cpu", (world,))
@@ -237,3 +254,37 @@ def test_a_tensor_parallel_model_is_refused_by_the_patch(tmp_path):
     """Not yet patched (its probe would compare sharded logits): refused in one line that
     names the way that works, ``hardfocus_loss`` on the model's hidden states."""
     spawn_ranks(_tensor_parallel_model, str(tmp_path / "init"), world=2)
+
+
+def _policy_logprobs(rank, world, impl):
+    """RL's per-token log-probs and entropies (``rl.token_logprobs``) on a sharded head:
+    equal to the whole head's, with their gradients (the failure RL users report under
+    vocabulary tiling)."""
+    from hardfocus_fused.rl import token_logprobs
+
+    from reference import reference_logprobs
+
+    gen = torch.Generator().manual_seed(9)
+    hidden = torch.randn(3, 7, H, generator=gen) * 2
+    weight = torch.randn(V, H, generator=gen)
+    labels = torch.randint(0, V, (3, 7), generator=gen)
+    labels[0, :3] = -100  # a prompt
+    h_ref, w_ref = hidden.clone().double().requires_grad_(), weight.clone().double().requires_grad_()
+    want_logp, want_entropy, _ = reference_logprobs(h_ref, w_ref, labels, temperature=0.7)
+    (want_logp.sum() + 0.1 * want_entropy.sum()).backward()
+
+    start, rows = _block(rank, world)
+    h, w = hidden.clone().requires_grad_(), weight[rows].clone().requires_grad_()
+    logp, entropy = token_logprobs(
+        h, w, labels, temperature=0.7, return_entropy=True, impl=impl, vocab_group=dist.group.WORLD, vocab_start=start
+    )
+    (logp.sum() + 0.1 * entropy.sum()).backward()
+    torch.testing.assert_close(logp.double(), want_logp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(entropy.double(), want_entropy, rtol=1e-5, atol=1e-6)
+    assert rel_err(h.grad, h_ref.grad) <= 1e-5
+    assert rel_err(w.grad, w_ref.grad[rows]) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_policy_logprobs_on_a_sharded_head(impl, tmp_path):
+    spawn_ranks(_policy_logprobs, str(tmp_path / "init"), impl, world=4)
