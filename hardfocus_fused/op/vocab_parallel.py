@@ -131,6 +131,7 @@ def sharded_token_terms(
     differentiable and 0 where not scored; the argmax is the global id of the first
     largest logit (-1 where not scored); each of the last two None unless asked for.  A
     z-loss (``lse_square_scale``) is added from the whole log-sum-exp."""
+    _check_same_tokens(targets, shard.group)
     loss, lse, ent, best = _ShardedTerms.apply(
         hidden,
         weight,
@@ -222,6 +223,19 @@ class _ShardedTerms(torch.autograd.Function):
             dist.all_reduce(total, group=group)
             grad_hidden = total.to(grad_hidden.dtype)
         return grad_hidden, grad_weight, grad_bias, *(None,) * 5
+
+
+def _check_same_tokens(targets: torch.Tensor, group) -> None:
+    """Every rank of a sharded head scores the same tokens: one all-gather of the count,
+    so that ranks holding different batches get this error rather than a collective's."""
+    mine = torch.tensor([targets.numel()], dtype=torch.int64, device=targets.device)
+    counts = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, mine, group=group)
+    if len({int(count) for count in counts}) > 1:
+        raise ValueError(
+            f"targets: the ranks of a head sharded over the vocabulary hold different tokens (counts "
+            f"{[int(count) for count in counts]}); every rank must score the same tokens against its block"
+        )
 
 
 def _all_gather_rows(rows: torch.Tensor, group) -> torch.Tensor:

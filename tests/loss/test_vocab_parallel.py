@@ -219,6 +219,9 @@ def _refusals(rank, world):
         linear_cross_entropy(hidden, weight[rows][:-1], targets, vocab_start=start, **lce)
     with pytest.raises(ValueError, match=r"outside \[0, 23\)"):
         linear_cross_entropy(hidden, weight[rows], torch.full((N,), V), vocab_start=start, **lce)
+    with pytest.raises(ValueError, match="different tokens"):
+        mine = N - rank  # the ranks disagree on the batch
+        linear_cross_entropy(hidden[:mine], weight[rows], targets[:mine], vocab_start=start, **lce)
     with pytest.raises(ValueError, match="label_smoothing"):
         linear_cross_entropy(hidden, weight[rows], targets, vocab_start=start, label_smoothing=0.1, **lce)
     with pytest.raises(ValueError, match="class_weight"):
