@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import input_checks as check
+from .collectives import gather_ints
 from .cross_entropy import tempered
 from .op.dispatch import autocast_dtype, plain_backward, token_terms, wants_forward_gradients, weighted_sum
 from .op.vocab_parallel import local_head
@@ -306,8 +307,6 @@ def check_sequence_split(group, labels: torch.Tensor, shift: int, position_ids: 
     rank's part (the last position of a part predicts the next rank's first label), packed
     documents (a document's identity across the parts), and ranks holding different
     batches (one all-gather of the batch size)."""
-    import torch.distributed as dist
-
     if shift:
         raise ValueError(
             "sequence_group needs labels shifted before the sequences were split (shift=False): with "
@@ -315,13 +314,11 @@ def check_sequence_split(group, labels: torch.Tensor, shift: int, position_ids: 
         )
     if position_ids is not None:
         raise ValueError("sequence_group does not take position_ids: packed documents cannot be split across ranks")
-    mine = torch.tensor([labels.shape[0]], dtype=torch.int64, device=labels.device)
-    sizes = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, mine, group=group)
-    if len({int(size) for size in sizes}) > 1:
+    sizes = [size for (size,) in gather_ints((labels.shape[0],), group, labels.device)]
+    if len(set(sizes)) > 1:
         raise ValueError(
-            "sequence_group: the ranks hold parts of different batches (batch sizes "
-            f"{[int(size) for size in sizes]}); each rank must hold a part of every sequence"
+            f"sequence_group: the ranks hold parts of different batches (batch sizes {sizes}); each rank must "
+            "hold a part of every sequence"
         )
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..collectives import gather_ints
 from ..options import HeadSharding
 
 try:
@@ -83,10 +84,7 @@ def local_head(
     if sharding.vocab_group is None:
         return weight, bias, None
     group, start, size = sharding.vocab_group, sharding.vocab_start, weight.shape[0]
-    mine = torch.tensor([start, size], dtype=torch.int64, device=weight.device)
-    blocks = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(blocks, mine, group=group)
-    ranges = sorted((int(b[0]), int(b[0]) + int(b[1])) for b in blocks)
+    ranges = sorted((first, first + rows) for first, rows in gather_ints((start, size), group, weight.device))
     expected = 0
     for first, stop in ranges:
         if first != expected:
@@ -228,13 +226,11 @@ class _ShardedTerms(torch.autograd.Function):
 def _check_same_tokens(targets: torch.Tensor, group) -> None:
     """Every rank of a sharded head scores the same tokens: one all-gather of the count,
     so that ranks holding different batches get this error rather than a collective's."""
-    mine = torch.tensor([targets.numel()], dtype=torch.int64, device=targets.device)
-    counts = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(counts, mine, group=group)
-    if len({int(count) for count in counts}) > 1:
+    counts = [count for (count,) in gather_ints((targets.numel(),), group, targets.device)]
+    if len(set(counts)) > 1:
         raise ValueError(
-            f"targets: the ranks of a head sharded over the vocabulary hold different tokens (counts "
-            f"{[int(count) for count in counts]}); every rank must score the same tokens against its block"
+            f"targets: the ranks of a head sharded over the vocabulary hold different tokens (counts {counts}); "
+            "every rank must score the same tokens against its block"
         )
 
 

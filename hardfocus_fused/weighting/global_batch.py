@@ -11,21 +11,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..collectives import gather_ints
 from .methods import with_sample_weights
 
 
 def _all_gather_varlen(values: torch.Tensor, group) -> list[torch.Tensor]:
     """Every rank's 1-D ``values`` (lengths may differ), in rank order."""
-    world = dist.get_world_size(group)
-    length = torch.tensor([values.numel()], device=values.device)
-    lengths = [torch.zeros_like(length) for _ in range(world)]
-    dist.all_gather(lengths, length, group=group)
-    longest = int(max(lengths).item())
-    padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+    lengths = [n for (n,) in gather_ints((values.numel(),), group, values.device)]
+    padded = torch.zeros(max(lengths), dtype=values.dtype, device=values.device)
     padded[: values.numel()] = values
-    pieces = [torch.zeros_like(padded) for _ in range(world)]
+    pieces = [torch.zeros_like(padded) for _ in lengths]
     dist.all_gather(pieces, padded, group=group)
-    return [piece[: int(n.item())] for piece, n in zip(pieces, lengths)]
+    return [piece[:n] for piece, n in zip(pieces, lengths)]
 
 
 def global_weights(
