@@ -61,6 +61,15 @@ class SequenceSums:
         ce, mass, z, count = (next(sums) if part is not None else None for part in parts)
         return SequenceSums(ce, mass, z, count, next(sums).round().to(self.n_tokens.dtype))
 
+    def losses(self, whole: SequenceSums, mean: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(cross-entropy, z-loss)`` per sequence of these sums: with ``mean``, each over
+        the ``whole`` sequence's mass and token count (its own when it is whole)."""
+        if not mean:
+            return self.ce, self.z
+        ce = self.ce / torch.where(whole.mass > 0, whole.mass, 1.0)
+        z = self.z / torch.where(whole.count > 0, whole.count, 1.0) if self.z is not None else None
+        return ce, z
+
 
 def hardfocus_loss(
     hidden: torch.Tensor,
@@ -257,20 +266,17 @@ def hardfocus_loss(
     seq_z = per_seq(z_loss) if z_loss is not None else None
     seq_count = per_seq(count) if z_loss is not None else None
     # Split sequences: this rank's parts of the sums (differentiable) and the whole
-    # sequences' sums (detached, summed over the sequence group); else the same tensors.
-    whole = SequenceSums(seq_ce, seq_mass, seq_z, seq_count, n_tokens)
+    # sequences' sums (detached, summed over the sequence group); else one and the same.
+    part = whole = SequenceSums(seq_ce, seq_mass, seq_z, seq_count, n_tokens)
     if weighting.sequence_group is not None:
-        whole = whole.summed_over(weighting.sequence_group)
+        whole = part.summed_over(weighting.sequence_group)
         seq_mass, seq_count, n_tokens = whole.mass, whole.count, whole.n_tokens
-    if weighting.seq_reduction == "mean":
-        seq_ce, whole_ce = (ce / torch.where(seq_mass > 0, seq_mass, 1.0) for ce in (seq_ce, whole.ce))
-        if seq_z is not None:
-            seq_z, whole_z = (z / torch.where(seq_count > 0, seq_count, 1.0) for z in (seq_z, whole.z))
-    else:
-        whole_ce, whole_z = whole.ce, whole.z
-    # L_i of the whole sequence (what the weights and stats are of), and this rank's part of it.
-    seq_loss = whole_ce if seq_z is None else whole_ce + whole_z
-    seq_part = seq_ce if seq_z is None else seq_ce + seq_z
+    mean = weighting.seq_reduction == "mean"
+    seq_ce, seq_z = part.losses(whole, mean)
+    # This rank's part of each L_i, and L_i of the whole sequence (what the weights and
+    # stats are of).
+    seq_part = _with_z(seq_ce, seq_z)
+    seq_loss = seq_part if whole is part else _with_z(*whole.losses(whole, mean))
     weigh = (
         method
         if callable(method)
@@ -300,6 +306,11 @@ def hardfocus_loss(
     if not options.return_stats:
         return loss
     return loss, HardFocusStats(seq_loss=seq_loss.detach(), weights=weights, n_tokens=n_tokens)
+
+
+def _with_z(ce: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    """A sequence's loss: its cross-entropy part, plus its separate z-loss part if any."""
+    return ce if z is None else ce + z
 
 
 def check_sequence_split(group, labels: torch.Tensor, shift: int, position_ids: torch.Tensor | None) -> None:
