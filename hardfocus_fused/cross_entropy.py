@@ -93,7 +93,7 @@ def linear_cross_entropy(
     check.check_tensor("hidden", hidden, tuple(range(1, 9)))
     weight, bias, shard = local_head(weight, bias, options.sharding)
     if shard is not None:
-        refuse_on_sharded_head(ce, returns, run)
+        refuse_on_sharded_head(ce, run)
     check.check_head(hidden, weight, bias)
     n_vocab = shard.total if shard is not None else weight.shape[0]
     ce.check_head(n_vocab, weight.device)

@@ -13,7 +13,7 @@ from .collectives import gather_ints
 from .cross_entropy import tempered
 from .op.dispatch import autocast_dtype, plain_backward, token_terms, wants_forward_gradients, weighted_sum
 from .op.vocab_parallel import local_head
-from .options import HardFocusOptions, Returns, Weighting, refuse_on_sharded_head
+from .options import HardFocusOptions, Weighting, refuse_on_sharded_head
 from .tokens import document_starts, segment_bounds, segment_sums, shift_targets
 from .weighting.methods import sequence_weights, with_sample_weights
 
@@ -166,7 +166,7 @@ def hardfocus_loss(
     check.check_tensor("hidden", hidden, 3)
     weight, bias, shard = local_head(weight, bias, options.sharding)
     if shard is not None:
-        refuse_on_sharded_head(ce, Returns(), run)
+        refuse_on_sharded_head(ce, run)
     check.check_head(hidden, weight, bias)
     n_vocab = shard.total if shard is not None else weight.shape[0]
     ce.check_head(n_vocab, weight.device)

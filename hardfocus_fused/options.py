@@ -294,7 +294,7 @@ class HeadSharding:
             raise ValueError(f"vocab_start must be an integer >= 0, got {self.vocab_start!r}")
 
 
-def refuse_on_sharded_head(ce: CrossEntropy, returns: Returns, execution: Execution) -> None:
+def refuse_on_sharded_head(ce: CrossEntropy, execution: Execution) -> None:
     """One-line errors for what the fused loss does not (yet) do on a head sharded over the
     vocabulary: each would need more than the per-token log-sum-exp and target logit to
     cross the ranks."""
@@ -421,18 +421,13 @@ class LCEOptions(_Combined):
         if self.execution.backward_impl == "forward" and not self.known_up_front:
             raise ValueError(FORWARD_ONLY_WHEN_KNOWN)
         if self.sharding.vocab_group is not None:
-            refuse_on_sharded_head(self.cross_entropy, self.returns, self.execution)
+            refuse_on_sharded_head(self.cross_entropy, self.execution)
 
     @property
     def known_up_front(self) -> bool:
         """Every token's weight in the loss is known before the forward: a mean or a sum,
         nothing else returned, and no z-loss kept apart from the class-weighted rest."""
-        return (
-            self.reduction != "none"
-            and not self.returns.any
-            and not self.cross_entropy.separate_z_loss
-            and self.sharding.vocab_group is None
-        )
+        return self.reduction != "none" and not self.returns.any and not self.cross_entropy.separate_z_loss
 
 
 @dataclass(frozen=True)
@@ -471,17 +466,13 @@ class HardFocusOptions(_Combined):
         if self.execution.backward_impl == "forward" and not self.known_up_front:
             raise ValueError(FORWARD_ONLY_WHEN_KNOWN)
         if self.sharding.vocab_group is not None:
-            refuse_on_sharded_head(self.cross_entropy, Returns(), self.execution)
+            refuse_on_sharded_head(self.cross_entropy, self.execution)
 
     @property
     def known_up_front(self) -> bool:
         """Every token's weight is known before the forward (see ``Weighting``), and no
         z-loss is kept apart from the class-weighted cross-entropy."""
-        return (
-            self.weighting.known_up_front
-            and not self.cross_entropy.separate_z_loss
-            and self.sharding.vocab_group is None
-        )
+        return self.weighting.known_up_front and not self.cross_entropy.separate_z_loss
 
 
 # Each option class's field names, read where torch.compile may be tracing (it cannot
