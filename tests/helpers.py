@@ -176,3 +176,22 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel() * t.element_size())
         return out
+
+
+class LossHead(torch.nn.Module):
+    """A projection and a bias-free head (seeded, so every rank builds the same) whose
+    forward is ``hardfocus_loss`` with its stats: the model the multi-process tests wrap in
+    DDP and compare with one process."""
+
+    def __init__(self, n_in: int, n_hidden: int, n_vocab: int, **loss_options):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(n_in, n_hidden)
+        self.head = torch.nn.Linear(n_hidden, n_vocab, bias=False)
+        self.loss_options = loss_options
+
+    def forward(self, x, labels, **options):
+        from hardfocus_fused import hardfocus_loss
+
+        options = {**self.loss_options, **options}
+        return hardfocus_loss(self.proj(x), self.head.weight, labels, return_stats=True, **options)

@@ -8,23 +8,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hardfocus_fused import hardfocus_loss
-
+from helpers import LossHead
 from ranks import spawn_ranks
 
 H_IN, H, V, T = 6, 8, 23, 7
 SPLIT = [3, 2]  # rank 0 holds 3 sequences, rank 1 holds 2
-
-
-class Head(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(H_IN, H)
-        self.head = nn.Linear(H, V, bias=False)
-
-    def forward(self, x, labels, **options):
-        return hardfocus_loss(self.proj(x), self.head.weight, labels, impl="torch", return_stats=True, **options)
 
 
 def global_batch():
@@ -38,13 +26,13 @@ def global_batch():
 
 def _worker(rank, world, method):
     x, labels = global_batch()
-    ref_model = Head()
+    ref_model = LossHead(H_IN, H, V, impl="torch")
     ref_loss, ref_stats = ref_model(x, labels, method=method, n1=0.2, n2=0.4, r=0.7)
     ref_loss.backward()
 
     start = sum(SPLIT[:rank])
     mine = slice(start, start + SPLIT[rank])
-    ddp = nn.parallel.DistributedDataParallel(Head())
+    ddp = nn.parallel.DistributedDataParallel(LossHead(H_IN, H, V, impl="torch"))
     loss, stats = ddp(x[mine], labels[mine], method=method, n1=0.2, n2=0.4, r=0.7, group=dist.group.WORLD)
     loss.backward()  # DDP averages the gradients over the ranks
 

@@ -11,22 +11,12 @@ from torch import nn
 
 from hardfocus_fused import hardfocus_loss
 
+from helpers import LossHead
 from ranks import spawn_ranks
 from reference import reference_loss
 
 B, T, H_IN, H, V = 4, 8, 6, 8, 23
 METHOD_OPTIONS = dict(n1=0.25, n2=0.5, r=0.7)
-
-
-class Head(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(H_IN, H)
-        self.head = nn.Linear(H, V, bias=False)
-
-    def forward(self, x, targets, **options):
-        return hardfocus_loss(self.proj(x), self.head.weight, targets, shift=False, return_stats=True, **options)
 
 
 def batch():
@@ -46,7 +36,7 @@ def batch():
 def reference(method):
     """fp64: loss, per-sequence losses, weights, and the gradients of every parameter."""
     x, targets = batch()
-    model = Head().double()
+    model = LossHead(H_IN, H, V, shift=False).double()
     loss, seq_loss, weights, _ = reference_loss(
         model.proj(x.double()), model.head.weight, targets, method=method, shift=False, **METHOD_OPTIONS
     )
@@ -67,7 +57,8 @@ def _worker(rank, world, method, impl, data_parallel):
     steps = slice(cp * T // n_cp, (cp + 1) * T // n_cp)
 
     x, targets = batch()
-    model = nn.parallel.DistributedDataParallel(Head())  # averages the gradients over all ranks
+    # DDP averages the gradients over all ranks.
+    model = nn.parallel.DistributedDataParallel(LossHead(H_IN, H, V, shift=False))
     loss, stats = model(
         x[rows, steps],
         targets[rows, steps],
